@@ -1,0 +1,18 @@
+PROMPT ?= Write a Python function that returns the n-th Fibonacci number.
+
+.PHONY: setup demo test lint bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	tandem generate "$(PROMPT)"
+
+test: setup
+	python -m pytest -q
+
+lint:
+	ruff check tandem tests bench
+
+bench: setup
+	python bench/decode.py

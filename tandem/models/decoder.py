@@ -1,0 +1,213 @@
+"""A compact decoder for Llama/SmolLM, Qwen2, Qwen3 and Gemma 3 (gpt-fast style).
+
+One forward pass takes, per cache row, a block of new tokens (a prompt, or a token tree rooted
+at the anchor) together with its tree mask and depths; every new token attends to the row's
+cached prefix and to its own ancestors in the block, at position ``prefix length + depth``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.models.config import ModelConfig
+from tandem.models.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Normalises in float32; Gemma scales by ``1 + weight`` (``offset``), others by ``weight``."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * normed.type_as(x)
+
+
+class Rotary(nn.Module):
+    """Precomputed RoPE tables (non-interleaved halves, as in Hugging Face checkpoints)."""
+
+    def __init__(self, head_dim: int, theta: float, max_position: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, H, T, D]``; ``positions``: ``[B, T]``."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        rotary: Rotary,
+        cache: KVCache,
+        rows: torch.Tensor,
+        length: int,
+    ) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, positions), rotary(k, positions)
+        cache.write(self.layer, rows, k, v)
+        keys, values = cache.read(self.layer, rows, length)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, steps, q_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = F.silu if cfg.hidden_act == "silu" else lambda t: F.gelu(t, approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.intermediate, dim=-1)
+        return self.w2(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        self.sliding = cfg.is_sliding(layer)
+        self.attn = Attention(cfg, layer)
+        self.mlp = FeedForward(cfg)
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps, off)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norm else None
+        self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norm else None
+
+    def forward(self, x: torch.Tensor, positions, mask, rotary, cache, rows, length) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), positions, mask, rotary, cache, rows, length)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.build_rotary()
+
+    def build_rotary(self) -> None:
+        """(Re)compute the RoPE tables; needed after building the model on the meta device."""
+        cfg = self.config
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.local_rotary = (
+            Rotary(cfg.head_dim, cfg.local_rope_theta, cfg.max_position) if cfg.local_rope_theta else None
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        cfg = self.config
+        capacity = min(capacity, cfg.max_position)
+        return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.embed.weight.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        depths: torch.Tensor,
+        tree_mask: torch.Tensor,
+        cache: KVCache,
+        rows: torch.Tensor,
+        logit_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``tokens`` ``[B, T]`` after each row's cached prefix and return float32 logits.
+
+        ``tree_mask[b, i, j]``: new token ``i`` sees new token ``j`` (itself and its ancestors);
+        ``depths[b, i]``: its depth below the row's prefix. ``logit_index`` ``[B, K]`` picks the
+        positions that need logits (e.g. the last prompt token), saving LM-head work.
+        """
+        cfg = self.config
+        starts = cache.lengths[rows]
+        length = int(starts.max()) + tokens.shape[1]
+        if length > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} tokens; this pass needs {length}")
+        positions = starts[:, None] + depths
+        mask, key_positions = _attention_mask(starts, tree_mask, depths, length)
+        local_mask = None
+        if cfg.sliding_window is not None:
+            distance = positions[:, :, None] - key_positions[:, None, :]
+            local_mask = mask & (distance < cfg.sliding_window)
+        x = self.embed(tokens)
+        if cfg.embedding_scale:
+            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        for layer in self.layers:
+            sliding = layer.sliding and local_mask is not None
+            rotary = self.local_rotary if layer.sliding and self.local_rotary is not None else self.rotary
+            block_mask = (local_mask if sliding else mask).unsqueeze(1)
+            x = layer(x, positions, block_mask, rotary, cache, rows, length)
+        if logit_index is not None:
+            x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
+        logits = self.lm_head(self.norm(x)).float()
+        if cfg.final_logit_softcap:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits
+
+
+def _attention_mask(
+    starts: torch.Tensor, tree_mask: torch.Tensor, depths: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visibility ``[B, T, length]`` over cache slots, and each slot's position ``[B, length]``."""
+    batch, steps = depths.shape
+    slots = torch.arange(length)
+    mask = (slots[None, None, :] < starts[:, None, None]).expand(batch, steps, length).clone()
+    new_slots = starts[:, None] + torch.arange(steps)  # [B, T]
+    mask.scatter_(2, new_slots[:, None, :].expand(batch, steps, steps), tree_mask)
+    key_positions = slots.expand(batch, length).clone()
+    key_positions.scatter_(1, new_slots, starts[:, None] + depths)
+    return mask, key_positions

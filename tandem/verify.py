@@ -1,0 +1,106 @@
+"""Exact verification of a token tree against the target's distributions.
+
+The whole promise of the product lives here: what a round emits (accepted draft tokens, then
+one bonus token) is distributed exactly as tokens sampled one at a time from the target.
+
+Sampling is recursive rejection sampling (SpecInfer / Leviathan et al., with ``p`` the target
+and ``q`` the draft). At node ``u`` with target distribution ``p``, the children ``c1, c2, ...``
+are tried in order: ``c`` drawn from ``q_c`` is accepted with probability ``min(1, p(c)/q_c(c))``;
+on rejection ``p <- norm(max(0, p - q_c))``. When every child is rejected the bonus token is
+drawn from what is left of ``p``. Each child may carry its own ``q`` (e.g. sampled without
+replacement after its siblings); a deterministic proposal is a point mass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tandem.sampling import SamplingParams, sample, target_probs
+from tandem.tree import TokenTree, path_to, tree_depths
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The accepted path (node ids from the root, root included) and the bonus token."""
+
+    accepted_nodes: tuple[int, ...]
+    bonus_token: int
+
+    def emitted(self, tree: TokenTree) -> list[int]:
+        """Tokens this round adds to the output: accepted drafts, then the bonus."""
+        return [*tree.path_tokens(self.accepted_nodes[1:]), self.bonus_token]
+
+    @property
+    def accepted_drafts(self) -> int:
+        return len(self.accepted_nodes) - 1
+
+
+def verify_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Verdict:
+    """Accept a child iff it is the target's argmax at its parent; the deepest such path wins.
+
+    Siblings carry distinct tokens in a well-formed tree, so at most one child of any node
+    matches and the accepted path is unique.
+    """
+    best = target_logits[: len(tree)].argmax(-1)
+    parents = tree.parents
+    on_path = torch.zeros(len(tree), dtype=torch.bool)
+    on_path[0] = True
+    for i in range(1, len(tree)):
+        on_path[i] = on_path[parents[i]] and tree.tokens[i] == best[parents[i]]
+    depths = torch.where(on_path, tree_depths(parents), -1)
+    last = int(depths.argmax())
+    return Verdict(tuple(path_to(parents, last)), int(best[last]))
+
+
+def verify_sampling(tree: TokenTree, p: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    """Recursive rejection sampling down the tree; ``p[i]`` is the target distribution of the
+    token following node ``i`` (already temperature/top-k/top-p processed)."""
+    node, path = 0, [0]
+    while True:
+        residual = p[node]
+        for child in tree.children(node):
+            token = int(tree.tokens[child])
+            q = None if tree.draft_probs is None else tree.draft_probs[child].float()
+            q_token = 1.0 if q is None else float(q[token])
+            if q_token <= 0:
+                raise ValueError(f"node {child} has q(token) == 0: it cannot have been drawn from q")
+            u = float(torch.rand((), generator=generator))
+            if u * q_token < float(residual[token]):
+                node = child
+                path.append(child)
+                break
+            residual = _residual(residual, token, q)
+        else:
+            return Verdict(tuple(path), sample(residual, generator))
+
+
+def _residual(p: torch.Tensor, token: int, q: torch.Tensor | None) -> torch.Tensor:
+    """``norm(max(0, p - q))``; for a point mass, ``p`` without ``token``."""
+    if q is None:
+        rest = p.clone()
+        rest[token] = 0
+    else:
+        rest = (p - q).clamp_min(0)
+    total = rest.sum()
+    # In exact arithmetic a rejection implies total > 0; keep p if rounding says otherwise.
+    return rest / total if total > 0 else p
+
+
+def verify_batch(
+    trees: Sequence[TokenTree],
+    target_logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[Verdict]:
+    """Verify each sequence's tree; ``target_logits`` is ``[B, N_max, V]`` (padded per tree)."""
+    verdicts = []
+    for b, tree in enumerate(trees):
+        logits = target_logits[b, : len(tree)]
+        if params[b].greedy:
+            verdicts.append(verify_greedy(tree, logits))
+        else:
+            verdicts.append(verify_sampling(tree, target_probs(logits, params[b]), generators[b]))
+    return verdicts
