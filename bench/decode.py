@@ -1,0 +1,399 @@
+"""Decoding speed of the Tandem engine against plain decoding and Hugging Face ``generate``, in one run.
+
+Every method decodes the same prompts greedily, one prompt at a time (batch 1), on the same
+weights and thread count. Methods are interleaved per prompt, so a slow spell of a shared machine
+hurts all of them alike instead of whichever happened to run then. Ratios are only meaningful
+within one run, which is why HF greedy is measured here rather than quoted.
+
+    python bench/decode.py                      # 8 prompts each of humaneval, mbpp, mt-bench
+    python bench/decode.py --limit 2 --max-tokens 32 --skip-hf   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers.utils import logging as hf_logging
+
+import tandem
+from tandem.drafters import make_drafter
+from tandem.engine import Engine, Request
+from tandem.models.catalog import DEFAULT_MODEL
+from tandem.sampling import SamplingParams
+from tandem.target import DTYPES, Target, load_target
+
+PROMPTS_DIR = Path(tandem.__file__).parent / "data" / "prompts"
+DEFAULT_BENCHMARKS = ("humaneval", "mbpp", "mt-bench")
+DEFAULT_OUT = Path(__file__).parent / "results" / "decode.json"
+WARMUP_TOKENS = 32  # enough to touch every kernel path (prefill, decode, draft trees) once
+BANDWIDTH_MIB = 256  # well beyond the last-level cache, so x.sum() streams from DRAM
+MAX_DRAFT_NODES = 16  # the engine's and the CLI's default
+
+# key -> (label, drafter name for our engine or None for HF, extra HF generate kwargs)
+METHODS: dict[str, tuple[str, str | None, dict]] = {
+    "plain": ("tandem plain", "none", {}),
+    "ngram": ("tandem ngram", "ngram", {}),
+    "ngram-tree": ("tandem ngram-tree", "ngram-tree", {}),
+    "hf": ("HF greedy", None, {}),
+    "hf-pld": ("HF prompt lookup", None, {"prompt_lookup_num_tokens": 10}),
+}
+
+
+@dataclass
+class Prompt:
+    benchmark: str
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class Run:
+    """One method on one prompt. ``decode_seconds`` excludes the prefill pass (our engine only)."""
+
+    token_ids: list[int]
+    seconds: float
+    passes: int | None
+    tau: float | None = None
+    decode_seconds: float | None = None
+
+
+class TandemRunner:
+    """Our engine with one drafter; timing comes from the stream so prefill can be told apart."""
+
+    def __init__(self, target: Target, drafter: str) -> None:
+        self.engine = Engine(
+            target.model, make_drafter(drafter), target.eos_token_ids, target.tokenizer.decode, MAX_DRAFT_NODES
+        )
+
+    def run(self, prompt_ids: list[int], max_tokens: int) -> Run:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        passes_before = self.engine.target_passes
+        tokens: list[int] = []
+        first_delta = None
+        start = time.perf_counter()
+        for delta in self.engine.stream([Request(prompt_ids, params)]):
+            tokens.extend(delta.token_ids)
+            if first_delta is None:
+                first_delta = time.perf_counter()  # batch 1: the first delta comes right after prefill
+            stats = delta.stats
+        end = time.perf_counter()
+        return Run(tokens, end - start, self.engine.target_passes - passes_before, stats.tau, end - first_delta)
+
+
+class HFRunner:
+    """Hugging Face ``generate``; a forward pre-hook counts target passes (HF keeps no such counter)."""
+
+    def __init__(self, model: torch.nn.Module, eos_token_ids: Sequence[int], extra: dict) -> None:
+        self.model = model
+        self.extra = extra
+        self.eos = list(eos_token_ids)
+
+    def run(self, prompt_ids: list[int], max_tokens: int) -> Run:
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=max_tokens, eos_token_id=self.eos, pad_token_id=self.eos[0], **self.extra
+        )
+        inputs = torch.tensor([prompt_ids])
+        passes = 0
+
+        def count(*_: object) -> None:
+            nonlocal passes
+            passes += 1
+
+        hook = self.model.register_forward_pre_hook(count)
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+            seconds = time.perf_counter() - start
+        finally:
+            hook.remove()
+        return Run(out[0, len(prompt_ids) :].tolist(), seconds, passes)
+
+
+def load_prompts(target: Target, benchmarks: Sequence[str], limit: int) -> list[Prompt]:
+    """The first ``limit`` prompts of each benchmark: first turn, through the chat template."""
+    prompts = []
+    for name in benchmarks:
+        path = PROMPTS_DIR / f"{name}.jsonl"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.jsonl")))
+            raise SystemExit(f"unknown benchmark {name!r}; choose from {known}")
+        with path.open() as f:
+            lines = [line for line in f if line.strip()][:limit]
+        for line in lines:
+            text = json.loads(line)["turns"][0]
+            prompts.append(Prompt(name, text, target.tokenizer.encode(text, chat=True)))
+    return prompts
+
+
+def measure_bandwidth(repeats: int = 10) -> dict[str, float]:
+    """DRAM read bandwidth as torch sees it with the current thread count: best and median of x.sum()."""
+    x = torch.ones(BANDWIDTH_MIB * 2**20 // 4, dtype=torch.float32)  # written once so every page is real
+    x.sum()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        rates.append(x.nbytes / (time.perf_counter() - start))
+    return {"best_gb_s": max(rates) / 1e9, "median_gb_s": statistics.median(rates) / 1e9, "tensor_mib": BANDWIDTH_MIB}
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step must read: every parameter once (tied ones are one tensor),
+    except an untied input embedding, of which the lookup reads a single row."""
+    unique = {id(p): p for p in model.parameters()}
+    embed = model.embed.weight
+    if embed is not model.lm_head.weight:
+        unique.pop(id(embed), None)
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
+def machine_info(threads: int, dtype: str) -> dict[str, object]:
+    import transformers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def summarize(runs: dict[str, list[Run]], keys: Sequence[int]) -> dict[str, dict[str, object]]:
+    """Figures of each method over the prompts ``keys``, with ratios to plain and HF greedy."""
+    plain = runs["plain"]
+    out: dict[str, dict[str, object]] = {}
+    for method, method_runs in runs.items():
+        chosen = [method_runs[i] for i in keys]
+        tokens = sum(len(r.token_ids) for r in chosen)
+        seconds = sum(r.seconds for r in chosen)
+        passes = [r.passes for r in chosen]
+        taus = [r.tau for r in chosen]
+        out[method] = {
+            "label": METHODS[method][0],
+            "prompts": len(chosen),
+            "generated_tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "tau": statistics.mean(taus) if None not in taus else None,
+            "passes_per_token": sum(passes) / tokens if None not in passes else None,
+            "identical_to_plain": sum(r.token_ids == plain[i].token_ids for r, i in zip(chosen, keys, strict=True)),
+        }
+    for figures in out.values():
+        figures["vs_plain"] = figures["tokens_per_s"] / out["plain"]["tokens_per_s"]
+        figures["vs_hf"] = figures["tokens_per_s"] / out["hf"]["tokens_per_s"] if "hf" in out else None
+    return out
+
+
+def bandwidth_bound(target: Target, plain: list[Run], bandwidth: dict[str, float]) -> dict:
+    """How close plain decoding gets to reading all weights once per step at the measured bandwidth."""
+    weights = weight_bytes_per_step(target.model)
+    bound_step_s = weights / (bandwidth["best_gb_s"] * 1e9)
+    decode_passes = sum(r.passes - 1 for r in plain)  # the first pass of each prompt is its prefill
+    step_s = sum(r.decode_seconds for r in plain) / decode_passes
+    tokens_per_s = sum(len(r.token_ids) for r in plain) / sum(r.seconds for r in plain)
+    return {
+        "weight_bytes_per_step": weights,
+        "bandwidth_gb_s": bandwidth["best_gb_s"],
+        "bandwidth_median_gb_s": bandwidth["median_gb_s"],
+        "bound_ms_per_step": bound_step_s * 1e3,
+        "bound_tokens_per_s": 1 / bound_step_s,
+        "plain_ms_per_step": step_s * 1e3,
+        "plain_ms_per_pass_with_prefill": sum(r.seconds for r in plain) / sum(r.passes for r in plain) * 1e3,
+        "fraction_of_bound_per_step": bound_step_s / step_s,
+        "fraction_of_bound_end_to_end": tokens_per_s * bound_step_s,
+    }
+
+
+def print_table(console: Console, summaries: dict[str, dict], bound: dict, info: dict, max_tokens: int) -> None:
+    title = f"Greedy decoding, {info['dtype']}, {info['threads']} threads, max {max_tokens} tokens — {info['cpu']}"
+    table = Table(title=title)
+    for column in ("benchmark", "method"):
+        table.add_column(column)
+    for column in ("prompts", "tokens", "tok/s", "× plain", "× HF", "τ", "passes/tok", "= plain"):
+        table.add_column(column, justify="right")
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    for benchmark, methods in summaries.items():
+        for i, f in enumerate(methods.values()):
+            table.add_row(
+                benchmark if i == 0 else "",
+                f["label"],
+                str(f["prompts"]),
+                str(f["generated_tokens"]),
+                fmt(f["tokens_per_s"], ".2f"),
+                fmt(f["vs_plain"], ".2f"),
+                fmt(f["vs_hf"], ".2f"),
+                fmt(f["tau"], ".2f"),
+                fmt(f["passes_per_token"], ".3f"),
+                f"{f['identical_to_plain']}/{f['prompts']}",
+                end_section=i == len(methods) - 1,
+            )
+    console.print(table)
+    console.print(
+        f"Memory-bandwidth bound for plain decoding: {bound['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step"
+        f" ÷ {bound['bandwidth_gb_s']:.2f} GB/s read (x.sum(), median {bound['bandwidth_median_gb_s']:.2f})"
+        f" = {bound['bound_ms_per_step']:.1f} ms/step ({bound['bound_tokens_per_s']:.1f} tok/s).\n"
+        f"Plain decoding: {bound['plain_ms_per_step']:.1f} ms per decode pass"
+        f" ({bound['plain_ms_per_pass_with_prefill']:.1f} ms counting prefill) ="
+        f" {bound['fraction_of_bound_per_step']:.1%} of the bound per step,"
+        f" {bound['fraction_of_bound_end_to_end']:.1%} end to end."
+    )
+
+
+def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
+    """Grouped bars: tokens/s of each method per benchmark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benchmarks = list(summaries)
+    methods = list(next(iter(summaries.values())))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(2.2 * len(benchmarks) + 2, 4.5))
+    for j, method in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(benchmarks))]
+        ys = [summaries[b][method]["tokens_per_s"] for b in benchmarks]
+        bars = ax.bar(xs, ys, width, label=METHODS[method][0])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(benchmarks)), benchmarks)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_runners(target: Target, args: argparse.Namespace) -> dict[str, Callable[[list[int], int], Run]]:
+    runners: dict[str, Callable[[list[int], int], Run]] = {}
+    for key, (_, drafter, _extra) in METHODS.items():
+        if drafter is not None:
+            runners[key] = TandemRunner(target, drafter).run
+    if not args.skip_hf:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(target.folder, dtype=DTYPES[args.dtype]).eval()
+        for key, (_, drafter, extra) in METHODS.items():
+            if drafter is None:
+                # Same stop set as our engine (the tokenizer's eos plus the config's), so lengths compare.
+                runners[key] = HFRunner(model, target.eos_token_ids, extra).run
+    return runners
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--benchmarks", nargs="+", default=list(DEFAULT_BENCHMARKS), help="prompt files (by stem)")
+    p.add_argument("--limit", type=int, default=8, help="prompts per benchmark")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in model name, HF folder or .gguf")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every method")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the PNG chart goes beside it")
+    p.add_argument("--skip-hf", action="store_true", help="only our engine (no HF baselines, no × HF column)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+    info = machine_info(torch.get_num_threads(), args.dtype)
+    target = load_target(args.model, args.dtype)
+    prompts = load_prompts(target, args.benchmarks, args.limit)
+    runners = build_runners(target, args)
+
+    bandwidth = measure_bandwidth()
+    for key, run in runners.items():
+        console.print(f"warming up {METHODS[key][0]}", style="dim")
+        run(prompts[0].ids, min(WARMUP_TOKENS, args.max_tokens))
+
+    runs: dict[str, list[Run]] = {key: [] for key in runners}
+    progress = tqdm(total=len(prompts) * len(runners), desc="decoding", unit="run", file=sys.stderr)
+    for prompt in prompts:
+        for key, run in runners.items():
+            progress.set_postfix_str(f"{prompt.benchmark} · {key}")
+            runs[key].append(run(prompt.ids, args.max_tokens))
+            progress.update()
+    progress.close()
+
+    groups = {b: [i for i, p in enumerate(prompts) if p.benchmark == b] for b in args.benchmarks}
+    if len(groups) > 1:
+        groups["all"] = list(range(len(prompts)))
+    summaries = {b: summarize(runs, keys) for b, keys in groups.items()}
+    bound = bandwidth_bound(target, runs["plain"], bandwidth)
+    print_table(console, summaries, bound, info, args.max_tokens)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": info,
+        "config": {
+            "model": str(args.model),
+            "model_folder": str(target.folder),
+            "benchmarks": args.benchmarks,
+            "limit": args.limit,
+            "max_tokens": args.max_tokens,
+            "max_draft_nodes": MAX_DRAFT_NODES,
+            "warmup_tokens": min(WARMUP_TOKENS, args.max_tokens),
+            "hf_prompt_lookup_num_tokens": METHODS["hf-pld"][2]["prompt_lookup_num_tokens"],
+        },
+        "bandwidth_bound": bound,
+        "summary": summaries,
+        "prompts": [
+            {
+                "benchmark": p.benchmark,
+                "prompt_tokens": len(p.ids),
+                "runs": {
+                    key: {
+                        "tokens": len(r[i].token_ids),
+                        "seconds": round(r[i].seconds, 4),
+                        "passes": r[i].passes,
+                        "tau": r[i].tau,
+                        "identical_to_plain": r[i].token_ids == runs["plain"][i].token_ids,
+                    }
+                    for key, r in runs.items()
+                },
+            }
+            for i, p in enumerate(prompts)
+        ],
+    }
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    png = args.out.with_suffix(".png")
+    plot(summaries, png, f"{args.model}, {args.dtype}, {info['threads']} threads, greedy, {args.max_tokens} tokens")
+    console.print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The engine: speculative output equals plain decoding, token for token (greedy) and in
+distribution (sampling), for every drafter shape, batch 1 and batched, every family."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from tandem.drafters import DraftRequest, Drafter, NgramDrafter
+from tandem.engine import Engine, Request
+from tandem.errors import InvalidRequest
+from tandem.models.loading import load_model
+from tandem.sampling import SamplingParams, target_probs
+from tandem.tree import TokenTree, from_paths
+from tests.tiny_models import FAMILIES, build_tiny
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "tandem" / "data" / "prompts"
+
+
+class OracleDrafter(Drafter):
+    """Knows the plain-decoding output and proposes it with deliberate mistakes: a wrong token at
+    a random depth and a decoy sibling branch, so rounds accept long paths, partial paths and
+    nothing, and cache compaction moves entries from every offset."""
+
+    name = "oracle"
+
+    def __init__(self, references: dict[int, list[int]], seed: int = 0) -> None:
+        self.references = references
+        self.rng = random.Random(seed)
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
+        trees = []
+        for r in requests:
+            ref = self.references[r.seq_id]
+            n = len(r.token_ids)
+            truth = ref[n : n + self.rng.randint(1, 6)]
+            if truth and self.rng.random() < 0.5:
+                wrong_at = self.rng.randrange(len(truth))
+                truth[wrong_at] = (truth[wrong_at] + 1) % 50
+            decoy = [self.rng.randrange(50) for _ in range(self.rng.randint(0, 3))]
+            trees.append(from_paths(r.token_ids[-1], [decoy, truth], max_nodes=r.max_nodes))
+        return trees
+
+
+class TableDrafter(Drafter):
+    """A toy draft model: a fixed random table ``q[prev]``; it samples a tree (two children per
+    node, two levels, siblings without replacement) and records each node's ``q``."""
+
+    name = "table"
+
+    def __init__(self, vocab: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        table = torch.rand(vocab, vocab, generator=g) ** 2
+        self.q = table / table.sum(-1, keepdim=True)
+        self.g = g
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
+        return [self._tree(r) for r in requests]
+
+    def _tree(self, r: DraftRequest) -> TokenTree:
+        tokens, parents, qs = [r.token_ids[-1]], [-1], [torch.zeros(self.q.shape[1])]
+        frontier = [0]
+        for _ in range(2):
+            grown = []
+            for node in frontier:
+                q = self.q[tokens[node]].clone()
+                for _ in range(2):
+                    if len(tokens) - 1 >= r.max_nodes:
+                        break
+                    tok = int(torch.multinomial(q, 1, generator=self.g))
+                    tokens.append(tok)
+                    parents.append(node)
+                    qs.append(q.clone())
+                    grown.append(len(tokens) - 1)
+                    q[tok] = 0
+                    q = q / q.sum()
+            frontier = grown
+        return TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.stack(qs))
+
+
+def _outputs(engine: Engine, prompts: Sequence[list[int]], params: SamplingParams, batch: int) -> list[list[int]]:
+    results = []
+    for i in range(0, len(prompts), batch):
+        results += engine.generate([Request(p, params) for p in prompts[i : i + batch]])
+    return [r.token_ids for r in results]
+
+
+# --- tiny random models of every family -------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_model(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"engine-{request.param}")
+    hf = build_tiny(request.param, folder, vocab=64)
+    model, _ = load_model(folder, torch.float32)
+    return model, hf
+
+
+def _tiny_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(64) for _ in range(rng.randint(3, 30))] for _ in range(n)]
+
+
+def test_plain_decoding_matches_hugging_face_generate(tiny_model):
+    model, hf = tiny_model
+    prompts = _tiny_prompts(3)
+    ours = _outputs(Engine(model), prompts, SamplingParams(max_tokens=20), batch=1)
+    hf.generation_config.eos_token_id = None  # our engine was given no stop tokens either
+    for prompt, out in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+        assert out == ref[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_speculation_is_exact_on_tiny_models(tiny_model, batch):
+    model, _ = tiny_model
+    prompts = _tiny_prompts(8, seed=batch)
+    params = SamplingParams(max_tokens=24)
+    plain = _outputs(Engine(model), prompts, params, batch=1)
+    for drafter in (NgramDrafter(depth=4), NgramDrafter(depth=3, branches=3)):
+        assert _outputs(Engine(model, drafter, max_draft_nodes=8), prompts, params, batch) == plain
+    # The oracle needs each request's reference under the index it has inside its batch.
+    for start in range(0, len(prompts), batch):
+        group = prompts[start : start + batch]
+        refs = {i: p + plain[start + i] for i, p in enumerate(group)}
+        engine = Engine(model, OracleDrafter(refs, seed=start), max_draft_nodes=8)
+        assert [r.token_ids for r in engine.generate([Request(p, params) for p in group])] == plain[
+            start : start + batch
+        ]
+
+
+def test_oracle_rounds_accept_long_paths(tiny_model):
+    """Guards the test above: the oracle must really drive multi-token acceptance."""
+    model, _ = tiny_model
+    prompt = _tiny_prompts(1, seed=9)[0]
+    params = SamplingParams(max_tokens=30)
+    plain = Engine(model).generate([Request(prompt, params)])[0].token_ids
+    result = Engine(model, OracleDrafter({0: prompt + plain}), max_draft_nodes=8).generate([Request(prompt, params)])[0]
+    assert result.token_ids == plain
+    assert result.stats.tau > 1.5
+
+
+def test_sampling_through_the_engine_follows_the_target(tiny_model):
+    """First three sampled tokens: engine + sampling tree drafter vs the exact target law."""
+    model, _ = tiny_model
+    prompt = [5, 17, 33, 2, 9]
+    params = SamplingParams(temperature=1.0, top_k=4, max_tokens=6, ignore_eos=True)
+    n = 2000
+    engine = Engine(model, TableDrafter(64, seed=1), max_draft_nodes=6)
+    results = engine.generate([Request(prompt, replace(params, seed=s)) for s in range(n)])
+    triples = Counter(tuple(r.token_ids[:3]) for r in results)
+    expected = _exact_law(model, prompt, params, steps=3)
+    assert set(triples) <= set(expected), "sampled a sequence outside the target's support"
+    total = sum(expected.values())
+    observed = [triples[k] for k in expected]
+    assert chisquare(observed, [expected[k] / total * n for k in expected]).pvalue > 1e-3
+    # Guards the test itself: both the accept and the residual branches must have run often.
+    accepted, drafted = sum(r.stats.accepted for r in results), sum(r.stats.drafted for r in results)
+    assert n // 10 < accepted < drafted - n // 10
+
+
+def _exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> dict[tuple[int, ...], float]:
+    """Probability of every ``steps``-token continuation, from our model's own logits."""
+    law = {(): 1.0}
+    for _ in range(steps):
+        grown = {}
+        for prefix, prob in law.items():
+            p = target_probs(_last_logits(model, prompt + list(prefix)), params)
+            for tok in p.nonzero().flatten().tolist():
+                grown[(*prefix, tok)] = prob * float(p[tok])
+        law = grown
+    return law
+
+
+def _last_logits(model, ids: list[int]) -> torch.Tensor:
+    cache = model.new_cache(1, len(ids) + 1)
+    n = len(ids)
+    logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None],
+                   cache, torch.tensor([0]))
+    return logits[0, -1]
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    model, _ = tiny_model
+    prompt = _tiny_prompts(1, seed=3)[0]
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=42)
+    runs = [Engine(model, NgramDrafter(depth=3)).generate([Request(prompt, params)])[0].token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+# --- stops, limits and bad input ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine-llama")
+    build_tiny("llama", folder, vocab=64)
+    return load_model(folder, torch.float32)[0]
+
+
+def _letters(ids: list[int]) -> str:
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_token_and_max_tokens(llama):
+    prompt = _tiny_prompts(1, seed=4)[0]
+    full = Engine(llama).generate([Request(prompt, SamplingParams(max_tokens=20))])[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    stop_at = full.token_ids[7]
+    first = full.token_ids.index(stop_at)
+    for drafter in (None, NgramDrafter(depth=4)):
+        engine = Engine(llama, drafter, eos_token_ids=[stop_at])
+        result = engine.generate([Request(prompt, SamplingParams(max_tokens=20))])[0]
+        assert result.finish_reason == "stop"
+        assert result.token_ids == full.token_ids[: first + 1]
+        ignored = engine.generate([Request(prompt, SamplingParams(max_tokens=20, ignore_eos=True))])[0]
+        assert ignored.token_ids == full.token_ids
+
+
+def test_stop_string_cuts_the_output(llama):
+    prompt = _tiny_prompts(1, seed=5)[0]
+    full = Engine(llama, decode=_letters).generate([Request(prompt, SamplingParams(max_tokens=20))])[0]
+    stop = _letters(full.token_ids[10:12])
+    cut = next(n for n in range(1, 21) if stop in _letters(full.token_ids[:n]))
+    for drafter in (None, NgramDrafter(depth=5)):
+        engine = Engine(llama, drafter, decode=_letters)
+        result = engine.generate([Request(prompt, SamplingParams(max_tokens=20, stop=(stop,)))])[0]
+        assert result.finish_reason == "stop"
+        assert result.token_ids == full.token_ids[:cut]
+
+
+@pytest.mark.parametrize(
+    "prompt,message",
+    [([], "empty"), (list(range(30)) * 10, "context"), ([70], "token ids")],
+)
+def test_bad_prompts_are_refused(llama, prompt, message):
+    with pytest.raises(InvalidRequest, match=message):
+        Engine(llama).generate([Request(prompt)])
+
+
+def test_generation_stops_at_the_context_length(llama):
+    prompt = _tiny_prompts(1)[0]
+    room = llama.config.max_position - len(prompt)
+    result = Engine(llama, NgramDrafter()).generate([Request(prompt, SamplingParams(max_tokens=10_000))])[0]
+    assert result.finish_reason == "length"
+    assert len(result.token_ids) <= room
+
+
+# --- the real default model --------------------------------------------------------------------
+
+
+def _benchmark_prompts(per_file: int) -> list[str]:
+    prompts = []
+    for name in ("humaneval", "mbpp", "mt-bench", "gsm8k"):
+        with open(PROMPTS_DIR / f"{name}.jsonl") as f:
+            prompts += [json.loads(line)["turns"][0] for _, line in zip(range(per_file), f)]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def smollm(default_target):
+    tok = default_target.tokenizer
+    prompts = [tok.encode(p, chat=True) for p in _benchmark_prompts(5)]
+    params = SamplingParams(max_tokens=32)
+    engine = Engine(default_target.model, eos_token_ids=default_target.eos_token_ids)
+    plain = _outputs(engine, prompts, params, batch=1)
+    return default_target, prompts, params, plain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["chain", "tree"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_real_model_speculation_equals_plain_decoding(smollm, drafter, batch):
+    target, prompts, params, plain = smollm
+    assert len(prompts) >= 20
+    ngram = NgramDrafter(depth=8) if drafter == "chain" else NgramDrafter(depth=5, branches=3)
+    engine = Engine(target.model, ngram, target.eos_token_ids, max_draft_nodes=16)
+    assert _outputs(engine, prompts, params, batch) == plain
+
+
+@pytest.mark.slow
+def test_real_model_oracle_tree_equals_plain_decoding(smollm):
+    target, prompts, params, plain = smollm
+    for start in range(0, len(prompts), 4):
+        group = prompts[start : start + 4]
+        refs = {i: p + plain[start + i] for i, p in enumerate(group)}
+        engine = Engine(target.model, OracleDrafter(refs, seed=start), target.eos_token_ids, max_draft_nodes=12)
+        assert [r.token_ids for r in engine.generate([Request(p, params) for p in group])] == plain[start : start + 4]
