@@ -163,6 +163,14 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in unique.values())
 
 
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first token where two outputs differ (None if identical); tells a late
+    near-tie flip from an early, systematic mismatch."""
+    if list(a) == list(b):
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def machine_info(threads: int, dtype: str) -> dict[str, object]:
     import transformers
 
@@ -328,7 +336,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)  # logs get the full table, not 80 columns
     info = machine_info(torch.get_num_threads(), args.dtype)
     target = load_target(args.model, args.dtype)
     prompts = load_prompts(target, args.benchmarks, args.limit)
@@ -381,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "passes": r[i].passes,
                         "tau": r[i].tau,
                         "identical_to_plain": r[i].token_ids == runs["plain"][i].token_ids,
+                        "first_difference": first_difference(r[i].token_ids, runs["plain"][i].token_ids),
                     }
                     for key, r in runs.items()
                 },

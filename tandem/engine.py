@@ -164,10 +164,11 @@ class Engine:
         tokens = torch.zeros(len(seqs), longest, dtype=torch.long)
         for b, s in enumerate(seqs):
             tokens[b, : s.prompt_len] = torch.tensor(s.token_ids)
-        causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+        depths = torch.arange(longest).expand(len(seqs), -1)
+        causal = torch.ones(longest, longest, dtype=torch.bool).tril().expand(len(seqs), -1, -1)
         rows = torch.tensor([s.row for s in seqs])
         last = torch.tensor(lengths)[:, None] - 1
-        logits = self.model(tokens, torch.arange(longest).expand(len(seqs), -1), causal.expand(len(seqs), -1, -1), cache, rows, last)
+        logits = self.model(tokens, depths, causal, cache, rows, last)
         self.target_passes += 1
         for b, s in enumerate(seqs):
             cache.commit(s.row, range(s.prompt_len))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tandem.drafters import DraftRequest, Drafter, NgramDrafter
+from tandem.drafters import Drafter, DraftRequest, NgramDrafter
 from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
@@ -184,8 +184,13 @@ def _exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> 
 def _last_logits(model, ids: list[int]) -> torch.Tensor:
     cache = model.new_cache(1, len(ids) + 1)
     n = len(ids)
-    logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None],
-                   cache, torch.tensor([0]))
+    logits = model(
+        torch.tensor([ids]),
+        torch.arange(n)[None],
+        torch.ones(n, n, dtype=torch.bool).tril()[None],
+        cache,
+        torch.tensor([0]),
+    )
     return logits[0, -1]
 
 

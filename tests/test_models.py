@@ -6,7 +6,7 @@ rows with different lengths and cache compaction; the real built-in models are c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -165,8 +165,12 @@ def test_logit_index_picks_positions(tiny: tuple[str, PreTrainedModel, Path], ti
     picks = [0, 17, SEQ_LEN - 1]
     par = torch.arange(-1, SEQ_LEN - 1)
     ours = tiny_ours(
-        torch.tensor([ids]), tree_depths(par)[None], ancestor_mask(par)[None], tiny_ours.new_cache(1, 64),
-        torch.tensor([0]), torch.tensor([picks]),
+        torch.tensor([ids]),
+        tree_depths(par)[None],
+        ancestor_mask(par)[None],
+        tiny_ours.new_cache(1, 64),
+        torch.tensor([0]),
+        torch.tensor([picks]),
     )[0]
     assert ours.shape == (len(picks), VOCAB)
     _close(ours, _hf_logits(hf, ids)[picks], "logit_index")
@@ -217,9 +221,7 @@ def test_tree_pass_matches_hf_paths(
         _close(ours[node], _hf_logits(hf, prefix + path)[-1], f"tree node {node}")
 
 
-def test_commit_accepted_path_then_continue(
-    tiny: tuple[str, PreTrainedModel, Path], tiny_ours: Transformer
-) -> None:
+def test_commit_accepted_path_then_continue(tiny: tuple[str, PreTrainedModel, Path], tiny_ours: Transformer) -> None:
     """Two rounds of tree, accept a non-contiguous path, compact; decoding continues correctly."""
     _, hf, _ = tiny
     seq = _random_ids(20, seed=7)
@@ -293,12 +295,13 @@ def test_bfloat16_close_to_fp32_reference(tiny: tuple[str, PreTrainedModel, Path
 
 REAL_PROMPT = (
     "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
-    "polished the great lens, and watched the fishing boats return"
+    "polished the great lens, and watched the fishing boats return to the harbour one by one, their lanterns "
+    "swaying"
 )
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
-def real(request: pytest.FixtureRequest) -> tuple[Transformer, PreTrainedModel, list[int]]:
+def real(request: pytest.FixtureRequest) -> Iterator[tuple[Transformer, PreTrainedModel, list[int]]]:
     """Ours and HF's fp32 model on the same converted folder, plus a tokenized prompt."""
     from tandem.models.catalog import resolve_model_path
     from tandem.tokenizer import Tokenizer
@@ -307,7 +310,6 @@ def real(request: pytest.FixtureRequest) -> tuple[Transformer, PreTrainedModel, 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = Tokenizer(folder).encode(REAL_PROMPT, chat=False)
     yield ours, hf, ids
-    del ours, hf
 
 
 @pytest.mark.slow

@@ -61,9 +61,7 @@ class ModelConfig:
         hf = hf.get("text_config", hf)
         model_type = hf.get("model_type", "")
         if model_type not in _FAMILIES:
-            raise ModelLoadError(
-                f"unsupported model_type {model_type!r}; supported: {sorted(set(_FAMILIES))}"
-            )
+            raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {sorted(set(_FAMILIES))}")
         family = _FAMILIES[model_type]
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads

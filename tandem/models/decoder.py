@@ -7,6 +7,8 @@ cached prefix and to its own ancestors in the block, at position ``prefix length
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,13 +45,29 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, H, T, D]``; ``positions``: ``[B, T]``."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``positions`` ``[B, T]``, shaped ``[B, 1, T, D]``."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class PassContext:
+    """What every layer of one forward pass shares: computed once, not per layer."""
+
+    cache: KVCache
+    write_index: tuple[torch.Tensor, ...]
+    read_rows: slice | torch.Tensor
+    length: int  # cache slots attended to
+    mask: torch.Tensor  # [B, 1, T, length]
+    rope: tuple[torch.Tensor, torch.Tensor]
+    local_mask: torch.Tensor | None = None  # sliding-window layers
+    local_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -64,16 +82,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor,
-        rotary: Rotary,
-        cache: KVCache,
-        rows: torch.Tensor,
-        length: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: PassContext, sliding: bool) -> torch.Tensor:
         batch, steps, _ = x.shape
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -82,9 +91,11 @@ class Attention(nn.Module):
         v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, positions), rotary(k, positions)
-        cache.write(self.layer, rows, k, v)
-        keys, values = cache.read(self.layer, rows, length)
+        cos, sin = ctx.local_rope if sliding and ctx.local_rope is not None else ctx.rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ctx.cache.write(self.layer, ctx.write_index, k, v)
+        keys, values = ctx.cache.read(self.layer, ctx.read_rows, ctx.length)
+        mask = ctx.local_mask if sliding and ctx.local_mask is not None else ctx.mask
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
         )
@@ -116,8 +127,8 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norm else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norm else None
 
-    def forward(self, x: torch.Tensor, positions, mask, rotary, cache, rows, length) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), positions, mask, rotary, cache, rows, length)
+    def forward(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), ctx, self.sliding)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -154,7 +165,8 @@ class Transformer(nn.Module):
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         cfg = self.config
         capacity = min(capacity, cfg.max_position)
-        return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.embed.weight.device)
+        device = self.embed.weight.device
+        return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, device)
 
     @torch.inference_mode()
     def forward(
@@ -179,18 +191,24 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache holds {cache.capacity} tokens; this pass needs {length}")
         positions = starts[:, None] + depths
         mask, key_positions = _attention_mask(starts, tree_mask, depths, length)
-        local_mask = None
+        ctx = PassContext(
+            cache=cache,
+            write_index=cache.block_index(rows, tokens.shape[1]),
+            read_rows=cache.row_selector(rows),
+            length=length,
+            mask=mask.unsqueeze(1),
+            rope=self.rotary.tables(positions, self.dtype),
+        )
         if cfg.sliding_window is not None:
             distance = positions[:, :, None] - key_positions[:, None, :]
-            local_mask = mask & (distance < cfg.sliding_window)
+            ctx.local_mask = (mask & (distance < cfg.sliding_window)).unsqueeze(1)
+        if self.local_rotary is not None:
+            ctx.local_rope = self.local_rotary.tables(positions, self.dtype)
         x = self.embed(tokens)
         if cfg.embedding_scale:
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
         for layer in self.layers:
-            sliding = layer.sliding and local_mask is not None
-            rotary = self.local_rotary if layer.sliding and self.local_rotary is not None else self.rotary
-            block_mask = (local_mask if sliding else mask).unsqueeze(1)
-            x = layer(x, positions, block_mask, rotary, cache, rows, length)
+            x = layer(x, ctx)
         if logit_index is not None:
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.norm(x)).float()

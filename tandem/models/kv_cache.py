@@ -32,22 +32,28 @@ class KVCache:
     def num_rows(self) -> int:
         return self.k.shape[1]
 
-    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new ``[B, H, T, D]`` keys/values right after each row's cached prefix."""
-        batch, heads, steps, _ = k.shape
+    def block_index(self, rows: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
+        """Index for writing ``steps`` new tokens right after each row's cached prefix; computed
+        once per forward pass and reused by every layer."""
         slots = self.lengths[rows][:, None] + torch.arange(steps)  # [B, T]
-        b_idx = rows[:, None, None]
-        h_idx = torch.arange(heads)[None, :, None]
-        s_idx = slots[:, None, :]
-        self.k[layer].index_put_((b_idx, h_idx, s_idx), k)
-        self.v[layer].index_put_((b_idx, h_idx, s_idx), v)
+        heads = torch.arange(self.k.shape[2])[None, :, None]
+        return rows[:, None, None], heads, slots[:, None, :]
 
-    def read(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the first ``length`` slots of ``rows``: ``[B, H, length, D]``."""
+    @staticmethod
+    def row_selector(rows: torch.Tensor) -> slice | torch.Tensor:
+        """A slice when ``rows`` are consecutive, so reads are views instead of gathers."""
         first = int(rows[0])
         if torch.equal(rows, torch.arange(first, first + rows.numel())):
-            picked = slice(first, first + rows.numel())
-            return self.k[layer, picked, :, :length], self.v[layer, picked, :, :length]
+            return slice(first, first + rows.numel())
+        return rows
+
+    def write(self, layer: int, index: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new ``[B, H, T, D]`` keys/values at ``index`` (from :meth:`block_index`)."""
+        self.k[layer].index_put_(index, k)
+        self.v[layer].index_put_(index, v)
+
+    def read(self, layer: int, rows: slice | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the first ``length`` slots of ``rows``: ``[B, H, length, D]``."""
         return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
 
     def commit(self, row: int, kept: Sequence[int]) -> None:
