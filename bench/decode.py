@@ -171,6 +171,26 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def top2_margin(target: Target, ids: Sequence[int]) -> float:
+    """The target's top-1 minus top-2 logit after ``ids`` (one prefill pass over them): a small
+    margin at a divergence means a near-tie flipped by rounding, the only acceptable
+    cause in bf16 (DESIGN.md)."""
+    n = len(ids)
+    cache = target.model.new_cache(1, n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
+    logits = target.model(torch.tensor([list(ids)]), torch.arange(n)[None], causal, cache, torch.tensor([0]))
+    top = logits[0, -1].topk(2).values
+    return float(top[0] - top[1])
+
+
+def divergence(target: Target, prompt: Prompt, run: Run, plain: Run) -> dict[str, float] | None:
+    """Where ``run`` first leaves plain decoding and the target's top-2 margin there."""
+    pos = first_difference(run.token_ids, plain.token_ids)
+    if pos is None or pos >= min(len(run.token_ids), len(plain.token_ids)):
+        return None
+    return {"position": pos, "top2_margin": round(top2_margin(target, prompt.ids + plain.token_ids[:pos]), 4)}
+
+
 def machine_info(threads: int, dtype: str) -> dict[str, object]:
     import transformers
 
@@ -226,6 +246,8 @@ def bandwidth_bound(target: Target, plain: list[Run], bandwidth: dict[str, float
     weights = weight_bytes_per_step(target.model)
     bound_step_s = weights / (bandwidth["best_gb_s"] * 1e9)
     decode_passes = sum(r.passes - 1 for r in plain)  # the first pass of each prompt is its prefill
+    if decode_passes == 0:
+        raise SystemExit("every prompt finished at prefill: no decode step to time (raise --max-tokens)")
     step_s = sum(r.decode_seconds for r in plain) / decode_passes
     tokens_per_s = sum(len(r.token_ids) for r in plain) / sum(r.seconds for r in plain)
     return {
@@ -324,13 +346,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", nargs="+", default=list(DEFAULT_BENCHMARKS), help="prompt files (by stem)")
     p.add_argument("--limit", type=int, default=8, help="prompts per benchmark")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="at least 2: the per-step figure needs a decode pass")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in model name, HF folder or .gguf")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every method")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the PNG chart goes beside it")
     p.add_argument("--skip-hf", action="store_true", help="only our engine (no HF baselines, no × HF column)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_tokens < 2 or args.limit < 1 or args.threads < 1:
+        p.error("--max-tokens must be >= 2, --limit and --threads >= 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -389,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "passes": r[i].passes,
                         "tau": r[i].tau,
                         "identical_to_plain": r[i].token_ids == runs["plain"][i].token_ids,
-                        "first_difference": first_difference(r[i].token_ids, runs["plain"][i].token_ids),
+                        "divergence": divergence(target, p, r[i], runs["plain"][i]),
                     }
                     for key, r in runs.items()
                 },
@@ -397,6 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, p in enumerate(prompts)
         ],
     }
+    margins = [
+        run["divergence"]["top2_margin"] for p in report["prompts"] for run in p["runs"].values() if run["divergence"]
+    ]
+    report["divergences"] = {"runs": len(margins), "top2_margins": sorted(margins)}
+    if margins:
+        console.print(
+            f"{len(margins)} runs left plain decoding's tokens; the target's top-2 logit margin at the first "
+            f"divergent token: median {statistics.median(margins):.3f}, max {max(margins):.3f}"
+        )
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = args.out.with_suffix(".png")
     plot(summaries, png, f"{args.model}, {args.dtype}, {info['threads']} threads, greedy, {args.max_tokens} tokens")

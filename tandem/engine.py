@@ -115,19 +115,25 @@ class Engine:
         capacity = min(self.context_length, max(len(r.prompt_ids) + r.params.max_tokens + room for r in requests))
         cache = self.model.new_cache(len(requests), capacity)
         seqs = [self._new_sequence(i, r) for i, r in enumerate(requests)]
-        yield from self._prefill(seqs, cache)
-        live = [s for s in seqs if s.finish_reason is None]
-        while live:
-            trees = self._draft(live, cache)
-            logits = self._forward_trees(live, trees, cache)
-            verdicts = verify_batch(trees, logits, [s.params for s in live], [s.generator for s in live])
-            for seq, tree, verdict in zip(live, trees, verdicts):
-                cache.commit(seq.row, verdict.accepted_nodes)
-                seq.stats.rounds += 1
-                seq.stats.drafted += len(tree) - 1
-                seq.stats.accepted += verdict.accepted_drafts
-                yield self._emit(seq, verdict.emitted(tree), cache)
-            live = [s for s in live if s.finish_reason is None]
+        try:
+            yield from self._prefill(seqs, cache)
+            live = [s for s in seqs if s.finish_reason is None]
+            while live:
+                trees = self._draft(live, cache)
+                logits = self._forward_trees(live, trees, cache)
+                verdicts = verify_batch(trees, logits, [s.params for s in live], [s.generator for s in live])
+                for seq, tree, verdict in zip(live, trees, verdicts):
+                    cache.commit(seq.row, verdict.accepted_nodes)
+                    seq.stats.rounds += 1
+                    seq.stats.drafted += len(tree) - 1
+                    seq.stats.accepted += verdict.accepted_drafts
+                    yield self._emit(seq, verdict.emitted(tree), cache)
+                live = [s for s in live if s.finish_reason is None]
+        finally:  # a consumer that stops early (abort, disconnect) must not leak drafter state
+            if self.drafter is not None:
+                for seq in seqs:
+                    if seq.finish_reason is None:
+                        self.drafter.release(seq.index)
 
     def _validate(self, requests: Sequence[Request]) -> None:
         if not requests:

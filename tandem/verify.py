@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.sampling import SamplingParams, sample, target_probs
-from tandem.tree import TokenTree, path_to, tree_depths
+from tandem.tree import TokenTree, path_to
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,17 @@ def verify_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Verdict:
     Siblings carry distinct tokens in a well-formed tree, so at most one child of any node
     matches and the accepted path is unique.
     """
-    best = target_logits[: len(tree)].argmax(-1)
-    parents = tree.parents
-    on_path = torch.zeros(len(tree), dtype=torch.bool)
-    on_path[0] = True
+    best = target_logits[: len(tree)].argmax(-1).tolist()
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    depth = [0] + [-1] * (len(tree) - 1)  # -1: not on an accepted path
+    last = 0
     for i in range(1, len(tree)):
-        on_path[i] = on_path[parents[i]] and tree.tokens[i] == best[parents[i]]
-    depths = torch.where(on_path, tree_depths(parents), -1)
-    last = int(depths.argmax())
-    return Verdict(tuple(path_to(parents, last)), int(best[last]))
+        parent = parents[i]
+        if depth[parent] >= 0 and tokens[i] == best[parent]:
+            depth[i] = depth[parent] + 1
+            if depth[i] > depth[last]:
+                last = i
+    return Verdict(tuple(path_to(tree.parents, last)), best[last])
 
 
 def verify_sampling(tree: TokenTree, p: torch.Tensor, generator: torch.Generator | None) -> Verdict:

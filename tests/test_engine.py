@@ -300,3 +300,18 @@ def test_real_model_oracle_tree_equals_plain_decoding(smollm):
         refs = {i: p + plain[start + i] for i, p in enumerate(group)}
         engine = Engine(target.model, OracleDrafter(refs, seed=start), target.eos_token_ids, max_draft_nodes=12)
         assert [r.token_ids for r in engine.generate([Request(p, params) for p in group])] == plain[start : start + 4]
+
+
+@pytest.mark.slow
+def test_gemma_base_model_speculation_equals_plain_decoding():
+    """The second family end to end: Gemma 3 270M on raw prompts (no chat template)."""
+    from tandem.target import load_target
+
+    target = load_target("gemma3-270m", "float32")
+    tok = target.tokenizer
+    prompts = [tok.encode(p, chat=False) for p in ("def fibonacci(n):", "The capital of France is", "1, 2, 3, 4,")]
+    params = SamplingParams(max_tokens=24)
+    plain = _outputs(Engine(target.model, eos_token_ids=target.eos_token_ids), prompts, params, batch=1)
+    for drafter, batch in ((NgramDrafter(depth=6), 1), (NgramDrafter(depth=4, branches=3), 3)):
+        engine = Engine(target.model, drafter, target.eos_token_ids, max_draft_nodes=12)
+        assert _outputs(engine, prompts, params, batch) == plain

@@ -6,32 +6,28 @@ rows with different lengths and cache compaction; the real built-in models are c
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    PretrainedConfig,
     PreTrainedModel,
-    Qwen2Config,
-    Qwen3Config,
 )
 
 from tandem.errors import ModelLoadError
+from tandem.models.catalog import resolve_model_path
 from tandem.models.config import ModelConfig
 from tandem.models.decoder import Transformer
 from tandem.models.kv_cache import KVCache
 from tandem.models.loading import load_model
+from tandem.tokenizer import Tokenizer
 from tandem.tree import ancestor_mask, path_to, tree_depths
+from tests.tiny_models import FAMILIES, WINDOW, build_tiny, tiny_config
 
-FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 ATOL = 1e-4  # fp32 vs fp32: only summation order differs
 SEQ_LEN = 40  # longer than the tiny Gemma's sliding window (8), several times over
-WINDOW = 8
 VOCAB = 160
 
 # A branching tree: node -> parent. Node 7 hangs off the root although it sits last in the block,
@@ -44,62 +40,12 @@ TREE_PARENTS = [-1, 0, 0, 1, 1, 2, 4, 0]
 DEEP_TREE_PARENTS = [-1, 0, 1, 2, 0, 4, 5, 6, 7, 8, 9, 10, 11, 6]
 
 
-def _tiny_config(family: str) -> PretrainedConfig:
-    """Small but not degenerate: GQA, untied and tied heads, biases, qk-norm, mixed attention."""
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        # Large enough that attention is sharp, so masking and position errors change the logits.
-        initializer_range=0.2,
-        rms_norm_eps=1e-6,
-    )
-    if family == "llama":
-        return LlamaConfig(**common, num_hidden_layers=2, tie_word_embeddings=False, rope_theta=500.0)
-    if family == "qwen2":
-        return Qwen2Config(**common, num_hidden_layers=2, tie_word_embeddings=True, rope_theta=1000.0)
-    if family == "qwen3":
-        return Qwen3Config(**common, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False, rope_theta=1000.0)
-    return Gemma3TextConfig(
-        **common,
-        num_hidden_layers=4,
-        head_dim=16,
-        query_pre_attn_scalar=32,  # != head_dim, so the query scale is exercised
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        },
-        final_logit_softcapping=5.0,
-        tie_word_embeddings=True,
-    )
-
-
-def _randomize(model: PreTrainedModel) -> None:
-    """Norm weights and biases start at constants; perturb them so the Gemma ``1 + w`` offset,
-    qk-norm and the Qwen2 q/k/v biases actually change the result."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.3 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.normal_(0.0, 0.2)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, PreTrainedModel, Path]:
     """(family, reference HF model in fp32, saved folder) built once per family."""
     family = request.param
-    torch.manual_seed(1234)
-    hf = AutoModelForCausalLM.from_config(_tiny_config(family), attn_implementation="eager").float().eval()
-    _randomize(hf)
     folder = tmp_path_factory.mktemp(f"tiny-{family}")
-    hf.save_pretrained(folder, safe_serialization=True)
-    return family, hf, folder
+    return family, build_tiny(family, folder, VOCAB), folder
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +162,13 @@ def test_tree_pass_matches_hf_paths(
     cache = _prefilled(tiny_ours, prefix)
     ours = _step(tiny_ours, cache, 0, tree, tree_parents)
     parents = torch.tensor(tree_parents)
-    for node in range(len(tree_parents)):
-        path = [tree[i] for i in path_to(parents, node)]
-        _close(ours[node], _hf_logits(hf, prefix + path)[-1], f"tree node {node}")
+    paths = [prefix + [tree[i] for i in path_to(parents, node)] for node in range(len(tree_parents))]
+    # One HF call for all root-to-node paths: right padding cannot affect earlier causal positions.
+    width = max(map(len, paths))
+    with torch.no_grad():
+        ref = hf(torch.tensor([p + [0] * (width - len(p)) for p in paths])).logits.float()
+    for node, path in enumerate(paths):
+        _close(ours[node], ref[node, len(path) - 1], f"tree node {node}")
 
 
 def test_commit_accepted_path_then_continue(tiny: tuple[str, PreTrainedModel, Path], tiny_ours: Transformer) -> None:
@@ -301,15 +251,13 @@ REAL_PROMPT = (
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
-def real(request: pytest.FixtureRequest) -> Iterator[tuple[Transformer, PreTrainedModel, list[int]]]:
-    """Ours and HF's fp32 model on the same converted folder, plus a tokenized prompt."""
-    from tandem.models.catalog import resolve_model_path
-    from tandem.tokenizer import Tokenizer
-
+def real(request: pytest.FixtureRequest) -> tuple[Transformer, PreTrainedModel, list[int]]:
+    """Ours and HF's fp32 model on the same converted folder (GGUF converted once, then cached),
+    plus a tokenized prompt; loaded once per module."""
     ours, folder = load_model(resolve_model_path(request.param), torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = Tokenizer(folder).encode(REAL_PROMPT, chat=False)
-    yield ours, hf, ids
+    return ours, hf, ids
 
 
 @pytest.mark.slow
@@ -329,16 +277,16 @@ def test_real_model_matches_hf(real: tuple[Transformer, PreTrainedModel, list[in
 
 
 def _hf_dict(**overrides: object) -> dict[str, object]:
-    base = _tiny_config("llama").to_dict()
+    base = tiny_config("llama", VOCAB).to_dict()
     base.update(overrides)
     return base
 
 
 def test_config_accepts_supported_families() -> None:
     for family in FAMILIES:
-        cfg = ModelConfig.from_hf(_tiny_config(family).to_dict())
+        cfg = ModelConfig.from_hf(tiny_config(family, VOCAB).to_dict())
         assert cfg.family == family
-    gemma = ModelConfig.from_hf(_tiny_config("gemma3").to_dict())
+    gemma = ModelConfig.from_hf(tiny_config("gemma3", VOCAB).to_dict())
     assert gemma.sliding_window == WINDOW and gemma.local_rope_theta == 100.0 and gemma.rope_theta == 10000.0
     assert gemma.query_scale == pytest.approx(32**-0.5)
 
