@@ -34,31 +34,27 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_input_gets_a_clear_error(args, message):
-    proc = _run(*args)
+    _assert_clear_error(_run(*args), message)
+
+
+def _assert_clear_error(proc: subprocess.CompletedProcess, message: str) -> None:
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_unknown_flag_value_is_a_usage_error():
-    proc = _run("hi", "--drafter", "nope")
-    assert proc.returncode == 2
-    assert "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+    _assert_clear_error(_run("hi", "--drafter", "nope"), "invalid choice")
 
 
 @pytest.mark.slow
 def test_prompt_longer_than_the_context(default_target):
-    proc = _run("word " * 9000, "--raw", "--dtype", "float32")
-    assert proc.returncode == 2
-    assert "the model's context is 8192" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    _assert_clear_error(_run("word " * 9000, "--raw", "--dtype", "float32"), "the model's context is 8192")
 
 
 @pytest.mark.slow
 def test_chat_on_a_base_model_is_refused():
-    proc = _run("hello", "--model", "gemma3-270m")
-    assert proc.returncode == 2
-    assert "no chat template" in proc.stderr and "Traceback" not in proc.stderr
+    _assert_clear_error(_run("hello", "--model", "gemma3-270m"), "no chat template")
 
 
 @pytest.mark.slow

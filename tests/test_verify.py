@@ -128,16 +128,29 @@ def _draft_tree(
 def _joint_counts(
     target, draft, replacement: bool, point_mass_verify: bool = False, stale_q: bool = False
 ) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1234)
+    return _rounds_until_two_tokens(
+        target, lambda anchor, g: _draft_tree(anchor, draft, g, replacement, point_mass_verify, stale_q)
+    )
+
+
+def _draft_chain(anchor: int, draft: torch.Tensor, g: torch.Generator) -> TokenTree:
+    """Two tokens drawn one after the other from ``draft``, each with its q recorded."""
+    q1 = draft[anchor]
+    t1 = int(torch.multinomial(q1, 1, generator=g))
+    q2 = draft[t1]
+    t2 = int(torch.multinomial(q2, 1, generator=g))
+    return chain(anchor, [t1, t2], torch.stack([torch.zeros(V), q1, q2]))
+
+
+def _rounds_until_two_tokens(target, make_tree, seed: int = 1234) -> torch.Tensor:
+    """Histogram of the first two emitted tokens after token 0, over TRIALS runs of rounds."""
+    g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(V, V)
     for _ in range(TRIALS):
         out: list[int] = []
-        anchor = 0
         while len(out) < 2:
-            tree = _draft_tree(anchor, draft, g, replacement, point_mass_verify, stale_q)
-            p = target[tree.tokens]
-            out += verify_sampling(tree, p, g).emitted(tree)
-            anchor = out[-1]
+            tree = make_tree(out[-1] if out else 0, g)
+            out += verify_sampling(tree, target[tree.tokens], g).emitted(tree)
         counts[out[0], out[1]] += 1
     return counts
 
@@ -159,20 +172,7 @@ def test_tree_sampling_reproduces_the_target(replacement):
 @pytest.mark.slow
 def test_chain_sampling_reproduces_the_target():
     target, draft = _tables(1)
-    g = torch.Generator().manual_seed(7)
-    counts = torch.zeros(V, V)
-    for _ in range(TRIALS):
-        out: list[int] = []
-        anchor = 0
-        while len(out) < 2:
-            q1 = draft[anchor]
-            t1 = int(torch.multinomial(q1, 1, generator=g))
-            q2 = draft[t1]
-            t2 = int(torch.multinomial(q2, 1, generator=g))
-            tree = chain(anchor, [t1, t2], torch.stack([torch.zeros(V), q1, q2]))
-            out += verify_sampling(tree, target[tree.tokens], g).emitted(tree)
-            anchor = out[-1]
-        counts[out[0], out[1]] += 1
+    counts = _rounds_until_two_tokens(target, lambda anchor, g: _draft_chain(anchor, draft, g), seed=7)
     assert _p_value(counts, target) > 1e-3
 
 
