@@ -19,7 +19,7 @@ FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 WINDOW = 8
 
 
-def tiny_config(family: str, vocab: int = 160) -> PretrainedConfig:
+def tiny_config(family: str, vocab: int = 160, **overrides: object) -> PretrainedConfig:
     """Small but not degenerate: GQA, untied and tied heads, biases, qk-norm, mixed attention."""
     common = dict(
         vocab_size=vocab,
@@ -32,6 +32,7 @@ def tiny_config(family: str, vocab: int = 160) -> PretrainedConfig:
         initializer_range=0.2,
         rms_norm_eps=1e-6,
     )
+    common.update(overrides)
     if family == "llama":
         return LlamaConfig(**common, num_hidden_layers=2, tie_word_embeddings=False, rope_theta=500.0)
     if family == "qwen2":
@@ -65,10 +66,14 @@ def randomize(model: PreTrainedModel) -> None:
                 param.normal_(0.0, 0.2)
 
 
-def build_tiny(family: str, folder: Path, vocab: int = 160, seed: int = 1234) -> PreTrainedModel:
+def build_tiny(family: str, folder: Path, vocab: int = 160, seed: int = 1234, **overrides: object) -> PreTrainedModel:
     """Save a seeded random HF model of ``family`` into ``folder``; returns it (fp32, eval)."""
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(tiny_config(family, vocab), attn_implementation="eager").float().eval()
+    hf = (
+        AutoModelForCausalLM.from_config(tiny_config(family, vocab, **overrides), attn_implementation="eager")
+        .float()
+        .eval()
+    )
     randomize(hf)
     hf.save_pretrained(folder, safe_serialization=True)
     return hf
