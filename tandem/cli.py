@@ -1,4 +1,5 @@
-"""``tandem`` command line: ``tandem generate "PROMPT"`` streams text from the embedded engine."""
+"""``tandem`` command line: ``tandem generate "PROMPT"`` streams text from the embedded engine;
+``tandem data`` regenerates training responses with the target model."""
 
 from __future__ import annotations
 
@@ -95,10 +96,110 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    from tandem.drafters import DRAFTERS
+    from tandem.models.catalog import DEFAULT_MODEL, builtin_names
+
+    p = sub.add_parser("data", help="regenerate training responses with the target model (jsonl with token ids)")
+    p.add_argument("--prompts", help='jsonl of {"turns": [...]} or ShareGPT json/jsonl (default: ShareGPT package)')
+    p.add_argument("--out", default="regenerated.jsonl", help="output jsonl; an existing one is resumed")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--drafter",
+        default="ngram",
+        choices=DRAFTERS,
+        help="faster decoding; greedy output is unchanged, samples keep their law",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0, help="each prompt's seed derives from it and the prompt id")
+    p.add_argument("--max-tokens", type=int, default=256, help="per response")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--offset", type=int, default=0, help="skip this many usable prompts")
+    p.add_argument("--limit", type=int, default=None, help="regenerate at most this many prompts")
+    p.set_defaults(run=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from tandem.drafters import make_drafter
+    from tandem.engine import Engine
+    from tandem.sampling import SamplingParams
+    from tandem.target import load_target
+    from tandem.train.prompts import DataError, eval_prompts, read_prompts, sharegpt_path
+    from tandem.train.regenerate import check_meta, done_ids, regenerate, write_meta
+
+    # Validate cheap things before reading prompts and loading the model.
+    minimums = {"--batch-size": 1, "--max-prompt-tokens": 1, "--offset": 0, "--limit": 1}
+    for flag, low in minimums.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < low:
+            raise DataError(f"{flag} must be >= {low}, got {value}")
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    source = Path(args.prompts) if args.prompts else sharegpt_path()
+    prompts, source_stats = read_prompts(source, eval_prompts())
+    print(f"{source}: {source_stats.summary()}", file=sys.stderr)
+    end = None if args.limit is None else args.offset + args.limit
+    selected = prompts[args.offset : end]
+    if not selected:
+        raise DataError(f"no prompts to regenerate ({len(prompts)} usable, --offset {args.offset})")
+    out = Path(args.out)
+    settings = {
+        "model": str(args.model),
+        "dtype": args.dtype,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+    }
+    check_meta(out, settings)
+    target = load_target(args.model, args.dtype)
+    tok = target.tokenizer
+    if not tok.has_chat_template:
+        raise DataError(f"{args.model} has no chat template (a base model); responses need a chat model")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create {str(out.parent)!r}: {exc.strerror or exc}") from exc
+    meta = {
+        **settings,
+        "drafter": args.drafter,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "prompts": str(source),
+        "offset": args.offset,
+        "limit": args.limit,
+        "source": source_stats.as_dict(),
+    }
+    write_meta(out, meta)
+    engine = Engine(target.model, make_drafter(args.drafter), target.eos_token_ids, tok.decode)
+    stats = regenerate(
+        engine,
+        selected,
+        lambda text: tok.encode(text, chat=True),
+        tok.decode,
+        out,
+        params,
+        batch_size=args.batch_size,
+        max_prompt_tokens=args.max_prompt_tokens,
+        progress=True,
+    )
+    write_meta(out, {**meta, "run": asdict(stats), "records": len(done_ids(out))})
+    print(
+        f"wrote {stats.written} records to {out} ({stats.already_done} already there, "
+        f"{stats.too_long} prompts over {args.max_prompt_tokens} tokens skipped; "
+        f"{stats.generated_tokens} tokens in {stats.seconds:.1f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Lossless speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _data_parser(sub)
     return parser
 
 
