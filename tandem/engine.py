@@ -7,6 +7,7 @@ very same forward, sampling and stop logic.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ class Result:
 
 @dataclass
 class _Sequence:
-    index: int
+    seq_id: int  # unique for the engine's lifetime: drafters key per-sequence state on it
+    index: int  # position in the caller's request list
     row: int
     params: SamplingParams
     stop_ids: frozenset[int]
@@ -91,6 +93,7 @@ class Engine:
         self.decode = decode
         self.max_draft_nodes = max_draft_nodes
         self.target_passes = 0
+        self._seq_ids = itertools.count()
 
     @property
     def context_length(self) -> int:
@@ -133,7 +136,7 @@ class Engine:
             if self.drafter is not None:
                 for seq in seqs:
                     if seq.finish_reason is None:
-                        self.drafter.release(seq.index)
+                        self.drafter.release(seq.seq_id)
 
     def _validate(self, requests: Sequence[Request]) -> None:
         if not requests:
@@ -154,6 +157,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         return _Sequence(
+            seq_id=next(self._seq_ids),
             index=index,
             row=index,
             params=params,
@@ -190,7 +194,7 @@ class Engine:
             # max_tokens is wasted work (the bonus token always comes on top).
             room = cache.capacity - int(cache.lengths[s.row]) - 1
             left = s.params.max_tokens - len(s.output) - 1
-            requests.append(DraftRequest(s.index, s.token_ids, max(0, min(self.max_draft_nodes, room, left))))
+            requests.append(DraftRequest(s.seq_id, s.token_ids, max(0, min(self.max_draft_nodes, room, left))))
         return self.drafter.propose(requests)
 
     def _forward_trees(self, live: list[_Sequence], trees: list[TokenTree], cache) -> torch.Tensor:
@@ -227,7 +231,7 @@ class Engine:
                 del seq.token_ids[seq.prompt_len + cut :]
                 seq.finish_reason = "stop"
         if seq.finish_reason and self.drafter is not None:
-            self.drafter.release(seq.index)
+            self.drafter.release(seq.seq_id)
         return Delta(seq.index, taken, seq.finish_reason, seq.stats)
 
     def _stop_string_cut(self, seq: _Sequence) -> int | None:

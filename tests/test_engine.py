@@ -32,15 +32,15 @@ class OracleDrafter(Drafter):
 
     name = "oracle"
 
-    def __init__(self, references: dict[int, list[int]], seed: int = 0) -> None:
-        self.references = references
+    def __init__(self, references: list[list[int]], seed: int = 0) -> None:
+        self.references = references  # prompt + plain output, one per request
         self.rng = random.Random(seed)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
         trees = []
         for r in requests:
-            ref = self.references[r.seq_id]
             n = len(r.token_ids)
+            ref = next(ref for ref in self.references if ref[:n] == list(r.token_ids))
             truth = ref[n : n + self.rng.randint(1, 6)]
             if truth and self.rng.random() < 0.5:
                 wrong_at = self.rng.randrange(len(truth))
@@ -128,10 +128,9 @@ def test_speculation_is_exact_on_tiny_models(tiny_model, batch):
     plain = _outputs(Engine(model), prompts, params, batch=1)
     for drafter in (NgramDrafter(depth=4), NgramDrafter(depth=3, branches=3)):
         assert _outputs(Engine(model, drafter, max_draft_nodes=8), prompts, params, batch) == plain
-    # The oracle needs each request's reference under the index it has inside its batch.
     for start in range(0, len(prompts), batch):
         group = prompts[start : start + batch]
-        refs = {i: p + plain[start + i] for i, p in enumerate(group)}
+        refs = [p + plain[start + i] for i, p in enumerate(group)]
         engine = Engine(model, OracleDrafter(refs, seed=start), max_draft_nodes=8)
         assert [r.token_ids for r in engine.generate([Request(p, params) for p in group])] == plain[
             start : start + batch
@@ -144,7 +143,7 @@ def test_oracle_rounds_accept_long_paths(tiny_model):
     prompt = _tiny_prompts(1, seed=9)[0]
     params = SamplingParams(max_tokens=30)
     plain = Engine(model).generate([Request(prompt, params)])[0].token_ids
-    result = Engine(model, OracleDrafter({0: prompt + plain}), max_draft_nodes=8).generate([Request(prompt, params)])[0]
+    result = Engine(model, OracleDrafter([prompt + plain]), max_draft_nodes=8).generate([Request(prompt, params)])[0]
     assert result.token_ids == plain
     assert result.stats.tau > 1.5
 
@@ -297,7 +296,7 @@ def test_real_model_oracle_tree_equals_plain_decoding(smollm):
     target, prompts, params, plain = smollm
     for start in range(0, len(prompts), 4):
         group = prompts[start : start + 4]
-        refs = {i: p + plain[start + i] for i, p in enumerate(group)}
+        refs = [p + plain[start + i] for i, p in enumerate(group)]
         engine = Engine(target.model, OracleDrafter(refs, seed=start), target.eos_token_ids, max_draft_nodes=12)
         assert [r.token_ids for r in engine.generate([Request(p, params) for p in group])] == plain[start : start + 4]
 
@@ -315,3 +314,34 @@ def test_gemma_base_model_speculation_equals_plain_decoding():
     for drafter, batch in ((NgramDrafter(depth=6), 1), (NgramDrafter(depth=4, branches=3), 3)):
         engine = Engine(target.model, drafter, target.eos_token_ids, max_draft_nodes=12)
         assert _outputs(engine, prompts, params, batch) == plain
+
+
+class RecordingDrafter(NgramDrafter):
+    """An n-gram drafter that remembers which sequences it drafted for and which it released."""
+
+    def __init__(self) -> None:
+        super().__init__(depth=3)
+        self.seen: set[int] = set()
+        self.released: list[int] = []
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
+        self.seen.update(r.seq_id for r in requests)
+        return super().propose(requests)
+
+    def release(self, seq_id: int) -> None:
+        self.released.append(seq_id)
+
+
+def test_drafter_state_is_released_once_per_sequence(llama):
+    drafter = RecordingDrafter()
+    engine = Engine(llama, drafter)
+    prompts = _tiny_prompts(3, seed=6)
+    engine.generate([Request(p, SamplingParams(max_tokens=8)) for p in prompts])
+    engine.generate([Request(p, SamplingParams(max_tokens=8)) for p in prompts])
+    assert len(drafter.seen) == 6, "sequence ids must stay unique across calls"
+    assert sorted(drafter.released) == sorted(drafter.seen)
+    # A consumer that stops early (client abort) still frees every sequence's state.
+    stream = engine.stream([Request(p, SamplingParams(max_tokens=50)) for p in prompts])
+    next(stream)
+    stream.close()
+    assert len(drafter.released) == 9 and len(set(drafter.released)) == 9
