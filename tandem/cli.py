@@ -122,72 +122,34 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
     from pathlib import Path
 
-    from tandem.drafters import make_drafter
-    from tandem.engine import Engine
     from tandem.sampling import SamplingParams
-    from tandem.target import load_target
-    from tandem.train.prompts import DataError, eval_prompts, read_prompts, sharegpt_path
-    from tandem.train.regenerate import check_meta, done_ids, regenerate, write_meta
+    from tandem.train.prompts import DataError, sharegpt_path
+    from tandem.train.regenerate import regenerate_dataset
 
     # Validate cheap things before reading prompts and loading the model.
-    minimums = {"--batch-size": 1, "--max-prompt-tokens": 1, "--offset": 0, "--limit": 1}
-    for flag, low in minimums.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+    minimums = {"batch_size": 1, "max_prompt_tokens": 1, "offset": 0, "limit": 1}
+    for name, low in minimums.items():
+        value = getattr(args, name)
         if value is not None and value < low:
-            raise DataError(f"{flag} must be >= {low}, got {value}")
+            raise DataError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    source = Path(args.prompts) if args.prompts else sharegpt_path()
-    prompts, source_stats = read_prompts(source, eval_prompts())
-    print(f"{source}: {source_stats.summary()}", file=sys.stderr)
-    end = None if args.limit is None else args.offset + args.limit
-    selected = prompts[args.offset : end]
-    if not selected:
-        raise DataError(f"no prompts to regenerate ({len(prompts)} usable, --offset {args.offset})")
-    out = Path(args.out)
-    settings = {
-        "model": str(args.model),
-        "dtype": args.dtype,
-        "temperature": args.temperature,
-        "max_tokens": args.max_tokens,
-        "seed": args.seed,
-    }
-    check_meta(out, settings)
-    target = load_target(args.model, args.dtype)
-    tok = target.tokenizer
-    if not tok.has_chat_template:
-        raise DataError(f"{args.model} has no chat template (a base model); responses need a chat model")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create {str(out.parent)!r}: {exc.strerror or exc}") from exc
-    meta = {
-        **settings,
-        "drafter": args.drafter,
-        "max_prompt_tokens": args.max_prompt_tokens,
-        "prompts": str(source),
-        "offset": args.offset,
-        "limit": args.limit,
-        "source": source_stats.as_dict(),
-    }
-    write_meta(out, meta)
-    engine = Engine(target.model, make_drafter(args.drafter), target.eos_token_ids, tok.decode)
-    stats = regenerate(
-        engine,
-        selected,
-        lambda text: tok.encode(text, chat=True),
-        tok.decode,
-        out,
-        params,
+    stats = regenerate_dataset(
+        source=Path(args.prompts) if args.prompts else sharegpt_path(),
+        out=Path(args.out),
+        model=args.model,
+        dtype=args.dtype,
+        drafter=args.drafter,
+        params=params,
         batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens,
-        progress=True,
+        offset=args.offset,
+        limit=args.limit,
+        log=lambda line: print(line, file=sys.stderr),
     )
-    write_meta(out, {**meta, "run": asdict(stats), "records": len(done_ids(out))})
     print(
-        f"wrote {stats.written} records to {out} ({stats.already_done} already there, "
+        f"wrote {stats.written} records to {args.out} ({stats.already_done} already there, "
         f"{stats.too_long} prompts over {args.max_prompt_tokens} tokens skipped; "
         f"{stats.generated_tokens} tokens in {stats.seconds:.1f} s)",
         file=sys.stderr,

@@ -20,7 +20,7 @@ from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams, target_probs
 from tandem.tree import TokenTree, from_paths
-from tests.tiny_models import FAMILIES, build_tiny
+from tests.tiny_models import FAMILIES, build_tiny, causal_logits
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "tandem" / "data" / "prompts"
 
@@ -173,24 +173,11 @@ def _exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> 
     for _ in range(steps):
         grown = {}
         for prefix, prob in law.items():
-            p = target_probs(_last_logits(model, prompt + list(prefix)), params)
+            p = target_probs(causal_logits(model, prompt + list(prefix))[-1], params)
             for tok in p.nonzero().flatten().tolist():
                 grown[(*prefix, tok)] = prob * float(p[tok])
         law = grown
     return law
-
-
-def _last_logits(model, ids: list[int]) -> torch.Tensor:
-    cache = model.new_cache(1, len(ids) + 1)
-    n = len(ids)
-    logits = model(
-        torch.tensor([ids]),
-        torch.arange(n)[None],
-        torch.ones(n, n, dtype=torch.bool).tril()[None],
-        cache,
-        torch.tensor([0]),
-    )
-    return logits[0, -1]
 
 
 def test_seeded_sampling_is_reproducible(tiny_model):

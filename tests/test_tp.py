@@ -18,7 +18,7 @@ from tandem.models.loading import load_model
 from tandem.models.tp import apply_tp, check_tp_size
 from tandem.sampling import SamplingParams
 from tandem.tree import ancestor_mask, tree_depths
-from tests.tiny_models import build_tiny, tiny_config
+from tests.tiny_models import build_tiny, causal_logits, tiny_config
 
 PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35], [27, 18, 28], [1, 1, 2, 3, 5, 8, 13, 21, 34, 55]]
 TREE_PARENTS = torch.tensor([-1, 0, 0, 1, 2, 2])
@@ -34,18 +34,11 @@ def _tree_logits(model) -> torch.Tensor:
     """A prefill then a branching tree pass on one cache row: ``[prefill + tree, V]`` logits."""
     prompt = PROMPTS[2]
     cache = model.new_cache(1, 64)
-    n = len(prompt)
-    first = model(
-        torch.tensor([prompt]),
-        torch.arange(n)[None],
-        torch.ones(n, n, dtype=torch.bool).tril()[None],
-        cache,
-        torch.tensor([0]),
-    )
-    cache.commit(0, range(n))
+    first = causal_logits(model, prompt, cache)
+    cache.commit(0, range(len(prompt)))
     tree = torch.tensor([[prompt[-1], 7, 9, 11, 13, 17]])
     second = model(tree, tree_depths(TREE_PARENTS)[None], ancestor_mask(TREE_PARENTS)[None], cache, torch.tensor([0]))
-    return torch.cat([first[0], second[0]])
+    return torch.cat([first, second[0]])
 
 
 def _outputs(model) -> list[list[int]]:

@@ -11,16 +11,19 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from tandem.drafters import make_drafter
 from tandem.engine import Engine, Request
 from tandem.sampling import SamplingParams
-from tandem.train.prompts import DataError, Prompt
+from tandem.target import load_target
+from tandem.train.prompts import DataError, Prompt, eval_prompts, read_prompts
 
 # Settings that change what is generated: a resumed run must use the same ones.
 SETTINGS = ("model", "dtype", "temperature", "max_tokens", "seed")
@@ -137,6 +140,68 @@ def regenerate(
     finally:
         bar.close()
     stats.seconds = round(time.perf_counter() - start, 3)
+    return stats
+
+
+def regenerate_dataset(
+    source: Path,
+    out: Path,
+    model: str,
+    dtype: str,
+    drafter: str,
+    params: SamplingParams,
+    batch_size: int,
+    max_prompt_tokens: int,
+    offset: int = 0,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> RunStats:
+    """The whole ``tandem data`` stage: read and filter prompts, load the target, regenerate into
+    ``out`` (resuming it) and record the settings and counts beside it."""
+    prompts, source_stats = read_prompts(source, eval_prompts())
+    log(f"{source}: {source_stats.summary()}")
+    selected = prompts[offset : None if limit is None else offset + limit]
+    if not selected:
+        raise DataError(f"no prompts to regenerate ({len(prompts)} usable, --offset {offset})")
+    settings = {
+        "model": str(model),
+        "dtype": dtype,
+        "temperature": params.temperature,
+        "max_tokens": params.max_tokens,
+        "seed": params.seed,
+    }
+    check_meta(out, settings)
+    target = load_target(model, dtype)
+    tok = target.tokenizer
+    if not tok.has_chat_template:
+        raise DataError(f"{model} has no chat template (a base model); responses need a chat model")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create {str(out.parent)!r}: {exc.strerror or exc}") from exc
+    meta = {
+        **settings,
+        "drafter": drafter,
+        "max_prompt_tokens": max_prompt_tokens,
+        "prompts": str(source),
+        "offset": offset,
+        "limit": limit,
+        "source": source_stats.as_dict(),
+    }
+    write_meta(out, meta)
+    engine = Engine(target.model, make_drafter(drafter), target.eos_token_ids, tok.decode)
+    stats = regenerate(
+        engine,
+        selected,
+        partial(tok.encode, chat=True),
+        tok.decode,
+        out,
+        params,
+        batch_size,
+        max_prompt_tokens,
+        progress=True,
+    )
+    write_meta(out, {**meta, "run": asdict(stats), "records": len(done_ids(out))})
     return stats
 
 
