@@ -17,6 +17,7 @@ import torch
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.errors import InvalidRequest
 from tandem.models.decoder import Transformer
+from tandem.models.kv_cache import KVCache
 from tandem.sampling import SamplingParams, sample, target_probs
 from tandem.tree import TokenTree, ancestor_mask, tree_depths
 from tandem.verify import verify_batch
@@ -167,7 +168,7 @@ class Engine:
             prompt_len=len(request.prompt_ids),
         )
 
-    def _prefill(self, seqs: list[_Sequence], cache) -> Iterator[Delta]:
+    def _prefill(self, seqs: list[_Sequence], cache: KVCache) -> Iterator[Delta]:
         """One pass over all prompts (padded); the last prompt position gives the first token."""
         lengths = [s.prompt_len for s in seqs]
         longest = max(lengths)
@@ -185,7 +186,7 @@ class Engine:
             first = sample(target_probs(logits[b, 0], s.params), s.generator)
             yield self._emit(s, [first], cache)
 
-    def _draft(self, live: list[_Sequence], cache) -> list[TokenTree]:
+    def _draft(self, live: list[_Sequence], cache: KVCache) -> list[TokenTree]:
         if self.drafter is None:
             return [TokenTree(torch.tensor([s.token_ids[-1]]), torch.tensor([-1])) for s in live]
         requests = []
@@ -197,7 +198,7 @@ class Engine:
             requests.append(DraftRequest(s.seq_id, s.token_ids, max(0, min(self.max_draft_nodes, room, left))))
         return self.drafter.propose(requests)
 
-    def _forward_trees(self, live: list[_Sequence], trees: list[TokenTree], cache) -> torch.Tensor:
+    def _forward_trees(self, live: list[_Sequence], trees: list[TokenTree], cache: KVCache) -> torch.Tensor:
         width = max(len(t) for t in trees)
         batch = len(trees)
         tokens = torch.zeros(batch, width, dtype=torch.long)
@@ -212,7 +213,7 @@ class Engine:
         self.target_passes += 1
         return self.model(tokens, depths, mask, cache, rows)
 
-    def _emit(self, seq: _Sequence, new_ids: list[int], cache) -> Delta:
+    def _emit(self, seq: _Sequence, new_ids: list[int], cache: KVCache) -> Delta:
         """Append accepted tokens up to the first stop condition and report them."""
         taken: list[int] = []
         for token in new_ids:
