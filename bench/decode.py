@@ -175,11 +175,8 @@ def top2_margin(target: Target, ids: Sequence[int]) -> float:
     """The target's top-1 minus top-2 logit after ``ids`` (one prefill pass over them): a small
     margin at a divergence means a near-tie flipped by rounding, the only acceptable
     cause in bf16 (DESIGN.md)."""
-    n = len(ids)
-    cache = target.model.new_cache(1, n)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
-    logits = target.model(torch.tensor([list(ids)]), torch.arange(n)[None], causal, cache, torch.tensor([0]))
-    top = logits[0, -1].topk(2).values
+    logits = target.model.block_logits(ids, target.model.new_cache(1, len(ids)))
+    top = logits[-1].topk(2).values
     return float(top[0] - top[1])
 
 

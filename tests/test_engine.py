@@ -20,7 +20,7 @@ from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams, target_probs
 from tandem.tree import TokenTree, from_paths
-from tests.tiny_models import FAMILIES, build_tiny, causal_logits
+from tests.tiny_models import FAMILIES, build_tiny
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "tandem" / "data" / "prompts"
 
@@ -173,7 +173,8 @@ def _exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> 
     for _ in range(steps):
         grown = {}
         for prefix, prob in law.items():
-            p = target_probs(causal_logits(model, prompt + list(prefix))[-1], params)
+            ids = prompt + list(prefix)
+            p = target_probs(model.block_logits(ids, model.new_cache(1, len(ids)))[-1], params)
             for tok in p.nonzero().flatten().tolist():
                 grown[(*prefix, tok)] = prob * float(p[tok])
         law = grown

@@ -60,22 +60,6 @@ def _hf_logits(hf: PreTrainedModel, ids: Sequence[int]) -> torch.Tensor:
         return hf(torch.tensor([list(ids)])).logits[0].float()
 
 
-def _step(
-    model: Transformer, cache: KVCache, row: int, tokens: Sequence[int], parents: Sequence[int] | None = None
-) -> torch.Tensor:
-    """Run one block (a chain, or a tree given by ``parents``) after ``row``'s prefix; ``[T, V]``."""
-    if parents is None:
-        parents = list(range(-1, len(tokens) - 1))
-    par = torch.tensor(parents, dtype=torch.long)
-    return model(
-        torch.tensor([list(tokens)]),
-        tree_depths(par)[None],
-        ancestor_mask(par)[None],
-        cache,
-        torch.tensor([row]),
-    )[0]
-
-
 def _random_ids(n: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n,), generator=gen).tolist()
@@ -101,7 +85,7 @@ def test_prefill_matches_hf(tiny: tuple[str, PreTrainedModel, Path], tiny_ours: 
     _, hf, _ = tiny
     ids = _random_ids(SEQ_LEN, seed=2)
     cache = tiny_ours.new_cache(1, 64)
-    ours = _step(tiny_ours, cache, 0, ids)
+    ours = tiny_ours.block_logits(ids, cache, 0)
     _close(ours, _hf_logits(hf, ids), "prefill")
 
 
@@ -133,11 +117,11 @@ def test_incremental_decoding_matches_hf(
     prefill = SEQ_LEN - sum(chunks)
     cache = tiny_ours.new_cache(2, 64)
     row = 1  # the second row: rows must not leak into each other
-    _close(_step(tiny_ours, cache, row, ids[:prefill]), ref[:prefill], "prefill")
+    _close(tiny_ours.block_logits(ids[:prefill], cache, row), ref[:prefill], "prefill")
     cache.commit(row, range(prefill))
     at = prefill
     for size in chunks:
-        ours = _step(tiny_ours, cache, row, ids[at : at + size])
+        ours = tiny_ours.block_logits(ids[at : at + size], cache, row)
         _close(ours, ref[at : at + size], f"tokens {at}..{at + size - 1}")
         cache.commit(row, range(size))
         at += size
@@ -146,7 +130,7 @@ def test_incremental_decoding_matches_hf(
 
 def _prefilled(model: Transformer, prefix: Sequence[int], rows: int = 1, row: int = 0) -> KVCache:
     cache = model.new_cache(rows, 64)
-    _step(model, cache, row, prefix)
+    model.block_logits(prefix, cache, row)
     cache.commit(row, range(len(prefix)))
     return cache
 
@@ -160,7 +144,7 @@ def test_tree_pass_matches_hf_paths(
     prefix = _random_ids(20, seed=5)
     tree = _random_ids(len(tree_parents), seed=6)
     cache = _prefilled(tiny_ours, prefix)
-    ours = _step(tiny_ours, cache, 0, tree, tree_parents)
+    ours = tiny_ours.block_logits(tree, cache, 0, parents=tree_parents)
     parents = torch.tensor(tree_parents)
     paths = [prefix + [tree[i] for i in path_to(parents, node)] for node in range(len(tree_parents))]
     # One HF call for all root-to-node paths: right padding cannot affect earlier causal positions.
@@ -179,13 +163,13 @@ def test_commit_accepted_path_then_continue(tiny: tuple[str, PreTrainedModel, Pa
     parents = torch.tensor(TREE_PARENTS)
     for round_, accepted in enumerate([6, 5]):  # paths [0, 1, 4, 6] and [0, 2, 5]
         tree = _random_ids(len(TREE_PARENTS), seed=8 + round_)
-        _step(tiny_ours, cache, 0, tree, TREE_PARENTS)
+        tiny_ours.block_logits(tree, cache, 0, parents=TREE_PARENTS)
         kept = path_to(parents, accepted)
         cache.commit(0, kept)
         seq = seq + [tree[i] for i in kept]
         assert int(cache.lengths[0]) == len(seq)
     follow = _random_ids(3, seed=10)
-    ours = _step(tiny_ours, cache, 0, follow)
+    ours = tiny_ours.block_logits(follow, cache, 0)
     _close(ours, _hf_logits(hf, seq + follow)[-len(follow) :], "after compaction")
 
 
@@ -215,7 +199,7 @@ def test_batched_rows_with_different_lengths(tiny: tuple[str, PreTrainedModel, P
         _close(first[i, 0], ref[lengths[i] - 1], f"row {i} prompt")
         _close(second[i], ref[lengths[i] :], f"row {i} decode")
         alone_cache = _prefilled(tiny_ours, prompts[i], rows=2, row=1)
-        _close(second[i], _step(tiny_ours, alone_cache, 1, follows[i]), f"row {i} vs alone")
+        _close(second[i], tiny_ours.block_logits(follows[i], alone_cache, 1), f"row {i} vs alone")
 
 
 def test_bfloat16_close_to_fp32_reference(tiny: tuple[str, PreTrainedModel, Path]) -> None:
@@ -228,9 +212,9 @@ def test_bfloat16_close_to_fp32_reference(tiny: tuple[str, PreTrainedModel, Path
     assert model.dtype == torch.bfloat16
     ids = _random_ids(SEQ_LEN, seed=11)
     cache = model.new_cache(1, 64)
-    ours = _step(model, cache, 0, ids[:30])
+    ours = model.block_logits(ids[:30], cache, 0)
     cache.commit(0, range(30))
-    ours = torch.cat([ours, _step(model, cache, 0, ids[30:])])
+    ours = torch.cat([ours, model.block_logits(ids[30:], cache, 0)])
     assert ours.dtype == torch.float32
     ref = _hf_logits(hf, ids)
     tol = 0.08 * ref.abs().max().item()
@@ -266,9 +250,9 @@ def test_real_model_matches_hf(real: tuple[Transformer, PreTrainedModel, list[in
     assert 30 <= len(ids) <= 60
     ref = _hf_logits(hf, ids)
     cache = ours.new_cache(1, 128)
-    got = _step(ours, cache, 0, ids[:-4])
+    got = ours.block_logits(ids[:-4], cache, 0)
     cache.commit(0, range(len(ids) - 4))
-    got = torch.cat([got, _step(ours, cache, 0, ids[-4:])])  # cached decoding, not just prefill
+    got = torch.cat([got, ours.block_logits(ids[-4:], cache, 0)])  # cached decoding, not just prefill
     _close(got, ref, "real model", atol=1e-3)
     assert got[-1].argmax().item() == ref[-1].argmax().item()
 

@@ -17,11 +17,10 @@ from tandem.models.config import ModelConfig
 from tandem.models.loading import load_model
 from tandem.models.tp import apply_tp, check_tp_size
 from tandem.sampling import SamplingParams
-from tandem.tree import ancestor_mask, tree_depths
-from tests.tiny_models import build_tiny, causal_logits, tiny_config
+from tests.tiny_models import build_tiny, tiny_config
 
 PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35], [27, 18, 28], [1, 1, 2, 3, 5, 8, 13, 21, 34, 55]]
-TREE_PARENTS = torch.tensor([-1, 0, 0, 1, 2, 2])
+TREE_PARENTS = [-1, 0, 0, 1, 2, 2]
 
 
 def _free_port() -> int:
@@ -34,11 +33,10 @@ def _tree_logits(model) -> torch.Tensor:
     """A prefill then a branching tree pass on one cache row: ``[prefill + tree, V]`` logits."""
     prompt = PROMPTS[2]
     cache = model.new_cache(1, 64)
-    first = causal_logits(model, prompt, cache)
+    first = model.block_logits(prompt, cache)
     cache.commit(0, range(len(prompt)))
-    tree = torch.tensor([[prompt[-1], 7, 9, 11, 13, 17]])
-    second = model(tree, tree_depths(TREE_PARENTS)[None], ancestor_mask(TREE_PARENTS)[None], cache, torch.tensor([0]))
-    return torch.cat([first, second[0]])
+    second = model.block_logits([prompt[-1], 7, 9, 11, 13, 17], cache, parents=TREE_PARENTS)
+    return torch.cat([first, second])
 
 
 def _outputs(model) -> list[list[int]]:

@@ -77,12 +77,3 @@ def build_tiny(family: str, folder: Path, vocab: int = 160, seed: int = 1234, **
     randomize(hf)
     hf.save_pretrained(folder, safe_serialization=True)
     return hf
-
-
-def causal_logits(model, ids: list[int], cache=None) -> torch.Tensor:
-    """``[T, V]`` logits of ``ids`` run as one causal block after row 0's cached prefix (a fresh
-    cache unless one is given; nothing is committed)."""
-    cache = cache if cache is not None else model.new_cache(1, len(ids) + 1)
-    n = len(ids)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
-    return model(torch.tensor([ids]), torch.arange(n)[None], causal, cache, torch.tensor([0]))[0]

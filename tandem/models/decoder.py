@@ -7,6 +7,7 @@ cached prefix and to its own ancestors in the block, at position ``prefix length
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from tandem.models.config import ModelConfig
 from tandem.models.kv_cache import KVCache
+from tandem.tree import ancestor_mask, tree_depths
 
 
 class RMSNorm(nn.Module):
@@ -167,6 +169,15 @@ class Transformer(nn.Module):
         capacity = min(capacity, cfg.max_position)
         device = self.embed.weight.device
         return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, device)
+
+    def block_logits(
+        self, tokens: Sequence[int], cache: KVCache, row: int = 0, parents: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """``[T, V]`` logits of one block after ``row``'s cached prefix: a chain, or the tree given
+        by ``parents``; nothing is committed. For checks and tools: the engine batches its own."""
+        parent_ids = torch.tensor(list(range(-1, len(tokens) - 1)) if parents is None else list(parents))
+        depths, mask = tree_depths(parent_ids)[None], ancestor_mask(parent_ids)[None]
+        return self(torch.tensor([list(tokens)]), depths, mask, cache, torch.tensor([row]))[0]
 
     @torch.inference_mode()
     def forward(
