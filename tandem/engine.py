@@ -10,17 +10,16 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.errors import InvalidRequest
 from tandem.models.decoder import Transformer
-from tandem.models.kv_cache import KVCache
-from tandem.sampling import SamplingParams, sample, target_probs
-from tandem.tree import TokenTree, ancestor_mask, tree_depths
-from tandem.verify import verify_batch
+from tandem.sampling import SamplingParams
+from tandem.tree import TokenTree
+from tandem.verifier import Step, Verifier
 
 
 @dataclass
@@ -63,12 +62,12 @@ class Result:
 class _Sequence:
     seq_id: int  # unique for the engine's lifetime: drafters key per-sequence state on it
     index: int  # position in the caller's request list
-    row: int
-    params: SamplingParams
+    row: int  # the verifier's row
+    params: SamplingParams  # with the seed resolved
     stop_ids: frozenset[int]
-    generator: torch.Generator
     token_ids: list[int]  # prompt + output; the last one is the anchor
     prompt_len: int
+    features: torch.Tensor | None = None  # target features the drafter has not seen yet
     stats: Stats = field(default_factory=Stats)
     finish_reason: str | None = None
 
@@ -112,108 +111,73 @@ class Engine:
 
     def stream(self, requests: Sequence[Request]) -> Iterator[Delta]:
         """Yield each request's new tokens after every target pass."""
-        self._validate(requests)
+        if not requests:
+            raise InvalidRequest("no requests")
         if self.decode is None and any(r.params.stop for r in requests):
             raise InvalidRequest("stop strings need a tokenizer")
         room = self.max_draft_nodes + 1 if self.drafter else 1
         capacity = min(self.context_length, max(len(r.prompt_ids) + r.params.max_tokens + room for r in requests))
-        cache = self.model.new_cache(len(requests), capacity)
-        seqs = [self._new_sequence(i, r) for i, r in enumerate(requests)]
+        layers = self.drafter.feature_layers if self.drafter else ()
+        verifier = Verifier(self.model, len(requests), capacity, layers)
+        for r in requests:  # all or nothing: check every prompt before any work
+            verifier.check_prompt(r.prompt_ids)
+        seqs = [self._new_sequence(i, r, verifier) for i, r in enumerate(requests)]
         try:
-            yield from self._prefill(seqs, cache)
+            for seq, step in zip(seqs, verifier.prefill([s.row for s in seqs])):
+                yield self._advance(seq, step, verifier)
             live = [s for s in seqs if s.finish_reason is None]
             while live:
-                trees = self._draft(live, cache)
-                logits = self._forward_trees(live, trees, cache)
-                verdicts = verify_batch(trees, logits, [s.params for s in live], [s.generator for s in live])
-                for seq, tree, verdict in zip(live, trees, verdicts):
-                    cache.commit(seq.row, verdict.accepted_nodes)
+                trees = self._draft(live, verifier)
+                for seq, tree, step in zip(live, trees, verifier.verify([s.row for s in live], trees)):
                     seq.stats.rounds += 1
                     seq.stats.drafted += len(tree) - 1
-                    seq.stats.accepted += verdict.accepted_drafts
-                    yield self._emit(seq, verdict.emitted(tree), cache)
+                    seq.stats.accepted += step.accepted
+                    yield self._advance(seq, step, verifier)
                 live = [s for s in live if s.finish_reason is None]
         finally:  # a consumer that stops early (abort, disconnect) must not leak drafter state
+            self.target_passes += verifier.passes
             if self.drafter is not None:
                 for seq in seqs:
                     if seq.finish_reason is None:
                         self.drafter.release(seq.seq_id)
 
-    def _validate(self, requests: Sequence[Request]) -> None:
-        if not requests:
-            raise InvalidRequest("no requests")
-        vocab = self.model.config.vocab_size
-        for r in requests:
-            if not r.prompt_ids:
-                raise InvalidRequest("prompt is empty")
-            if len(r.prompt_ids) >= self.context_length:
-                raise InvalidRequest(
-                    f"prompt has {len(r.prompt_ids)} tokens; the model's context is {self.context_length}"
-                )
-            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab:
-                raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
-
-    def _new_sequence(self, index: int, request: Request) -> _Sequence:
+    def _new_sequence(self, index: int, request: Request, verifier: Verifier) -> _Sequence:
         params = request.params
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        if params.seed is None:
+            params = replace(params, seed=random.getrandbits(63))
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         return _Sequence(
             seq_id=next(self._seq_ids),
             index=index,
-            row=index,
+            row=verifier.open(request.prompt_ids, params, params.seed),
             params=params,
             stop_ids=frozenset(stop_ids),
-            generator=torch.Generator().manual_seed(seed),
             token_ids=list(request.prompt_ids),
             prompt_len=len(request.prompt_ids),
         )
 
-    def _prefill(self, seqs: list[_Sequence], cache: KVCache) -> Iterator[Delta]:
-        """One pass over all prompts (padded); the last prompt position gives the first token."""
-        lengths = [s.prompt_len for s in seqs]
-        longest = max(lengths)
-        tokens = torch.zeros(len(seqs), longest, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            tokens[b, : s.prompt_len] = torch.tensor(s.token_ids)
-        depths = torch.arange(longest).expand(len(seqs), -1)
-        causal = torch.ones(longest, longest, dtype=torch.bool).tril().expand(len(seqs), -1, -1)
-        rows = torch.tensor([s.row for s in seqs])
-        last = torch.tensor(lengths)[:, None] - 1
-        logits = self.model(tokens, depths, causal, cache, rows, last)
-        self.target_passes += 1
-        for b, s in enumerate(seqs):
-            cache.commit(s.row, range(s.prompt_len))
-            first = sample(target_probs(logits[b, 0], s.params), s.generator)
-            yield self._emit(s, [first], cache)
-
-    def _draft(self, live: list[_Sequence], cache: KVCache) -> list[TokenTree]:
+    def _draft(self, live: list[_Sequence], verifier: Verifier) -> list[TokenTree]:
         if self.drafter is None:
             return [TokenTree(torch.tensor([s.token_ids[-1]]), torch.tensor([-1])) for s in live]
         requests = []
         for s in live:
             # The anchor plus every draft node must fit in the cache, and drafting past
             # max_tokens is wasted work (the bonus token always comes on top).
-            room = cache.capacity - int(cache.lengths[s.row]) - 1
             left = s.params.max_tokens - len(s.output) - 1
-            requests.append(DraftRequest(s.seq_id, s.token_ids, max(0, min(self.max_draft_nodes, room, left))))
+            budget = max(0, min(self.max_draft_nodes, verifier.room(s.row), left))
+            requests.append(DraftRequest(s.seq_id, s.token_ids, budget, s.params, s.features))
+            s.features = None
         return self.drafter.propose(requests)
 
-    def _forward_trees(self, live: list[_Sequence], trees: list[TokenTree], cache: KVCache) -> torch.Tensor:
-        width = max(len(t) for t in trees)
-        batch = len(trees)
-        tokens = torch.zeros(batch, width, dtype=torch.long)
-        depths = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1)  # padding sees itself only
-        for b, tree in enumerate(trees):
-            n = len(tree)
-            tokens[b, :n] = tree.tokens
-            depths[b, :n] = tree_depths(tree.parents)
-            mask[b, :n, :n] = ancestor_mask(tree.parents)
-        rows = torch.tensor([s.row for s in live])
-        self.target_passes += 1
-        return self.model(tokens, depths, mask, cache, rows)
+    def _advance(self, seq: _Sequence, step: Step, verifier: Verifier) -> Delta:
+        """Take a verifier step's tokens and features; free the row when the sequence is done."""
+        seq.features = _append(seq.features, step.features)
+        delta = self._emit(seq, step.tokens, verifier.capacity)
+        if seq.finish_reason:
+            verifier.close(seq.row)
+        return delta
 
-    def _emit(self, seq: _Sequence, new_ids: list[int], cache: KVCache) -> Delta:
+    def _emit(self, seq: _Sequence, new_ids: list[int], capacity: int) -> Delta:
         """Append accepted tokens up to the first stop condition and report them."""
         taken: list[int] = []
         for token in new_ids:
@@ -221,7 +185,7 @@ class Engine:
             seq.token_ids.append(token)
             if token in seq.stop_ids:
                 seq.finish_reason = "stop"
-            elif len(seq.output) >= seq.params.max_tokens or len(seq.token_ids) >= cache.capacity:
+            elif len(seq.output) >= seq.params.max_tokens or len(seq.token_ids) >= capacity:
                 seq.finish_reason = "length"
             if seq.finish_reason:
                 break
@@ -244,3 +208,9 @@ class Engine:
             if any(s in self.decode(output[:n]) for s in seq.params.stop):
                 return n
         return None
+
+
+def _append(pending: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    if pending is None or new is None:
+        return new if pending is None else pending
+    return torch.cat([pending, new])

@@ -49,7 +49,7 @@ def test_unknown_flag_value_is_a_usage_error():
 
 @pytest.mark.slow
 def test_prompt_longer_than_the_context(default_target):
-    _assert_clear_error(_run("word " * 9000, "--raw", "--dtype", "float32"), "the model's context is 8192")
+    _assert_clear_error(_run("word " * 9000, "--raw", "--dtype", "float32"), "the context holds 8192")
 
 
 @pytest.mark.slow

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
+
+from tandem.sampling import SamplingParams
 from tandem.tree import TokenTree
 
 
@@ -16,12 +19,18 @@ class DraftRequest:
     seq_id: int
     token_ids: Sequence[int]  # prompt + output so far; the last one is the anchor x0
     max_nodes: int  # draft nodes allowed below the root (cache room and tokens left)
+    params: SamplingParams = field(default_factory=SamplingParams)  # the target's; seed resolved
+    # Target features (``Drafter.feature_layers``, concatenated) of the tokens verified since the
+    # last request for this sequence: rows for ``token_ids[-1 - n : -1]``. The anchor's own
+    # features come with the next round, after the target has seen it.
+    features: torch.Tensor | None = None
 
 
 class Drafter(ABC):
     """Turns each sequence's state into a token tree rooted at its anchor."""
 
     name: str
+    feature_layers: tuple[int, ...] = ()  # target layers whose hidden states this drafter reads
 
     @abstractmethod
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:

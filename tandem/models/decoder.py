@@ -179,7 +179,6 @@ class Transformer(nn.Module):
         depths, mask = tree_depths(parent_ids)[None], ancestor_mask(parent_ids)[None]
         return self(torch.tensor([list(tokens)]), depths, mask, cache, torch.tensor([row]))[0]
 
-    @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
@@ -195,6 +194,21 @@ class Transformer(nn.Module):
         ``depths[b, i]``: its depth below the row's prefix. ``logit_index`` ``[B, K]`` picks the
         positions that need logits (e.g. the last prompt token), saving LM-head work.
         """
+        return self.forward_features(tokens, depths, tree_mask, cache, rows, (), logit_index)[0]
+
+    @torch.inference_mode()
+    def forward_features(
+        self,
+        tokens: torch.Tensor,
+        depths: torch.Tensor,
+        tree_mask: torch.Tensor,
+        cache: KVCache,
+        rows: torch.Tensor,
+        feature_layers: Sequence[int],
+        logit_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`, plus the hidden states after each of ``feature_layers`` (0-based),
+        concatenated: ``[B, T, len(feature_layers) * hidden]``, the drafters' view of the target."""
         cfg = self.config
         starts = cache.lengths[rows]
         length = int(starts.max()) + tokens.shape[1]
@@ -218,13 +232,22 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if cfg.embedding_scale:
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
-        for layer in self.layers:
+        wanted = {layer: i for i, layer in enumerate(feature_layers)}
+        features: list[torch.Tensor] = [x] * len(wanted)
+        for i, layer in enumerate(self.layers):
             x = layer(x, ctx)
+            if i in wanted:
+                features[wanted[i]] = x
         if logit_index is not None:
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
-        logits = self.lm_head(self.norm(x)).float()
-        if cfg.final_logit_softcap:
-            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return self.logits(x), (torch.cat(features, -1) if features else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of last-layer hidden states (final norm, LM head, softcap)."""
+        logits = self.lm_head(self.norm(hidden)).float()
+        if self.config.final_logit_softcap:
+            cap = self.config.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
         return logits
 
 
