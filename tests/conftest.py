@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tandem.target import Target, load_target
 
-torch.set_num_threads(2)
+# Two threads on CI's two cores; fewer when the machine is shared (oversubscribed OpenMP threads
+# slow torch down by an order of magnitude).
+torch.set_num_threads(int(os.environ.get("TANDEM_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

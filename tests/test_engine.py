@@ -157,7 +157,7 @@ def test_sampling_through_the_engine_follows_the_target(tiny_model):
     engine = Engine(model, TableDrafter(64, seed=1), max_draft_nodes=6)
     results = engine.generate([Request(prompt, replace(params, seed=s)) for s in range(n)])
     triples = Counter(tuple(r.token_ids[:3]) for r in results)
-    expected = _exact_law(model, prompt, params, steps=3)
+    expected = exact_law(model, prompt, params, steps=3)
     assert set(triples) <= set(expected), "sampled a sequence outside the target's support"
     total = sum(expected.values())
     observed = [triples[k] for k in expected]
@@ -167,7 +167,7 @@ def test_sampling_through_the_engine_follows_the_target(tiny_model):
     assert n // 10 < accepted < drafted - n // 10
 
 
-def _exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> dict[tuple[int, ...], float]:
+def exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> dict[tuple[int, ...], float]:
     """Probability of every ``steps``-token continuation, from our model's own logits."""
     law = {(): 1.0}
     for _ in range(steps):

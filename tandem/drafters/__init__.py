@@ -2,22 +2,66 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tandem.drafters.base import Drafter, DraftRequest
+from tandem.drafters.dflash import DFlashDrafter, DFlashModel
+from tandem.drafters.dspark import DSparkDrafter, DSparkModel
+from tandem.drafters.eagle3 import Eagle3Drafter, Eagle3Model
+from tandem.drafters.neural import ALGORITHMS, DraftConfig, DraftModel, NeuralDrafter, load_weights, read_config
 from tandem.drafters.ngram import NgramDrafter
 from tandem.errors import InvalidRequest
+from tandem.models.decoder import Transformer
 
-DRAFTERS = ("none", "ngram", "ngram-tree")
+DRAFTERS = ("none", "ngram", "ngram-tree", *ALGORITHMS)
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "drafters"  # <model name>/<algo>/
+MODELS: dict[str, type[DraftModel]] = {"eagle3": Eagle3Model, "dflash": DFlashModel, "dspark": DSparkModel}
+ADAPTERS: dict[str, type[NeuralDrafter]] = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter, "dspark": DSparkDrafter}
 
 
-def make_drafter(name: str) -> Drafter | None:
-    """A drafter by name; ``none`` means plain decoding."""
+def new_draft_model(cfg: DraftConfig, target: Transformer, vocab_map=None) -> DraftModel:
+    return MODELS[cfg.algo](cfg, target, vocab_map)
+
+
+def load_drafter(folder: str | Path, target: Transformer) -> NeuralDrafter:
+    """A trained drafter from its folder (``config.json`` + ``model.safetensors``)."""
+    cfg = read_config(folder)
+    return ADAPTERS[cfg.algo](load_weights(MODELS[cfg.algo], cfg, folder, target))
+
+
+def shipped_drafter(algo: str, model_name: str) -> Path | None:
+    folder = SHIPPED / model_name / algo
+    return folder if (folder / "config.json").exists() else None
+
+
+def make_drafter(name: str, target: Transformer | None = None, model_name: str = "") -> Drafter | None:
+    """A drafter by name or folder; ``none`` means plain decoding. Trained ones (``eagle3``,
+    ``dflash``, ``dspark``) are the drafters shipped for ``model_name``, loaded next to ``target``."""
     if name == "none":
         return None
     if name == "ngram":
         return NgramDrafter(depth=8, branches=1)
     if name == "ngram-tree":
         return NgramDrafter(depth=6, branches=3)
-    raise InvalidRequest(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
+    folder = shipped_drafter(name, model_name) if name in ALGORITHMS else Path(name)
+    if name in ALGORITHMS and folder is None:
+        raise InvalidRequest(f"no {name} drafter is shipped for {model_name!r}; pass a drafter folder")
+    if folder is None or not (folder / "config.json").exists():
+        raise InvalidRequest(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)} or a drafter folder")
+    if target is None:
+        raise InvalidRequest(f"drafter {name!r} needs its target model")
+    return load_drafter(folder, target)
 
 
-__all__ = ["DRAFTERS", "DraftRequest", "Drafter", "NgramDrafter", "make_drafter"]
+__all__ = [
+    "DRAFTERS",
+    "DraftConfig",
+    "DraftModel",
+    "DraftRequest",
+    "Drafter",
+    "NeuralDrafter",
+    "NgramDrafter",
+    "load_drafter",
+    "make_drafter",
+    "new_draft_model",
+]

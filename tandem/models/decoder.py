@@ -232,15 +232,15 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if cfg.embedding_scale:
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
-        wanted = {layer: i for i, layer in enumerate(feature_layers)}
-        features: list[torch.Tensor] = [x] * len(wanted)
+        kept: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx)
-            if i in wanted:
-                features[wanted[i]] = x
+            if i in feature_layers:
+                kept[i] = x
+        features = torch.cat([kept[i] for i in feature_layers], -1) if feature_layers else None
         if logit_index is not None:
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
-        return self.logits(x), (torch.cat(features, -1) if features else None)
+        return self.logits(x), features
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of last-layer hidden states (final norm, LM head, softcap)."""

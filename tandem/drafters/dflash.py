@@ -1,0 +1,84 @@
+"""DFlash-style parallel block drafter: the anchor plus γ-1 mask tokens give γ draft logits in one
+pass. The target's fused context features are projected by every layer into extra keys/values
+(cached per sequence), and attention inside the block is bidirectional.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.drafters.neural import DraftConfig, DraftLayer, DraftModel, NeuralDrafter, SequenceState
+from tandem.models.decoder import Transformer
+from tandem.sampling import SamplingParams
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class DFlashModel(DraftModel):
+    algo = "dflash"
+
+    def __init__(self, cfg: DraftConfig, target: Transformer, vocab_map: torch.Tensor | None = None) -> None:
+        super().__init__(cfg, target, vocab_map)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.mask_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        """Per layer, keys/values of context positions from target ``features`` ``[B, n, F]``."""
+        ctx, rope = self.fuse(features), self.rope(positions)
+        return [layer.kv(ctx, rope) for layer in self.layers]
+
+    def block_hidden(self, anchors: torch.Tensor, starts: torch.Tensor, context: list[KV], visible: torch.Tensor):
+        """Hidden states ``[B, γ, d]`` of blocks ``[anchor, mask, ...]`` at positions ``starts + k``.
+
+        ``context``: per layer ``[B, kv, S, hd]``; ``visible`` ``[B, γ, S]``: which context keys
+        each block sees (all of its own prefix)."""
+        gamma = self.config.block_size
+        x = torch.cat([self.embed(anchors)[:, None], self.mask_embedding.expand(len(anchors), gamma - 1, -1)], 1)
+        rope = self.rope(starts[:, None] + torch.arange(gamma))
+        mask = torch.cat([visible, visible.new_ones(len(anchors), gamma, gamma)], -1)
+        for layer, past in zip(self.layers, context):
+            x, _ = layer(x, rope, mask, past)
+        return x
+
+    def blocks(
+        self, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training view of one sequence: block hidden states ``[A, γ, d]`` for anchor positions
+        ``anchors`` ``[A]``, each seeing the target features of positions before its anchor, and the
+        context keys/values shared by all of them."""
+        n = tokens.numel()
+        context = self.context_kv(features[None], torch.arange(n)[None])
+        context = [(k.expand(len(anchors), -1, -1, -1), v.expand(len(anchors), -1, -1, -1)) for k, v in context]
+        visible = (torch.arange(n)[None, :] < anchors[:, None])[:, None, :].expand(-1, self.config.block_size, -1)
+        return self.block_hidden(tokens[anchors], anchors, context, visible), anchors
+
+
+class DFlashDrafter(NeuralDrafter):
+    """All γ tokens from one pass; each position's ``q`` is independent of the tokens before it."""
+
+    model: DFlashModel
+
+    def extend(self, state: SequenceState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
+        positions = torch.arange(state.length, state.length + len(features))[None]
+        new = self.model.context_kv(features[None], positions)
+        state.cache = new if not state.cache else [_cat(old, kv) for old, kv in zip(state.cache, new)]
+        state.length += len(features)
+
+    def block_logits(self, state: SequenceState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base logits ``U`` ``[γ, V_draft]`` and hidden states ``[γ, d]`` for the anchor's block."""
+        gamma = self.model.config.block_size
+        visible = torch.ones(1, gamma, state.length, dtype=torch.bool)
+        hidden = self.model.block_hidden(token_ids[-1:], torch.tensor([state.length]), state.cache, visible)[0]
+        return self.model.draft_logits(hidden), hidden
+
+    def draft(
+        self, state: SequenceState, token_ids: torch.Tensor, depth: int, params: SamplingParams
+    ) -> tuple[list[int], torch.Tensor | None]:
+        logits, _ = self.block_logits(state, token_ids)
+        picked = [self.pick(logits[k], params, state.generator) for k in range(depth)]
+        return [t for t, _ in picked], self.stack_probs([q for _, q in picked])
+
+
+def _cat(old: KV, new: KV) -> KV:
+    return torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2)

@@ -1,0 +1,73 @@
+"""DSpark: the DFlash parallel backbone gives base logits ``U_k``; a Markov head adds a rank-r
+transition bias ``W1[x_{k-1}] W2`` so each position conditions on the token drafted before it;
+a confidence head ``σ(w · [h_k ; W1[x_{k-1}]])`` predicts whether position k survives
+verification, and drafting stops where the running survival falls below a threshold.
+
+The bias depends only on the previous token, so the sequential part costs one small matmul per
+token on top of a single backbone pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.drafters.dflash import DFlashDrafter, DFlashModel
+from tandem.drafters.neural import DraftConfig, SequenceState
+from tandem.models.decoder import Transformer
+from tandem.sampling import SamplingParams
+
+
+class DSparkModel(DFlashModel):
+    algo = "dspark"
+
+    def __init__(self, cfg: DraftConfig, target: Transformer, vocab_map: torch.Tensor | None = None) -> None:
+        super().__init__(cfg, target, vocab_map)
+        r = cfg.markov_rank
+        self.markov_in = nn.Embedding(cfg.draft_vocab + 1, r)  # W1; the last row: "not in the draft vocab"
+        self.markov_out = nn.Linear(r, cfg.draft_vocab, bias=False)  # W2
+        nn.init.normal_(self.markov_in.weight, std=0.02)
+        nn.init.zeros_(self.markov_out.weight)  # starts as plain DFlash
+        self.confidence = nn.Linear(cfg.hidden_size + r, 1)
+
+    def transition(self, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W1[x_{k-1}]`` and the logit bias ``W1[x_{k-1}] W2`` for previous target ids."""
+        code = self.markov_in(self.to_draft[previous])
+        return code, self.markov_out(code).float()
+
+    def confidence_logits(self, hidden: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated confidence logits (``σ`` of them estimates survival of the position)."""
+        return self.confidence(torch.cat([self.norm(hidden), code], -1)).squeeze(-1).float()
+
+    def calibrated(self, logits: torch.Tensor, position: int) -> float:
+        temps = self.config.confidence_temperature
+        t = temps[min(position, len(temps) - 1)] if temps else 1.0
+        return float(torch.sigmoid(logits / t))
+
+
+class DSparkDrafter(DFlashDrafter):
+    """Drafts token by token through the Markov head; stops once the predicted probability that
+    the whole prefix survives drops below ``min_survival`` (at least one token is sent)."""
+
+    model: DSparkModel
+
+    def __init__(self, model: DSparkModel, min_survival: float = 0.05) -> None:
+        super().__init__(model)
+        self.min_survival = min_survival
+
+    def draft(
+        self, state: SequenceState, token_ids: torch.Tensor, depth: int, params: SamplingParams
+    ) -> tuple[list[int], torch.Tensor | None]:
+        base, hidden = self.block_logits(state, token_ids)
+        tokens: list[int] = []
+        probs: list[torch.Tensor | None] = []
+        previous, survival = int(token_ids[-1]), 1.0
+        for k in range(depth):
+            code, bias = self.model.transition(torch.tensor(previous))
+            survival *= self.model.calibrated(self.model.confidence_logits(hidden[k], code), k)
+            if tokens and survival < self.min_survival:
+                break
+            previous, q = self.pick(base[k] + bias, params, state.generator)
+            tokens.append(previous)
+            probs.append(q)
+        return tokens, self.stack_probs(probs)

@@ -1,0 +1,290 @@
+"""What the trained drafters (EAGLE-3, DFlash, DSpark) share: their config, the frozen pieces they
+borrow from the target (embedding, LM-head rows of a reduced draft vocabulary), one attention+MLP
+layer that can attend to extra keys/values, save/load as a Hugging Face style folder, and the
+:class:`NeuralDrafter` adapter that keeps per-sequence state behind the :class:`Drafter` interface.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tandem.drafters.base import Drafter, DraftRequest
+from tandem.errors import ModelLoadError
+from tandem.models.decoder import RMSNorm, Rotary, Transformer, apply_rotary
+from tandem.sampling import SamplingParams, sample, target_probs
+from tandem.tree import TokenTree, chain
+
+ALGORITHMS = ("eagle3", "dflash", "dspark")
+
+
+@dataclass
+class DraftConfig:
+    """Everything needed to rebuild a drafter next to its target; saved as ``config.json``."""
+
+    algo: str
+    target: str  # the target model it was trained for (name or path)
+    target_vocab_size: int
+    feature_layers: list[int]  # target layers whose hidden states are fused
+    hidden_size: int  # equals the target's: embedding and LM head are shared
+    num_layers: int = 1
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    block_size: int = 8  # γ: draft tokens per round (dflash/dspark block; eagle3 chain depth)
+    draft_vocab: int = 8192  # size of the reduced draft vocabulary
+    markov_rank: int = 64  # dspark only
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position: int = 8192
+    # dspark: per-position temperature of the confidence logits (fitted after training)
+    confidence_temperature: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"unknown drafter algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.block_size < 1 or self.num_layers < 1 or not self.feature_layers:
+            raise ValueError("a drafter needs block_size >= 1, num_layers >= 1 and feature layers")
+
+    @property
+    def feature_size(self) -> int:
+        return len(self.feature_layers) * self.hidden_size
+
+    @classmethod
+    def for_target(cls, algo: str, target: Transformer, target_name: str, **overrides: Any) -> DraftConfig:
+        """Defaults sized from the target: low/mid/high feature layers and its attention shape."""
+        t = target.config
+        low, mid, high = min(2, t.num_layers - 1), t.num_layers // 2, max(0, t.num_layers - 3)
+        fields: dict[str, Any] = dict(
+            algo=algo,
+            target=target_name,
+            target_vocab_size=t.vocab_size,
+            feature_layers=sorted({low, mid, high}),
+            hidden_size=t.hidden_size,
+            num_heads=t.num_heads,
+            num_kv_heads=t.num_kv_heads,
+            head_dim=t.head_dim,
+            intermediate_size=t.intermediate_size,
+            draft_vocab=min(8192, t.vocab_size),
+            rms_norm_eps=t.rms_norm_eps,
+            max_position=t.max_position,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+class DraftLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP whose queries also attend to keys/values given from outside
+    (the target's context features, or a drafter's cached prefix)."""
+
+    def __init__(self, cfg: DraftConfig, input_size: int | None = None) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        inp = input_size or d
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.attn_norm = RMSNorm(inp, cfg.rms_norm_eps)
+        self.wq = nn.Linear(inp, cfg.num_heads * hd, bias=False)
+        self.wk = nn.Linear(inp, cfg.num_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(inp, cfg.num_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.w1 = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.w3 = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, kv_heads, T, head_dim]`` of inputs ``x`` ``[B, T, input]``."""
+        h = self.attn_norm(x)
+        k = self._heads(self.wk(h), self.kv_heads)
+        return apply_rotary(k, *rope), self._heads(self.wv(h), self.kv_heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x`` ``[B, T, input]`` attends to ``past`` keys then its own (``mask`` ``[B, T, S + T]``).
+
+        Returns the new hidden states and this block's own keys/values (for a cache)."""
+        h = self.attn_norm(x)
+        q = apply_rotary(self._heads(self.wq(h), self.heads), *rope)
+        k = apply_rotary(self._heads(self.wk(h), self.kv_heads), *rope)
+        v = self._heads(self.wv(h), self.kv_heads)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+        out = out.transpose(1, 2).flatten(2)
+        x = (x if residual is None else residual) + self.wo(out)
+        h = self.mlp_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h)), (k, v)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+
+class DraftModel(nn.Module):
+    """Base of the trained drafters: a feature fusion layer, RoPE, final norm, and the frozen
+    embedding and draft-vocabulary LM head borrowed from the target (not saved with the drafter)."""
+
+    algo: ClassVar[str]
+
+    def __init__(self, cfg: DraftConfig, target: Transformer, vocab_map: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if target.config.hidden_size != cfg.hidden_size or target.config.vocab_size != cfg.target_vocab_size:
+            raise ModelLoadError(f"this {cfg.algo} drafter was trained for {cfg.target!r}, not for this target")
+        self.config = cfg
+        self.fc = nn.Linear(cfg.feature_size, cfg.hidden_size, bias=False)
+        self.feature_norm = RMSNorm(cfg.feature_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        if vocab_map is None:
+            vocab_map = torch.arange(cfg.draft_vocab)
+        # Draft id -> target id (saved), target id -> draft id with ``draft_vocab`` for "not in it".
+        self.register_buffer("vocab_map", vocab_map.long().clone())
+        to_draft = torch.full((cfg.target_vocab_size,), cfg.draft_vocab, dtype=torch.long)
+        to_draft[self.vocab_map] = torch.arange(cfg.draft_vocab)
+        self.register_buffer("to_draft", to_draft, persistent=False)
+        # Frozen, borrowed: plain attributes, so they are neither trained nor saved.
+        self.target_embed = target.embed.weight.detach()
+        self.target_lm_head = target.lm_head.weight.detach()[self.vocab_map]
+        self.embed_scale = cfg.hidden_size**0.5 if target.config.embedding_scale else 1.0
+
+    def embed(self, target_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(target_ids, self.target_embed).to(self.fc.weight.dtype) * self.embed_scale
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features ``[..., F]`` -> the drafter's hidden size."""
+        return self.fc(self.feature_norm(features.to(self.fc.weight.dtype)))
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits over the draft vocabulary."""
+        return (self.norm(hidden) @ self.target_lm_head.to(hidden.dtype).T).float()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` ``[B, T]`` -> cos/sin ``[B, 1, T, D]``."""
+        return self.rotary.tables(positions, self.fc.weight.dtype)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8")
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", "algo": self.config.algo})
+
+
+def read_config(folder: str | Path) -> DraftConfig:
+    path = Path(folder) / "config.json"
+    try:
+        return DraftConfig(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{str(folder)!r} is not a drafter folder: {exc}") from exc
+
+
+def load_weights(cls: type[DraftModel], cfg: DraftConfig, folder: str | Path, target: Transformer) -> DraftModel:
+    """Build ``cls`` next to ``target`` and fill it from ``folder/model.safetensors``."""
+    try:
+        state = load_file(str(Path(folder) / "model.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the weights in {str(folder)!r}: {exc}") from exc
+    if "vocab_map" not in state:
+        raise ModelLoadError(f"{str(folder)!r} has no vocab_map: not a tandem drafter")
+    model = cls(cfg, target, state["vocab_map"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"drafter weights do not match its config: missing {missing}, unexpected {unexpected}")
+    return model.to(target.dtype)
+
+
+@dataclass
+class SequenceState:
+    """What a drafter keeps for one sequence between rounds."""
+
+    cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: context keys/values [1, kv, n, hd]
+    length: int  # context positions cached
+    generator: torch.Generator
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NeuralDrafter(Drafter):
+    """Adapter from a :class:`DraftModel` to the :class:`Drafter` interface: absorbs each
+    sequence's new target features into its context cache, then drafts a chain of up to γ tokens.
+
+    Greedy targets get the drafter's argmax chain (point masses: verification only needs the
+    tokens); sampling targets get tokens sampled from the drafter's distribution, warped like the
+    target's, with ``q`` attached so that rejection sampling stays exact.
+    """
+
+    def __init__(self, model: DraftModel) -> None:
+        self.model = model.eval()
+        self.name = model.config.algo
+        self.feature_layers = tuple(model.config.feature_layers)
+        self._states: dict[int, SequenceState] = {}
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
+        return [self._propose_one(r) for r in requests]
+
+    def release(self, seq_id: int) -> None:
+        self._states.pop(seq_id, None)
+
+    def _propose_one(self, request: DraftRequest) -> TokenTree:
+        state = self._states.get(request.seq_id)
+        if state is None:
+            seed = (request.params.seed or 0) ^ 0x5DEECE66D
+            state = SequenceState([], 0, torch.Generator().manual_seed(seed))
+            self._states[request.seq_id] = state
+        token_ids = torch.as_tensor(list(request.token_ids), dtype=torch.long)
+        if request.features is not None and len(request.features):
+            start = len(token_ids) - 1 - len(request.features)
+            if start != state.length:  # features out of step with what we hold: start over
+                state.cache, state.length = [], 0
+                if start != 0:
+                    return chain(int(token_ids[-1]), [])
+            self.extend(state, token_ids, request.features.to(self.model.fc.weight.dtype))
+        root = int(token_ids[-1])
+        if request.max_nodes <= 0 or state.length != len(token_ids) - 1:
+            return chain(root, [])
+        depth = min(self.model.config.block_size, request.max_nodes)
+        tokens, probs = self.draft(state, token_ids, depth, request.params)
+        return chain(root, tokens, probs)
+
+    def pick(
+        self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    ) -> tuple[int, torch.Tensor | None]:
+        """A target token id from draft-vocabulary ``logits``, and the full-vocabulary ``q`` it was
+        drawn from (``None`` for a greedy target: the argmax is a point mass)."""
+        if params.greedy:
+            return int(self.model.vocab_map[int(logits.argmax())]), None
+        full = torch.full((self.model.config.target_vocab_size,), float("-inf"))
+        full[self.model.vocab_map] = logits.float()
+        q = target_probs(full, params)
+        return sample(q, generator), q
+
+    @staticmethod
+    def stack_probs(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """Draft probabilities for :class:`TokenTree`: a zero row for the root, then one per node."""
+        if not probs or probs[0] is None:
+            return None
+        return torch.stack([torch.zeros_like(probs[0]), *probs])
+
+    @abstractmethod
+    def extend(self, state: SequenceState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
+        """Add context positions ``state.length ...`` for the new ``features`` to ``state``."""
+
+    @abstractmethod
+    def draft(
+        self, state: SequenceState, token_ids: torch.Tensor, depth: int, params: SamplingParams
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Up to ``depth`` draft tokens after the anchor ``token_ids[-1]``, and their ``q`` rows."""

@@ -1,0 +1,125 @@
+"""Training objectives of the three drafters, each on one :class:`Example` (DeepSpec recipes).
+
+- DFlash: cross-entropy of every block position, weighted ``exp(-k/γ)``.
+- DSpark: ``0.1·CE + 0.9·TV + BCE(confidence, 1 - TV)``, each weighted ``exp(-k/γ)``; TV is the
+  total-variation distance between the draft and target distributions (tokens outside the draft
+  vocabulary count as draft mass 0), and ``1 - TV`` is the chance a sampled draft token survives.
+- EAGLE-3: cross-entropy at every step of training-time test, weighted ``exp(-j/γ)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tandem.drafters.dflash import DFlashModel
+from tandem.drafters.dspark import DSparkModel
+from tandem.drafters.eagle3 import Eagle3Model
+from tandem.drafters.neural import DraftModel
+from tandem.models.decoder import Transformer
+from tandem.train.features import Example
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    correct: int  # first-position draft argmax equal to the label
+    counted: int  # first positions scored
+
+
+def example_loss(
+    model: DraftModel, ex: Example, target: Transformer, samples: int, generator: torch.Generator
+) -> LossOut | None:
+    """The model's objective on ``samples`` random anchors (blocks) or positions (EAGLE-3) of
+    ``ex``'s response; ``None`` when the response is too short to score."""
+    if isinstance(model, Eagle3Model):
+        return eagle3_loss(model, ex, samples, generator)
+    return block_loss(model, ex, target, samples, generator)
+
+
+def _choose(candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    return candidates[torch.randperm(len(candidates), generator=generator)[:k]].sort().values
+
+
+@dataclass
+class BlockOutputs:
+    """A block drafter's outputs on chosen anchors of one example, ``[A, γ]`` per position."""
+
+    logits: torch.Tensor  # [A, γ, V_draft] (DSpark: with the Markov bias, teacher-forced)
+    labels: torch.Tensor  # draft ids; ``draft_vocab`` = outside the draft vocabulary
+    weights: torch.Tensor  # exp(-k/γ), 0 past the end of the sequence
+    tv: torch.Tensor | None = None  # DSpark: total variation to the target at each position
+    confidence: torch.Tensor | None = None  # DSpark: confidence logits
+
+
+def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors: torch.Tensor) -> BlockOutputs:
+    n, gamma = ex.tokens.numel(), model.config.block_size
+    hidden, _ = model.blocks(ex.tokens, ex.features, anchors)
+    positions = anchors[:, None] + torch.arange(gamma)  # block slot k predicts the token after position
+    valid = positions + 1 < n
+    positions = positions.clamp(max=n - 2)
+    out = BlockOutputs(
+        logits=model.draft_logits(hidden),
+        labels=model.to_draft[ex.tokens[positions + 1]],
+        weights=torch.exp(-torch.arange(gamma) / gamma) * valid,
+    )
+    if isinstance(model, DSparkModel):
+        code, bias = model.transition(ex.tokens[positions])  # teacher forcing: the true previous token
+        out.logits = out.logits + bias
+        with torch.no_grad():
+            p = torch.softmax(target.logits(ex.final[positions]), -1)[..., model.vocab_map]
+        q = torch.softmax(out.logits, -1)
+        out.tv = 0.5 * ((p - q).abs().sum(-1) + (1 - p.sum(-1)).clamp(min=0))
+        out.confidence = model.confidence_logits(hidden, code)
+    return out
+
+
+def block_loss(
+    model: DFlashModel, ex: Example, target: Transformer, samples: int, generator: torch.Generator
+) -> LossOut | None:
+    # The anchor is the last verified token; its own features are not known yet (causal context).
+    candidates = torch.arange(max(ex.prompt_len, 1), ex.tokens.numel() - 1)
+    if not len(candidates):
+        return None
+    anchors = _choose(candidates, samples, generator)
+    out = block_outputs(model, ex, target, anchors)
+    ignore = model.config.draft_vocab
+    ce = F.cross_entropy(out.logits.flatten(0, 1), out.labels.flatten(), ignore_index=ignore, reduction="none")
+    per_position = ce.view_as(out.weights)
+    if out.tv is not None and out.confidence is not None:
+        bce = F.binary_cross_entropy_with_logits(out.confidence, (1 - out.tv).detach(), reduction="none")
+        per_position = 0.1 * per_position + 0.9 * out.tv + bce
+    loss = (per_position * out.weights).sum() / out.weights.sum()
+    correct = int((out.logits[:, 0].argmax(-1) == out.labels[:, 0]).sum())
+    return LossOut(loss, correct, len(anchors))
+
+
+def eagle3_loss(model: Eagle3Model, ex: Example, samples: int, generator: torch.Generator) -> LossOut | None:
+    n, gamma = ex.tokens.numel(), model.config.block_size
+    steps = min(gamma, 4)
+    outputs = model.unroll(ex.tokens, ex.features, steps)
+    total = torch.zeros(())
+    weight_sum = 0.0
+    correct = counted = 0
+    for j, out in enumerate(outputs):
+        # Position i predicts x_{i+2}. Drafting starts at the last context position (the prompt's
+        # last token after prefill) and step j is j tokens into the chain: i - j >= prompt_len - 1.
+        candidates = torch.arange(max(ex.prompt_len, 1) - 1 + j, n - 2)
+        if not len(candidates):
+            return None
+        picked = _choose(candidates, samples, generator)
+        logits = model.draft_logits(out[picked])
+        labels = model.to_draft[ex.tokens[picked + 2]]
+        ce = F.cross_entropy(logits, labels, ignore_index=model.config.draft_vocab)
+        if torch.isnan(ce):  # every label outside the draft vocabulary
+            continue
+        w = float(torch.exp(torch.tensor(-j / gamma)))
+        total = total + w * ce
+        weight_sum += w
+        if j == 0:
+            correct, counted = int((logits.argmax(-1) == labels).sum()), len(picked)
+    if not weight_sum:
+        return None
+    return LossOut(total / weight_sum, correct, counted)

@@ -1,0 +1,166 @@
+"""The drafter training loop: AdamW, linear warmup then cosine decay, periodic checkpoints that a
+rerun resumes, and a seed that fixes the data order and the sampled anchors.
+
+With ``minutes`` the run also stops at a wall-clock budget: the cosine horizon is then fixed after
+the warmup steps from their measured speed (and kept in the checkpoint), so drafters of different
+cost get the same time rather than the same number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tandem.drafters.dspark import DSparkModel
+from tandem.drafters.neural import DraftModel
+from tandem.models.decoder import Transformer
+from tandem.train.features import FeatureStore
+from tandem.train.losses import block_outputs, example_loss
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    minutes: float | None = None  # wall-clock budget (overrides ``steps`` as the horizon)
+    batch_size: int = 8  # sequences per step
+    samples: int = 16  # blocks (dflash/dspark) or positions per step (eagle3) per sequence
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 50
+    holdout: float = 0.02  # share of examples kept for validation and calibration
+    stop_at: int | None = None  # end this run after this step; a rerun resumes from the checkpoint
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)  # per step: loss, accuracy
+
+
+def split(store: FeatureStore, holdout: float) -> tuple[list[int], list[int]]:
+    """Training and held-out example indices (the last ``holdout`` share is held out)."""
+    held = max(1, int(len(store) * holdout)) if len(store) > 1 else 0
+    return list(range(len(store) - held)), list(range(len(store) - held, len(store)))
+
+
+def train(
+    model: DraftModel,
+    target: Transformer,
+    store: FeatureStore,
+    settings: TrainSettings,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    train_ids, held_ids = split(store, settings.holdout)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(settings.seed)
+    step, horizon, seconds = 0, settings.steps, 0.0
+    result = TrainResult(0, 0.0)
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        step, horizon, seconds, result.history = saved["step"], saved["horizon"], saved["seconds"], saved["history"]
+    bar = tqdm(total=horizon, initial=step, desc=f"train {model.config.algo}", unit="step", disable=not progress)
+    started = time.perf_counter() - seconds
+    while step < min(horizon, settings.stop_at or horizon):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * _schedule(step, settings.warmup, horizon)
+        batch = torch.randint(len(train_ids), (settings.batch_size,), generator=generator).tolist()
+        losses, correct, counted = [], 0, 0
+        for i in batch:
+            out = example_loss(model, store[train_ids[i]], target, settings.samples, generator)
+            if out is not None:
+                losses.append(out.loss)
+                correct, counted = correct + out.correct, counted + out.counted
+        if not losses:
+            continue
+        loss = torch.stack(losses).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        seconds = time.perf_counter() - started
+        record = {"step": step, "loss": loss.item(), "accuracy": correct / max(counted, 1), "seconds": seconds}
+        result.history.append(record)
+        bar.update()
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+        if settings.minutes and step == settings.warmup and horizon == settings.steps:
+            horizon = max(step + 1, int(settings.minutes * 60 / (seconds / step)))
+            bar.total = horizon
+        if checkpoint is not None and (step % settings.checkpoint_every == 0 or step in (horizon, settings.stop_at)):
+            _save(checkpoint, model, optimizer, generator, step, horizon, seconds, result.history)
+    bar.close()
+    model.eval()
+    if isinstance(model, DSparkModel) and held_ids and step == horizon:
+        calibrate_confidence(model, target, store, held_ids, settings.samples, settings.seed)
+    result.steps, result.seconds = step, seconds
+    return result
+
+
+def _schedule(step: int, warmup: int, horizon: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, horizon - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save(path: Path, model, optimizer, generator, step, horizon, seconds, history) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "horizon": horizon,
+        "seconds": seconds,
+        "history": history,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.rename(path)
+
+
+@torch.no_grad()
+def calibrate_confidence(
+    model: DSparkModel, target: Transformer, store: FeatureStore, ids: list[int], samples: int, seed: int
+) -> list[float]:
+    """Temperature scaling per block position: the temperature that minimises the confidence
+    head's cross-entropy against ``1 - TV`` on held-out examples; stored in the config."""
+    generator = torch.Generator().manual_seed(seed)
+    gamma = model.config.block_size
+    logits: list[list[torch.Tensor]] = [[] for _ in range(gamma)]
+    goals: list[list[torch.Tensor]] = [[] for _ in range(gamma)]
+    for i in ids:
+        ex = store[i]
+        candidates = torch.arange(max(ex.prompt_len, 1), ex.tokens.numel() - gamma - 1)
+        if not len(candidates):
+            continue
+        anchors = candidates[torch.randperm(len(candidates), generator=generator)[:samples]]
+        out = block_outputs(model, ex, target, anchors)
+        for k in range(gamma):
+            logits[k].append(out.confidence[:, k])
+            goals[k].append(1 - out.tv[:, k])
+    grid = torch.logspace(-1, 1, 41)
+    temps = []
+    for k in range(gamma):
+        if not logits[k]:
+            temps.append(1.0)
+            continue
+        z, y = torch.cat(logits[k]), torch.cat(goals[k])
+        errors = [float(torch.nn.functional.binary_cross_entropy_with_logits(z / t, y)) for t in grid]
+        temps.append(round(float(grid[min(range(len(grid)), key=errors.__getitem__)]), 4))
+    model.config.confidence_temperature = temps
+    return temps

@@ -1,0 +1,186 @@
+"""The trained drafters (EAGLE-3, DFlash, DSpark) on a tiny random target: training lowers the
+loss, a checkpoint round trip and a resumed run reproduce the drafts exactly, and through the
+engine every drafter keeps greedy output identical and sampled output on the target's law."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from tandem.drafters import ADAPTERS, DraftConfig, DraftRequest, load_drafter, make_drafter, new_draft_model
+from tandem.drafters.dspark import DSparkModel
+from tandem.drafters.neural import ALGORITHMS
+from tandem.engine import Engine, Request
+from tandem.errors import InvalidRequest, ModelLoadError
+from tandem.models.loading import load_model
+from tandem.sampling import SamplingParams
+from tandem.train.features import build_store, draft_vocabulary
+from tandem.train.trainer import TrainSettings, train
+from tests.test_engine import exact_law
+from tests.tiny_models import build_tiny
+
+VOCAB, DRAFT_VOCAB = 64, 48
+SETTINGS = TrainSettings(steps=40, batch_size=4, samples=8, lr=3e-3, warmup=4, checkpoint_every=10)
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(3, 12))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("drafter-target")
+    build_tiny("llama", folder, vocab=VOCAB)
+    return load_model(folder, torch.float32)[0]
+
+
+@pytest.fixture(scope="module")
+def store(target, tmp_path_factory):
+    """Greedy continuations by the target itself, as ``tandem data`` makes them."""
+    prompts = _prompts(48, seed=0)
+    results = Engine(target).generate([Request(p, SamplingParams(max_tokens=40)) for p in prompts])
+    records = [(p, r.token_ids) for p, r in zip(prompts, results)]
+    layers = DraftConfig.for_target("dflash", target, "tiny").feature_layers
+    return build_store(target, records, layers, tmp_path_factory.mktemp("features"), progress=False)
+
+
+def _new(algo: str, target, store):
+    cfg = DraftConfig.for_target(algo, target, "tiny", draft_vocab=DRAFT_VOCAB, block_size=4)
+    return new_draft_model(cfg, target, draft_vocabulary(store.token_counts(VOCAB), DRAFT_VOCAB))
+
+
+@pytest.fixture(scope="module")
+def trained(target, store, tmp_path_factory):
+    """Each drafter after a short seeded run, with its loss history and its saved folder."""
+    out = {}
+    for algo in ALGORITHMS:
+        torch.manual_seed(0)
+        model = _new(algo, target, store)
+        result = train(model, target, store, SETTINGS, progress=False)
+        folder = tmp_path_factory.mktemp(algo)
+        model.save(folder)
+        out[algo] = (model, result, folder)
+    return out
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_training_lowers_the_loss(trained, algo):
+    history = trained[algo][1].history
+    first = sum(h["loss"] for h in history[:5]) / 5
+    last = sum(h["loss"] for h in history[-5:]) / 5
+    assert last < first - 0.1, f"{algo}: loss {first:.3f} -> {last:.3f}"
+
+
+def _drafts(drafter, target, prompts, params):
+    """Trees proposed right after prefill (features of each whole prompt)."""
+    engine = Engine(target)
+    trees = []
+    for i, prompt in enumerate(prompts):
+        cache = target.new_cache(1, len(prompt) + 1)
+        layers = drafter.feature_layers
+        _, feats = target.forward_features(
+            torch.tensor([prompt]),
+            torch.arange(len(prompt))[None],
+            torch.ones(len(prompt), len(prompt), dtype=torch.bool).tril()[None],
+            cache,
+            torch.tensor([0]),
+            layers,
+        )
+        first = engine.generate([Request(prompt, replace(params, max_tokens=1))])[0].token_ids
+        request = DraftRequest(i, [*prompt, *first], 8, params, feats[0])
+        trees.append(drafter.propose([request])[0])
+    return trees
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_checkpoint_round_trip_gives_identical_drafts(trained, target, algo):
+    model, _, folder = trained[algo]
+    prompts = _prompts(4, seed=7)
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=5)):
+        before = _drafts(ADAPTERS[algo](model), target, prompts, params)
+        after = _drafts(load_drafter(folder, target), target, prompts, params)
+        for a, b in zip(before, after):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+            assert (a.draft_probs is None) == (b.draft_probs is None)
+            if a.draft_probs is not None:
+                assert torch.equal(a.draft_probs, b.draft_probs)
+        assert any(len(t) > 1 for t in before)
+
+
+def test_resumed_training_equals_one_run(target, store, tmp_path):
+    """Stopping at step 6 and resuming from the checkpoint ends with the very same weights."""
+    settings = replace(SETTINGS, steps=12, checkpoint_every=3)
+    models = []
+    for stops in ([None], [6, None]):
+        torch.manual_seed(0)
+        model = _new("dspark", target, store)
+        checkpoint = tmp_path / f"run{len(stops)}" / "checkpoint.pt"
+        for stop in stops:
+            train(model, target, store, replace(settings, stop_at=stop), checkpoint=checkpoint, progress=False)
+        models.append(model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert models[0].config.confidence_temperature == models[1].config.confidence_temperature
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_greedy_output_equals_plain_decoding(trained, target, algo, batch):
+    prompts = _prompts(8, seed=11)
+    params = SamplingParams(max_tokens=30)
+    plain = Engine(target).generate([Request(p, params) for p in prompts])
+    engine = Engine(target, load_drafter(trained[algo][2], target), max_draft_nodes=8)
+    spec = []
+    for i in range(0, len(prompts), batch):
+        spec += engine.generate([Request(p, params) for p in prompts[i : i + batch]])
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert sum(r.stats.accepted for r in spec) > 0, "the drafter never helped: the test would not see a bad accept"
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_sampled_output_follows_the_target(trained, target, algo):
+    """First three tokens of 2,000 seeded requests against the exact law of the target."""
+    prompt = [5, 17, 33, 2, 9]
+    params = SamplingParams(temperature=1.0, top_k=4, max_tokens=6, ignore_eos=True)
+    n = 2000
+    engine = Engine(target, ADAPTERS[algo](trained[algo][0]), max_draft_nodes=6)
+    results = engine.generate([Request(prompt, replace(params, seed=s)) for s in range(n)])
+    triples = Counter(tuple(r.token_ids[:3]) for r in results)
+    expected = exact_law(target, prompt, params, steps=3)
+    assert set(triples) <= set(expected), "sampled a sequence outside the target's support"
+    total = sum(expected.values())
+    assert chisquare([triples[k] for k in expected], [expected[k] / total * n for k in expected]).pvalue > 1e-3
+    accepted, drafted = sum(r.stats.accepted for r in results), sum(r.stats.drafted for r in results)
+    assert n // 10 < accepted < drafted - n // 10, "both accept and reject branches must run often"
+
+
+def test_confidence_lies_in_the_unit_interval(trained):
+    model: DSparkModel = trained["dspark"][0]
+    assert len(model.config.confidence_temperature) == model.config.block_size
+    hidden = torch.randn(200, model.config.hidden_size) * 10
+    with torch.no_grad():
+        code, _ = model.transition(torch.randint(VOCAB, (200,)))
+        logits = model.confidence_logits(hidden, code)
+    for k in range(model.config.block_size):
+        values = [model.calibrated(z, k) for z in logits]
+        assert all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_bad_drafter_folders_are_refused(trained, target, tmp_path):
+    with pytest.raises(InvalidRequest, match="unknown drafter"):
+        make_drafter(str(tmp_path / "missing"), target)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not a drafter folder"):
+        load_drafter(tmp_path, target)
+    with pytest.raises(InvalidRequest, match="no dspark drafter is shipped"):
+        make_drafter("dspark", target, "no-such-model")
+    other = tmp_path / "other"
+    build_tiny("llama", other, vocab=VOCAB + 8)
+    with pytest.raises(ModelLoadError, match="trained for"):
+        load_drafter(trained["dflash"][2], load_model(other, torch.float32)[0])
