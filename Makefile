@@ -1,6 +1,6 @@
 PROMPT ?= Write a Python function that returns the n-th Fibonacci number.
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench proto
 
 setup:
 	bash scripts/setup.sh
@@ -12,7 +12,10 @@ test: setup
 	python -m pytest -q
 
 lint:
-	ruff check tandem tests bench
+	ruff check tandem tests bench cluster workers scripts
 
 bench: setup
 	python bench/decode.py
+
+proto:
+	python scripts/gen_proto.py

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _data_parser(sub)
+    # More verbs (`tandem serve`, `tandem client`) come from packages layered on top of this one.
+    for entry in importlib.metadata.entry_points(group="tandem.commands"):
+        entry.load()(sub)
     return parser
 
 

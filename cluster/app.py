@@ -1,0 +1,97 @@
+"""The Serve application: Router (ingress) -> Draft pool and Target pool, built from a config.
+
+``tandem serve`` calls :func:`start` (a local Ray on the loopback, or ``ray.address``); Serve
+config files, as in the KubeRay manifests, name :func:`build` as their import path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import ClusterConfig, load_config
+from cluster.router import Router
+from workers.draft_worker import DraftSpec, DraftWorker
+from workers.target_worker import TargetSpec, TargetWorker
+from workers.tp import ShardSpec
+
+APP_NAME = "tandem"
+RELAY_CPUS = 0.05  # a tp > 1 replica only relays calls to its rank actors
+
+
+def build_app(config: ClusterConfig) -> Application:
+    target = _target_deployment(config).bind(_target_spec(config))
+    draft = None
+    if config.has_draft_pool:
+        pool = config.draft
+        spec = DraftSpec(
+            drafter=pool.drafter,
+            model=config.model,
+            dtype=config.dtype,
+            feature_layers=config.target.feature_layers,
+            batch_wait_s=pool.batch_wait_ms / 1000,
+            threads=pool.threads,
+            host=config.worker_host,
+        )
+        options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+        draft = serve.deployment(DraftWorker, name="Draft", ray_actor_options=options, **pool.serve_options())
+        draft = draft.bind(spec)
+    router = serve.deployment(
+        Router,
+        name="Router",
+        num_replicas=1,  # it owns the public address
+        ray_actor_options={"num_cpus": config.router.num_cpus, "resources": dict(config.router.resources)},
+    )
+    return router.bind(config, draft, target)
+
+
+def _target_spec(config: ClusterConfig) -> TargetSpec:
+    pool = config.target
+    shard = ShardSpec(
+        model=config.model,
+        dtype=config.dtype,
+        rows=pool.max_ongoing_requests,
+        max_model_len=config.max_model_len,
+        feature_layers=tuple(pool.feature_layers),
+        threads=pool.threads,
+    )
+    return TargetSpec(shard, pool.tp, pool.num_cpus, pool.num_gpus, pool.batch_wait_ms / 1000, config.worker_host)
+
+
+def _target_deployment(config: ClusterConfig) -> serve.Deployment:
+    pool = config.target
+    rank = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+    if pool.tp == 1:
+        options: dict[str, Any] = {"ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}}
+    else:  # bundle 0: the replica; bundles 1..tp: its ranks, all on one node
+        options = {
+            "ray_actor_options": {"num_cpus": RELAY_CPUS},
+            "placement_group_bundles": [{"CPU": RELAY_CPUS}] + [rank] * pool.tp,
+            "placement_group_strategy": "STRICT_PACK",
+        }
+    return serve.deployment(TargetWorker, name="Target", **options, **pool.serve_options())
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Serve's application builder: ``args`` may name a ``config`` file and override its top-level keys."""
+    args = dict(args)
+    return build_app(load_config(args.pop("config", None), **args))
+
+
+def start(config: ClusterConfig) -> None:
+    """Start (or join) Ray and run the application; returns once every replica is up."""
+    import ray
+
+    # This box's Ray needs both to start a local cluster; harmless elsewhere.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        if config.ray.address:
+            ray.init(address=config.ray.address)
+        else:
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    serve.start(proxy_location="Disabled")
+    serve.run(build_app(config), name=APP_NAME, route_prefix=None)

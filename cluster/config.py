@@ -1,0 +1,138 @@
+"""The cluster's YAML config: model, public address, and one section per Serve deployment.
+
+Every key has a default (configs/local.yaml spells them out); unknown keys are errors, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tandem.errors import TandemError
+from tandem.models.catalog import DEFAULT_MODEL
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class ConfigError(TandemError):
+    """A config file that cannot be read or has wrong keys or values."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # an existing cluster; None: start a local one on the loopback
+    num_cpus: float | None = None  # of the local cluster; None: every core
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    num_cpus: float = 0.1
+    draft_timeout_s: float = 5.0  # a drafter silent this long is dropped: the session goes on target-only
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. pin the router to the head node
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Serve settings shared by both worker pools."""
+
+    num_cpus: float = 0.5  # per replica (target: per TP rank); torch gets this many threads, at least 1
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 16  # live sessions per replica (target: its KV cache rows)
+    max_queued_requests: int = -1  # sessions waiting for a replica before RESOURCE_EXHAUSTED; -1: no cap
+    batch_wait_ms: float = 2.0  # continuous batching window
+    num_replicas: int = 1  # without autoscaling_config
+    autoscaling_config: dict[str, Any] | None = None  # Serve's AutoscalingConfig, as is
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.num_cpus))
+
+    def serve_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling_config:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+@dataclass(frozen=True)
+class DraftConfig(PoolConfig):
+    drafter: str = "ngram"  # "none": no draft pool, target-only decoding
+    max_draft_nodes: int = 16
+    num_cpus: float = 0.25
+
+
+@dataclass(frozen=True)
+class TargetConfig(PoolConfig):
+    tp: int = 1
+    feature_layers: tuple[int, ...] = ()  # target layers the drafter reads (trained drafters)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = DEFAULT_ADDRESS  # the public gRPC API
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048  # tokens per session (prompt + output); sizes the KV cache rows
+    worker_host: str = "127.0.0.1"  # where workers' gRPC servers bind; 0.0.0.0 on multi-node clusters
+    ray: RayConfig = field(default_factory=RayConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.target.tp < 1 or self.max_model_len < 2 or self.draft.max_draft_nodes < 0:
+            raise ConfigError("need target.tp >= 1, max_model_len >= 2 and draft.max_draft_nodes >= 0")
+
+    @property
+    def has_draft_pool(self) -> bool:
+        return self.draft.drafter != "none"
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ClusterConfig:
+    """The config at ``path`` (None: all defaults), top-level keys replaced by ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {str(path)!r}: {exc}") from exc
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse(ClusterConfig, data, "config")
+
+
+def parse(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, recursing into nested sections."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown keys in {where}: {', '.join(unknown)}; known: {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        kind = fields[name].type
+        if dataclasses.is_dataclass(_nested.get(kind)):
+            value = parse(_nested[kind], value, f"{where}.{name}")
+        elif kind.startswith("tuple"):
+            value = tuple(value)
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+# Field types are strings (postponed annotations); the sections that are dataclasses themselves.
+_nested = {c.__name__: c for c in (RayConfig, RouterConfig, DraftConfig, TargetConfig)}

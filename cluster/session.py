@@ -1,0 +1,167 @@
+"""One generation request in the cluster: its places on both pools and its decoding rounds.
+
+Serve places the session (one long-lived streaming handle call per pool); the rounds run over a
+bidirectional gRPC stream to each chosen replica. The per-sequence logic (draft budget, stops) is
+:class:`tandem.sequence.SequenceState`, the very code the in-process engine runs, so both emit the
+same tokens. A drafter that fails or goes silent is dropped and the session goes on target-only:
+the same tokens under greedy decoding, the same distribution under sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from tandem.drafters.base import DraftRequest
+from tandem.sampling import SamplingParams
+from tandem.sequence import SequenceState
+from tandem.tree import TokenTree, chain
+from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
+from workers.wire import params_to_proto, step_from_proto, tensor_to_proto, tree_from_proto, tree_to_proto
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pools:
+    """What every session shares: the pools' Serve handles and the router's settings."""
+
+    target: object  # serve.handle.DeploymentHandle
+    draft: object | None
+    channel: Callable[[str], grpc.aio.Channel]  # one cached channel per replica address
+    eos_token_ids: tuple[int, ...]
+    decode: Callable[[list[int]], str] | None
+    max_draft_nodes: int
+    draft_timeout_s: float
+
+
+class Link:
+    """A session's place on one pool: the Serve call holding it and the gRPC stream to the replica."""
+
+    def __init__(self, handle: object, stub: type, channel: Callable[[str], grpc.aio.Channel]) -> None:
+        self._handle, self._stub, self._channel = handle, stub, channel
+        self._placement = None
+        self._call = None
+
+    async def place(self, session_id: str) -> None:
+        self._placement = self._handle.options(stream=True).session.remote(session_id)
+        address = await self._placement.__anext__()
+        self._call = self._stub(self._channel(address)).Session()
+
+    async def send(self, message: object) -> None:
+        await self._call.write(message)
+
+    async def ask(self, message: object) -> object:
+        await self._call.write(message)
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            raise ConnectionError("the worker closed the session's stream")
+        return reply
+
+    def close(self) -> None:
+        """Ends both the stream and the Serve call: the replica frees the session's state."""
+        if self._call is not None:
+            self._call.cancel()
+        if self._placement is not None:
+            self._placement.cancel()
+
+
+class Session:
+    def __init__(
+        self, pools: Pools, session_id: str, prompt_ids: list[int], params: SamplingParams, use_drafter: bool
+    ) -> None:
+        self.pools = pools
+        self.session_id = session_id
+        self.prompt_ids = prompt_ids
+        self.params = params  # seed resolved: the target and the drafter share it
+        self.state: SequenceState | None = None
+        self.drafter_lost = False
+        self._target = Link(pools.target, worker_pb2_grpc.VerifyStub, pools.channel)
+        self._draft_link = Link(pools.draft, worker_pb2_grpc.DraftStub, pools.channel) if use_drafter else None
+        self._draft: Link | None = None  # the draft link once it works
+        self._draft_sent = 0  # tokens the drafter has seen
+        self._placing: asyncio.Task | None = None
+        self._aborted = False
+
+    def abort(self) -> None:
+        """Stop after the round in flight; the stream ends with finish reason "abort"."""
+        self._aborted = True
+
+    def close(self) -> None:
+        """Free the session's state on both pools (idempotent)."""
+        if self._placing is not None:
+            self._placing.cancel()
+        for link in (self._target, self._draft_link):
+            if link is not None:
+                link.close()
+
+    async def run(self) -> AsyncIterator[tuple[list[int], str | None]]:
+        """The new tokens after each target pass, with the finish reason on the last."""
+        pools, target, draft = self.pools, self._target, self._draft_link
+        try:
+            await target.place(self.session_id)
+            if draft is not None:  # placed while the target runs the prefill
+                self._placing = asyncio.create_task(self._open_draft(draft))
+            opening = worker_pb2.VerifyOpen(
+                session_id=self.session_id,
+                prompt_ids=self.prompt_ids,
+                params=params_to_proto(self.params),
+                want_features=draft is not None,
+            )
+            reply = await target.ask(worker_pb2.VerifyIn(open=opening))
+            state = self.state = SequenceState.start(
+                0, self.prompt_ids, self.params, pools.eos_token_ids, reply.capacity, pools.decode
+            )
+            yield state.advance(step_from_proto(reply)), state.finish_reason
+            if self._placing is not None:
+                await self._placing
+            while state.finish_reason is None:
+                if self._aborted:
+                    state.finish_reason = "abort"
+                    yield [], state.finish_reason
+                    return
+                tree = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
+                reply = await target.ask(worker_pb2.VerifyIn(tree=tree_to_proto(tree)))
+                state.record_round(len(tree) - 1, reply.accepted)
+                yield state.advance(step_from_proto(reply)), state.finish_reason
+        finally:
+            self.close()
+
+    async def _open_draft(self, draft: Link) -> None:
+        try:
+            await asyncio.wait_for(draft.place(self.session_id), self.pools.draft_timeout_s)
+            opening = worker_pb2.DraftOpen(session_id=self.session_id, params=params_to_proto(self.params))
+            await draft.send(worker_pb2.DraftIn(open=opening))
+            self._draft = draft
+        except Exception as exc:  # any failure to place: decode without a drafter
+            draft.close()
+            self._lose_drafter(exc)
+
+    async def _propose(self, request: DraftRequest) -> TokenTree:
+        """The drafter's tree, or the bare anchor (plain decoding) without a drafter or budget."""
+        anchor = chain(request.token_ids[-1], [])
+        if self._draft is None or request.max_nodes == 0:
+            return anchor
+        step = worker_pb2.DraftStep(
+            new_token_ids=request.token_ids[self._draft_sent :],
+            features=tensor_to_proto(request.features),
+            max_nodes=request.max_nodes,
+        )
+        try:
+            reply = await asyncio.wait_for(self._draft.ask(worker_pb2.DraftIn(step=step)), self.pools.draft_timeout_s)
+        except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError) as exc:
+            self._lose_drafter(exc)
+            return anchor
+        self._draft_sent = len(request.token_ids)
+        return tree_from_proto(reply.tree)
+
+    def _lose_drafter(self, exc: BaseException) -> None:
+        log.warning("session %s: drafter lost (%s); going on target-only", self.session_id, exc)
+        self.drafter_lost = True
+        if self._draft is not None:
+            self._draft.close()
+            self._draft = None

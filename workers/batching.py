@@ -1,0 +1,66 @@
+"""Continuous batching: calls from many sessions, gathered for a short window, run as one batch.
+
+A batch starts as soon as every live session has a call waiting (a single stream never waits), or
+when the window since the first waiting call has passed; calls that arrive while a batch runs go
+into the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Batcher(Generic[Item, Result]):
+    def __init__(
+        self, run: Callable[[list[Item]], Awaitable[list[Result]]], window_s: float, live: Callable[[], int]
+    ) -> None:
+        self.run = run  # one result per item, in order
+        self.window_s = window_s
+        self.live = live  # sessions that may submit: waiting for all of them is never too long
+        self.batches = 0
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, item: Item) -> Result:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._wake.set()
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            deadline = time.monotonic() + self.window_s
+            while len(self._pending) < self.live() and (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+                self._wake.clear()
+            batch = [(item, future) for item, future in self._pending if not future.cancelled()]
+            self._pending = []
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        self.batches += 1
+        try:
+            results = await self.run([item for item, _ in batch])
+        except Exception as exc:  # every caller of the failed batch learns why
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)

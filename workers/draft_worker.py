@@ -1,0 +1,91 @@
+"""The draft pool's replica: a drafter with per-session state, drafting for many sessions at once.
+
+Per session the router streams the tokens accepted since the last round (plus the target's
+features of them) and gets back a token tree rooted at the new anchor. Requests that arrive
+together are proposed in one ``Drafter.propose`` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from tandem.drafters import make_drafter
+from tandem.drafters.base import Drafter, DraftRequest
+from tandem.tree import TokenTree
+from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
+from workers.batching import Batcher
+from workers.server import WorkerServer
+from workers.wire import params_from_proto, tensor_from_proto, tree_to_proto
+
+STATELESS = ("ngram", "ngram-tree")  # drafters that need no target model next to them
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    drafter: str
+    model: str  # the target: trained drafters borrow its embedding and LM head
+    dtype: str
+    feature_layers: tuple[int, ...]  # what the target pool computes; the drafter must read exactly these
+    batch_wait_s: float
+    threads: int
+    host: str
+
+
+def build_drafter(spec: DraftSpec) -> Drafter:
+    torch.set_num_threads(spec.threads)
+    if spec.drafter in STATELESS:
+        drafter = make_drafter(spec.drafter)
+    else:
+        from tandem.target import load_target
+
+        drafter = make_drafter(spec.drafter, target=load_target(spec.model, spec.dtype).model, model_name=spec.model)
+    if drafter is None:
+        raise ValueError("the draft pool needs a drafter; 'none' means no draft pool")
+    if tuple(drafter.feature_layers) != tuple(spec.feature_layers):
+        raise ValueError(
+            f"drafter {spec.drafter!r} reads target layers {list(drafter.feature_layers)}; "
+            f"set target.feature_layers to that (it is {list(spec.feature_layers)})"
+        )
+    return drafter
+
+
+class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
+    async def __init__(self, spec: DraftSpec) -> None:
+        # One thread: propose and release stay ordered, and the event loop keeps serving.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
+        self.drafter = await asyncio.get_running_loop().run_in_executor(self._thread, build_drafter, spec)
+        self._seq_ids = itertools.count()
+        self.batcher: Batcher[DraftRequest, TokenTree] = Batcher(self._propose, spec.batch_wait_s, self.live_sessions)
+        await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_DraftServicer_to_server(self, server))
+
+    async def stats(self) -> dict[str, int]:
+        return {"sessions": self.live_sessions(), "batches": self.batcher.batches}
+
+    async def _propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.drafter.propose, requests)
+
+    async def Session(  # noqa: N802 - the gRPC method name
+        self, requests: AsyncIterator[worker_pb2.DraftIn], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DraftOut]:
+        first = await anext(requests, None)
+        if first is None or not first.HasField("open"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a draft session starts with an open message")
+        params = params_from_proto(first.open.params)
+        seq_id, token_ids = next(self._seq_ids), []
+        with self.stream_of(first.open.session_id):
+            try:
+                async for message in requests:
+                    step = message.step
+                    token_ids.extend(step.new_token_ids)
+                    features = tensor_from_proto(step.features)
+                    request = DraftRequest(seq_id, token_ids, step.max_nodes, params, features)
+                    yield worker_pb2.DraftOut(tree=tree_to_proto(await self.batcher.submit(request)))
+            finally:
+                self._thread.submit(self.drafter.release, seq_id)

@@ -1,0 +1,88 @@
+"""The target pool's replica: a tensor-parallel group verifying the token trees of many sessions.
+
+Each session takes a row of the verifier's KV cache when its stream opens (RESOURCE_EXHAUSTED when
+every row is taken) and gives it back when the stream ends, however it ends. Prefills and
+verifications that arrive together run as one batched forward pass each (continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from tandem.errors import InvalidRequest
+from tandem.tree import TokenTree
+from tandem.verifier import NoRoom, Step
+from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
+from workers.batching import Batcher
+from workers.server import WorkerServer
+from workers.tp import LocalRanks, Ranks, RayRanks, ShardSpec
+from workers.wire import params_from_proto, step_to_proto, tree_from_proto
+
+# A batch item: (row, None) asks for the row's prefill, (row, tree) for the tree's verification.
+Job = tuple[int, TokenTree | None]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    shard: ShardSpec
+    tp: int
+    num_cpus: float  # per rank
+    num_gpus: float  # per rank
+    batch_wait_s: float
+    host: str
+
+
+class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
+    async def __init__(self, spec: TargetSpec) -> None:
+        self.ranks: Ranks = (
+            LocalRanks(spec.shard) if spec.tp == 1 else RayRanks(spec.shard, spec.tp, spec.num_cpus, spec.num_gpus)
+        )
+        self.capacity: int = await self.ranks.call("capacity")
+        self.batcher: Batcher[Job, tuple[Step, int]] = Batcher(self._run, spec.batch_wait_s, self.live_sessions)
+        await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_VerifyServicer_to_server(self, server))
+
+    async def stats(self) -> dict[str, int]:
+        return {"sessions": self.live_sessions(), "batches": self.batcher.batches, "capacity": self.capacity}
+
+    async def _run(self, jobs: list[Job]) -> list[tuple[Step, int]]:
+        """One prefill pass for the new sessions, one verification pass for the others."""
+        prefill = [row for row, tree in jobs if tree is None]
+        verify = [(row, tree) for row, tree in jobs if tree is not None]
+        done: dict[int, tuple[Step, int]] = {}
+        if prefill:
+            done.update(zip(prefill, await self.ranks.call("prefill", prefill)))
+        if verify:
+            rows, trees = [row for row, _ in verify], [tree for _, tree in verify]
+            done.update(zip(rows, await self.ranks.call("verify", rows, trees)))
+        return [done[row] for row, _ in jobs]
+
+    async def Session(  # noqa: N802 - the gRPC method name
+        self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.VerifyOut]:
+        first = await anext(requests, None)
+        if first is None or not first.HasField("open"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a verify session starts with an open message")
+        opening = first.open
+        with self.stream_of(opening.session_id):
+            try:
+                params = params_from_proto(opening.params)
+                row = await self.ranks.call("open", list(opening.prompt_ids), params, params.seed)
+            except InvalidRequest as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except NoRoom as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target replica is full: {exc}")
+            try:
+                job: Job = (row, None)
+                while True:
+                    step, room = await self.batcher.submit(job)
+                    yield step_to_proto(step, room, self.capacity, opening.want_features)
+                    message = await anext(requests, None)
+                    if message is None:
+                        break
+                    job = (row, tree_from_proto(message.tree))
+            finally:  # also on cancellation: the row must come back
+                await asyncio.shield(self.ranks.call("close", row))

@@ -1,0 +1,131 @@
+"""The target replica's tensor-parallel group: every rank holds a shard of the model and the same
+:class:`~tandem.verifier.Verifier` bookkeeping, and runs the same operations in the same order, so
+all ranks take the same rows and reach the same verdicts; rank 0's answers are returned.
+
+tp = 1 keeps the verifier in the replica's own process, behind one thread (calls stay ordered and
+the replica's event loop keeps serving gRPC while a forward pass runs). tp > 1 starts one Ray actor
+per rank in the replica's placement group, joined by torch.distributed (NCCL on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from tandem.models.catalog import resolve_model_path
+from tandem.models.loading import load_model
+from tandem.models.tp import apply_tp
+from tandem.target import DTYPES
+from tandem.tree import TokenTree
+from tandem.verifier import Step, Verifier
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What every rank builds: the target model and a verifier of ``rows`` sessions."""
+
+    model: str
+    dtype: str
+    rows: int
+    max_model_len: int
+    feature_layers: tuple[int, ...]
+    threads: int  # torch threads per rank: its CPU share, never more (oversubscription is ~20x slower)
+
+
+def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> Verifier:
+    torch.set_num_threads(spec.threads)
+    model, _ = load_model(resolve_model_path(spec.model), DTYPES[spec.dtype])
+    if group is not None:
+        apply_tp(model, group)
+    capacity = min(spec.max_model_len, model.config.max_position)
+    return Verifier(model, spec.rows, capacity, spec.feature_layers)
+
+
+def _prefill(verifier: Verifier, rows: list[int]) -> list[tuple[Step, int]]:
+    return [(step, verifier.room(row)) for step, row in zip(verifier.prefill(rows), rows)]
+
+
+def _verify(verifier: Verifier, rows: list[int], trees: list[TokenTree]) -> list[tuple[Step, int]]:
+    return [(step, verifier.room(row)) for step, row in zip(verifier.verify(rows, trees), rows)]
+
+
+# What a replica asks of its ranks; prefill and verify also return each row's room for drafts.
+OPERATIONS = {
+    "open": Verifier.open,
+    "close": Verifier.close,
+    "capacity": lambda verifier: verifier.capacity,
+    "prefill": _prefill,
+    "verify": _verify,
+}
+
+
+class Ranks(Protocol):
+    async def call(self, operation: str, *args: Any) -> Any:
+        """Run ``OPERATIONS[operation](verifier, *args)`` on every rank; rank 0's result."""
+
+
+class LocalRanks:
+    """tp = 1: the verifier in this process."""
+
+    def __init__(self, spec: ShardSpec) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+        self.verifier = self._thread.submit(build_verifier, spec).result()  # torch threads are per thread
+
+    async def call(self, operation: str, *args: Any) -> Any:
+        run = OPERATIONS[operation]
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run, self.verifier, *args)
+
+
+class Rank:
+    """One rank of a tp > 1 group (a Ray actor)."""
+
+    def __init__(self, spec: ShardSpec, rank: int, world: int, init_method: str) -> None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(0)  # Ray exposes this rank's one GPU as device 0
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        self.rank = rank
+        self.verifier = build_verifier(spec, dist.group.WORLD)
+
+    def call(self, operation: str, *args: Any) -> Any:
+        result = OPERATIONS[operation](self.verifier, *args)
+        return result if self.rank == 0 else None
+
+
+class RayRanks:
+    """tp > 1: one actor per rank on bundles 1..tp of the replica's placement group (bundle 0
+    holds the replica); STRICT_PACK keeps them on the replica's node, so it hosts the rendezvous."""
+
+    def __init__(self, spec: ShardSpec, tp: int, num_cpus: float, num_gpus: float) -> None:
+        import ray
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = get_current_placement_group()
+        init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        actor = ray.remote(Rank)
+        self.actors = [
+            actor.options(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank + 1),
+            ).remote(spec, rank, tp, init_method)
+            for rank in range(tp)
+        ]
+
+    async def call(self, operation: str, *args: Any) -> Any:
+        # Submitted in one order from one caller, so every rank runs the same sequence of calls.
+        results = await asyncio.gather(*[a.call.remote(operation, *args) for a in self.actors])
+        return results[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

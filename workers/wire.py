@@ -1,0 +1,91 @@
+"""Tandem objects <-> protobuf messages: tensors as raw bytes, token trees, sampling params, steps."""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.errors import InvalidRequest
+from tandem.sampling import SamplingParams
+from tandem.tree import TokenTree
+from tandem.verifier import Step
+from tandem_proto.v1 import api_pb2, worker_pb2
+
+# Features of a long prompt run to megabytes; gRPC's 4 MiB default is too small between pools.
+MAX_MESSAGE_BYTES = 256 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+
+
+def tensor_to_proto(tensor: torch.Tensor | None) -> worker_pb2.Tensor | None:
+    if tensor is None:
+        return None
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return worker_pb2.Tensor(data=data, dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape))
+
+
+def tensor_from_proto(msg: worker_pb2.Tensor) -> torch.Tensor | None:
+    """``None`` for an empty message (proto3 cannot tell it from an absent one)."""
+    if not msg.dtype:
+        return None
+    dtype = getattr(torch, msg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {msg.dtype!r}")
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8) if msg.data else torch.empty(0, dtype=torch.uint8)
+    return raw.view(dtype).reshape(tuple(msg.shape))
+
+
+def tree_to_proto(tree: TokenTree) -> worker_pb2.Tree:
+    return worker_pb2.Tree(
+        tokens=tree.tokens.tolist(), parents=tree.parents.tolist(), draft_probs=tensor_to_proto(tree.draft_probs)
+    )
+
+
+def tree_from_proto(msg: worker_pb2.Tree) -> TokenTree:
+    return TokenTree(
+        tokens=torch.tensor(list(msg.tokens), dtype=torch.long),
+        parents=torch.tensor(list(msg.parents), dtype=torch.long),
+        draft_probs=tensor_from_proto(msg.draft_probs),
+    )
+
+
+def params_to_proto(params: SamplingParams) -> api_pb2.SamplingParams:
+    return api_pb2.SamplingParams(
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        max_tokens=params.max_tokens,
+        seed=params.seed,
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+    )
+
+
+def params_from_proto(msg: api_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields take SamplingParams' defaults; bad values raise InvalidRequest."""
+    if any(t < 0 for t in msg.stop_token_ids):
+        raise InvalidRequest("stop token ids must be >= 0")
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def step_to_proto(step: Step, room: int, capacity: int, with_features: bool) -> worker_pb2.VerifyOut:
+    features = tensor_to_proto(step.features) if with_features else None
+    return worker_pb2.VerifyOut(
+        tokens=step.tokens, accepted=step.accepted, features=features, room=room, capacity=capacity
+    )
+
+
+def step_from_proto(msg: worker_pb2.VerifyOut) -> Step:
+    return Step(list(msg.tokens), msg.accepted, tensor_from_proto(msg.features))
