@@ -1,0 +1,120 @@
+"""One sequence's decoding state: what it has emitted, when it stops, what its drafter sees next.
+
+The in-process engine and the cluster's router both drive sequences through it, so they take the
+same draft budget and stop at the very same token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from tandem.drafters.base import DraftRequest
+from tandem.sampling import SamplingParams
+from tandem.verifier import Step
+
+
+@dataclass
+class Stats:
+    """Counters of one request; τ = (accepted drafts + rounds) / rounds, as in the DSpark paper."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def tau(self) -> float:
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """``params`` with a random seed where none was given, so every pass of a sequence shares one."""
+    return params if params.seed is not None else replace(params, seed=random.getrandbits(63))
+
+
+@dataclass
+class SequenceState:
+    seq_id: int  # unique among live sequences of one drafter: it keys the drafter's state
+    params: SamplingParams  # with the seed resolved
+    stop_ids: frozenset[int]
+    token_ids: list[int]  # prompt + output; the last one is the anchor
+    prompt_len: int
+    capacity: int  # tokens the target's cache row holds: reaching it ends the sequence
+    decode: Callable[[list[int]], str] | None = None  # needed for stop strings
+    features: torch.Tensor | None = None  # target features the drafter has not seen yet
+    stats: Stats = field(default_factory=Stats)
+    finish_reason: str | None = None
+
+    @classmethod
+    def start(
+        cls,
+        seq_id: int,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        eos_token_ids: Sequence[int],
+        capacity: int,
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> SequenceState:
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        return cls(seq_id, with_seed(params), frozenset(stop_ids), list(prompt_ids), len(prompt_ids), capacity, decode)
+
+    @property
+    def output(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    def draft_request(self, max_nodes: int, room: int) -> DraftRequest:
+        """The next round's request; it hands over (and forgets) the features gathered so far.
+
+        The anchor plus every draft node must fit in the cache (``room``), and drafting past
+        max_tokens is wasted work (the bonus token always comes on top).
+        """
+        left = self.params.max_tokens - len(self.output) - 1
+        budget = max(0, min(max_nodes, room, left))
+        request = DraftRequest(self.seq_id, self.token_ids, budget, self.params, self.features)
+        self.features = None
+        return request
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        self.stats.rounds += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+
+    def advance(self, step: Step) -> list[int]:
+        """Take a target step's tokens up to the first stop condition; returns the tokens kept."""
+        self.features = _append(self.features, step.features)
+        taken: list[int] = []
+        for token in step.tokens:
+            taken.append(token)
+            self.token_ids.append(token)
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+            elif len(self.output) >= self.params.max_tokens or len(self.token_ids) >= self.capacity:
+                self.finish_reason = "length"
+            if self.finish_reason:
+                break
+        if self.params.stop and self.finish_reason != "stop":
+            cut = self._stop_string_cut()
+            if cut is not None:
+                del taken[len(taken) - (len(self.output) - cut) :]
+                del self.token_ids[self.prompt_len + cut :]
+                self.finish_reason = "stop"
+        return taken
+
+    def _stop_string_cut(self) -> int | None:
+        """Length of the shortest output prefix whose text contains a stop string, if any."""
+        output, stops = self.output, self.params.stop
+        if not any(s in self.decode(output) for s in stops):
+            return None
+        for n in range(1, len(output) + 1):
+            if any(s in self.decode(output[:n]) for s in stops):
+                return n
+        return None
+
+
+def _append(pending: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    if pending is None or new is None:
+        return new if pending is None else pending
+    return torch.cat([pending, new])
