@@ -57,6 +57,7 @@ def _target_spec(config: ClusterConfig) -> TargetSpec:
         max_model_len=config.max_model_len,
         feature_layers=tuple(pool.feature_layers),
         threads=pool.threads,
+        device="cuda" if pool.num_gpus else "cpu",
     )
     return TargetSpec(shard, pool.tp, pool.num_cpus, pool.num_gpus, pool.batch_wait_ms / 1000, config.worker_host)
 

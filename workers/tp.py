@@ -36,11 +36,13 @@ class ShardSpec:
     max_model_len: int
     feature_layers: tuple[int, ...]
     threads: int  # torch threads per rank: its CPU share, never more (oversubscription is ~20x slower)
+    device: str = "cpu"  # "cuda" when the pool asks for GPUs: NCCL joins the ranks instead of gloo
 
 
 def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> Verifier:
     torch.set_num_threads(spec.threads)
     model, _ = load_model(resolve_model_path(spec.model), DTYPES[spec.dtype])
+    model.to(spec.device)
     if group is not None:
         apply_tp(model, group)
     capacity = min(spec.max_model_len, model.config.max_position)
@@ -86,7 +88,7 @@ class Rank:
     """One rank of a tp > 1 group (a Ray actor)."""
 
     def __init__(self, spec: ShardSpec, rank: int, world: int, init_method: str) -> None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if spec.device == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray exposes this rank's one GPU as device 0
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
