@@ -1,0 +1,76 @@
+"""The wire format and the cluster config, without Ray: what crosses gRPC comes back unchanged,
+and the generated stubs match proto/."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.config import ConfigError, load_config
+from tandem.errors import InvalidRequest
+from tandem.sampling import SamplingParams
+from tandem.tree import TokenTree
+from tandem.verifier import Step
+from tandem_proto.v1 import api_pb2, worker_pb2, worker_pb2_grpc
+from workers.wire import (
+    params_from_proto,
+    params_to_proto,
+    step_from_proto,
+    step_to_proto,
+    tensor_from_proto,
+    tensor_to_proto,
+    tree_from_proto,
+    tree_to_proto,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_tensors_cross_the_wire_bit_for_bit(dtype: torch.dtype) -> None:
+    tensor = (torch.randn(3, 5) * 100).to(dtype)
+    back = tensor_from_proto(worker_pb2.Tensor.FromString(tensor_to_proto(tensor).SerializeToString()))
+    assert back.dtype == dtype and torch.equal(back, tensor)
+    assert tensor_from_proto(worker_pb2.Tensor()) is None
+    assert tensor_from_proto(tensor_to_proto(torch.zeros(0, 4))).shape == (0, 4)
+
+
+def test_trees_and_steps_round_trip() -> None:
+    probs = torch.softmax(torch.randn(4, 10), -1)
+    tree = TokenTree(torch.tensor([5, 1, 2, 3]), torch.tensor([-1, 0, 0, 1]), probs)
+    back = tree_from_proto(tree_to_proto(tree))
+    assert torch.equal(back.tokens, tree.tokens) and torch.equal(back.parents, tree.parents)
+    assert torch.equal(back.draft_probs, probs)
+    assert tree_from_proto(tree_to_proto(TokenTree(torch.tensor([5]), torch.tensor([-1])))).draft_probs is None
+    step = Step([4, 9], 1, torch.randn(2, 6).bfloat16())
+    msg = step_to_proto(step, room=7, capacity=64, with_features=True)
+    assert (msg.room, msg.capacity) == (7, 64)
+    back_step = step_from_proto(msg)
+    assert back_step.tokens == step.tokens and back_step.accepted == 1
+    assert torch.equal(back_step.features, step.features)
+    assert step_from_proto(step_to_proto(step, 7, 64, with_features=False)).features is None
+
+
+def test_sampling_params_defaults_and_validation() -> None:
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_tokens=9, seed=3, stop=("x",), ignore_eos=True)
+    assert params_from_proto(params_to_proto(params)) == params
+    assert params_from_proto(api_pb2.SamplingParams()) == SamplingParams()  # unset fields: the defaults
+    for bad in (api_pb2.SamplingParams(max_tokens=0), api_pb2.SamplingParams(top_p=0.0)):
+        with pytest.raises(InvalidRequest):
+            params_from_proto(bad)
+
+
+def test_generated_stubs_carry_the_services() -> None:
+    services = api_pb2.DESCRIPTOR.services_by_name
+    assert [m.name for m in services["Tandem"].methods] == ["Generate", "Abort"]
+    assert hasattr(worker_pb2_grpc, "DraftStub") and hasattr(worker_pb2_grpc, "VerifyStub")
+
+
+def test_config_rejects_unknown_keys_and_fills_defaults(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("target: {tp: 2, num_cpus: 0.5}\ndraft: {drafter: none}\n")
+    config = load_config(path, address="127.0.0.1:1")
+    assert config.target.tp == 2 and config.target.threads == 1 and not config.has_draft_pool
+    assert config.address == "127.0.0.1:1" and config.model == "smollm2-135m-instruct"
+    assert config.target.serve_options()["num_replicas"] == 1
+    path.write_text("target: {tpp: 2}\n")
+    with pytest.raises(ConfigError, match="unknown keys in config.target: tpp"):
+        load_config(path)
