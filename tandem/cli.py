@@ -10,6 +10,8 @@ import sys
 import time
 
 from tandem.errors import TandemError
+from tandem.eval import command as eval_command
+from tandem.train import command as train_command
 
 EXIT_USAGE = 2
 
@@ -22,7 +24,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="the user message (or the raw text with --raw)")
     p.add_argument("--raw", action="store_true", help="skip the chat template")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
-    p.add_argument("--drafter", default="ngram", choices=DRAFTERS)
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help=f"{', '.join(DRAFTERS)} or a drafter folder (default: the shipped dspark drafter, else ngram)",
+    )
     p.add_argument("--max-draft", type=int, default=16, help="draft tree nodes per round")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -37,7 +43,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     # Validate cheap things before the slow model load.
-    from tandem.drafters import make_drafter
+    from tandem.drafters import check_drafter_name, default_drafter, make_drafter
     from tandem.engine import Engine, Request
     from tandem.sampling import SamplingParams
     from tandem.target import load_target
@@ -53,8 +59,10 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt.strip():
         raise TandemError("prompt is empty")
-    drafter = make_drafter(args.drafter)
+    args.drafter = args.drafter or default_drafter(str(args.model))
+    check_drafter_name(args.drafter)
     target = load_target(args.model, args.dtype)
+    drafter = make_drafter(args.drafter, target.model, str(args.model))
     tok = target.tokenizer
     prompt_ids = tok.encode(args.prompt, chat=not args.raw)
     engine = Engine(target.model, drafter, target.eos_token_ids, tok.decode, max_draft_nodes=args.max_draft)
@@ -163,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _data_parser(sub)
+    train_command.add_parser(sub)
+    eval_command.add_parser(sub)
     # More verbs (`tandem serve`, `tandem client`) come from packages layered on top of this one.
     for entry in importlib.metadata.entry_points(group="tandem.commands"):
         entry.load()(sub)

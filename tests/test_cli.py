@@ -44,7 +44,8 @@ def _assert_clear_error(proc: subprocess.CompletedProcess, message: str) -> None
 
 
 def test_unknown_flag_value_is_a_usage_error():
-    _assert_clear_error(_run("hi", "--drafter", "nope"), "invalid choice")
+    _assert_clear_error(_run("hi", "--dtype", "float8"), "invalid choice")
+    _assert_clear_error(_run("hi", "--drafter", "nope"), "unknown drafter 'nope'")
 
 
 @pytest.mark.slow

@@ -34,6 +34,17 @@ def shipped_drafter(algo: str, model_name: str) -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
+def default_drafter(model_name: str) -> str:
+    """The shipped DSpark drafter where one exists for the model, else prompt lookup."""
+    return "dspark" if shipped_drafter("dspark", model_name) else "ngram"
+
+
+def check_drafter_name(name: str) -> None:
+    """Refuse an unknown drafter before any slow model load."""
+    if name not in DRAFTERS and not (Path(name) / "config.json").exists():
+        raise InvalidRequest(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)} or a drafter folder")
+
+
 def make_drafter(name: str, target: Transformer | None = None, model_name: str = "") -> Drafter | None:
     """A drafter by name or folder; ``none`` means plain decoding. Trained ones (``eagle3``,
     ``dflash``, ``dspark``) are the drafters shipped for ``model_name``, loaded next to ``target``."""
@@ -61,6 +72,8 @@ __all__ = [
     "Drafter",
     "NeuralDrafter",
     "NgramDrafter",
+    "check_drafter_name",
+    "default_drafter",
     "load_drafter",
     "make_drafter",
     "new_draft_model",

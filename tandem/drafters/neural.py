@@ -176,11 +176,15 @@ class DraftModel(nn.Module):
         """``positions`` ``[B, T]`` -> cos/sin ``[B, 1, T, D]``."""
         return self.rotary.tables(positions, self.fc.weight.dtype)
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """``config.json`` + ``model.safetensors`` (floating weights cast to ``dtype`` if given)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8")
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {
+            k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous()
+            for k, v in self.state_dict().items()
+        }
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", "algo": self.config.algo})
 
 

@@ -189,7 +189,7 @@ def regenerate_dataset(
         "source": source_stats.as_dict(),
     }
     write_meta(out, meta)
-    engine = Engine(target.model, make_drafter(drafter), target.eos_token_ids, tok.decode)
+    engine = Engine(target.model, make_drafter(drafter, target.model, model), target.eos_token_ids, tok.decode)
     stats = regenerate(
         engine,
         selected,

@@ -1,0 +1,93 @@
+"""``tandem train``: features from the target (cached), a drafter trained on them, saved as a
+Hugging Face style folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from tandem.errors import TandemError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tandem.drafters.neural import ALGORITHMS
+    from tandem.models.catalog import DEFAULT_MODEL, builtin_names
+
+    p = sub.add_parser("train", help="train a drafter (eagle3, dflash, dspark) on `tandem data` output")
+    p.add_argument("--algo", required=True, choices=ALGORITHMS)
+    p.add_argument("--data", required=True, help="jsonl written by `tandem data`")
+    p.add_argument("--out", required=True, help="drafter folder (config.json + model.safetensors); resumes")
+    p.add_argument("--features", help="feature cache folder (default: <data>.features-<layers>/)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="of the target")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the cosine horizon)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget; sets the horizon")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--samples", type=int, default=16, help="blocks or positions scored per sequence")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=8, help="γ: draft tokens per round")
+    p.add_argument("--layers", type=int, default=1, help="drafter layers (dflash/dspark)")
+    p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="most frequent target tokens kept")
+    p.add_argument("--markov-rank", type=int, default=64, help="dspark: rank of the Markov head")
+    p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from tandem.drafters import DraftConfig, new_draft_model
+    from tandem.target import load_target
+    from tandem.train.features import build_store, draft_vocabulary, read_records
+    from tandem.train.trainer import TrainSettings, train
+
+    for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "markov_rank"):
+        if getattr(args, name) < 1:
+            raise TandemError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.minutes is not None and args.minutes <= 0:
+        raise TandemError("--minutes must be > 0")
+    records = read_records(Path(args.data))
+    target = load_target(args.model, args.dtype)
+    overrides = {
+        "block_size": args.block_size,
+        "num_layers": args.layers,
+        "draft_vocab": min(args.draft_vocab, target.model.config.vocab_size),
+        "markov_rank": args.markov_rank,
+    }
+    if args.intermediate_size:
+        overrides["intermediate_size"] = args.intermediate_size
+    cfg = DraftConfig.for_target(args.algo, target.model, str(args.model), **overrides)
+    layers = "-".join(map(str, cfg.feature_layers))
+    features = Path(args.features) if args.features else Path(f"{args.data}.features-{args.dtype}-{layers}")
+    store = build_store(target.model, records, cfg.feature_layers, features)
+    torch.manual_seed(args.seed)
+    vocab = draft_vocabulary(store.token_counts(target.model.config.vocab_size), cfg.draft_vocab)
+    model = new_draft_model(cfg, target.model, vocab).float()
+    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)})
+    out = Path(args.out)
+    result = train(model, target.model, store, settings, checkpoint=out / "checkpoint.pt")
+    model.save(out, dtype=getattr(torch, args.save_dtype))
+    last = result.history[-min(20, len(result.history)) :]
+    summary = {
+        "algo": args.algo,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "examples": len(store),
+        "final_loss": round(sum(h["loss"] for h in last) / len(last), 4),
+        "final_accuracy": round(sum(h["accuracy"] for h in last) / len(last), 4),
+        "settings": asdict(settings),
+        "config": asdict(cfg),
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"saved {args.algo} drafter to {out} after {result.steps} steps in {result.seconds:.0f} s "
+        f"(loss {summary['final_loss']}, first-token accuracy {summary['final_accuracy']})",
+        file=sys.stderr,
+    )
+    return 0

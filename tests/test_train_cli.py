@@ -1,0 +1,96 @@
+"""The DeepSpec pipeline as a user runs it, on the real default model: ``tandem data`` →
+``tandem train`` → ``tandem eval`` → ``tandem generate --drafter FOLDER``, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _tandem(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tandem.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """Four regenerated records and a DFlash drafter trained on them for two steps."""
+    root = tmp_path_factory.mktemp("pipeline")
+    prompts = root / "prompts.jsonl"
+    turns = ["Write a haiku about rain.", "What is 12 times 7?", "Name three colors.", "Say hello in French."]
+    prompts.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
+    data = root / "data.jsonl"
+    _ok(_tandem("data", "--prompts", str(prompts), "--out", str(data), "--max-tokens", "24", "--batch-size", "4"))
+    drafter = root / "dflash"
+    args = ["--algo", "dflash", "--data", str(data), "--out", str(drafter), "--steps", "2", "--batch-size", "2"]
+    _ok(_tandem("train", *args, "--warmup", "1", "--draft-vocab", "512", "--block-size", "4"))
+    return drafter
+
+
+def test_train_writes_a_drafter_folder(pipeline):
+    config = json.loads((pipeline / "config.json").read_text())
+    assert config["algo"] == "dflash" and config["target"] == "smollm2-135m-instruct"
+    assert config["draft_vocab"] == 512 and config["block_size"] == 4
+    assert (pipeline / "model.safetensors").stat().st_size < 20 << 20
+    summary = json.loads((pipeline / "training.json").read_text())
+    assert summary["steps"] == 2 and summary["examples"] == 4
+
+
+def test_eval_reports_tau_and_acceptance(pipeline, tmp_path):
+    out = tmp_path / "eval"
+    args = ["--drafter", str(pipeline), "--drafter", "ngram", "--benchmarks", "mbpp,gsm8k", "--limit", "1"]
+    _ok(_tandem("eval", *args, "--max-tokens", "12", "--temperature", "0", "1", "--out", str(out)))
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert set(results) == {"0", "1"}
+    for per_method in results.values():
+        assert set(per_method) == {"plain", "dflash", "ngram"}
+        for name, cells in per_method.items():
+            assert set(cells) == {"mbpp", "gsm8k", "all"}
+            assert cells["all"]["tokens"] > 0 and cells["all"]["tokens_per_s"] > 0
+            if name != "plain":
+                assert cells["all"]["tau"] >= 1.0
+                assert all(0.0 <= a <= 1.0 for a in cells["all"]["acceptance_by_position"])
+    assert "| dflash |" in out.with_suffix(".md").read_text()
+    for suffix in ("-tau.png", "-acceptance.png"):
+        assert (tmp_path / f"eval{suffix}").stat().st_size > 1000
+
+
+def test_generate_with_a_drafter_folder_equals_plain_decoding(pipeline):
+    common = ["Name three colors.", "--max-tokens", "24", "--dtype", "float32", "--json"]
+    spec = json.loads(_ok(_tandem("generate", *common, "--drafter", str(pipeline))).stdout)
+    plain = json.loads(_ok(_tandem("generate", *common, "--drafter", "none")).stdout)
+    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["drafter"] == str(pipeline)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--algo", "dspark", "--data", "/no/such.jsonl", "--out", "x"], "cannot read"),
+        (["train", "--algo", "medusa", "--data", "d", "--out", "x"], "invalid choice"),
+        (["train", "--algo", "dspark", "--data", "d", "--out", "x", "--steps", "0"], "--steps must be >= 1"),
+        (["eval", "--drafter", "/no/such/drafter"], "unknown drafter"),
+        (["eval", "--drafter", "ngram", "--benchmarks", "trivia"], "unknown benchmark 'trivia'"),
+        (["eval", "--drafter", "ngram", "--temperature", "-1"], "--temperature must be >= 0"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(args, message, tmp_path):
+    proc = _tandem(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_broken_prompts_file_is_refused(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": ["fine"]}\n{"questions": ["no turns"]}\n')
+    proc = _tandem("eval", "--drafter", "ngram", "--prompts-file", str(bad))
+    assert proc.returncode == 2 and "line 2" in proc.stderr and "Traceback" not in proc.stderr
