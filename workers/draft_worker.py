@@ -74,12 +74,10 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.DraftIn], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DraftOut]:
-        first = await anext(requests, None)
-        if first is None or not first.HasField("open"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a draft session starts with an open message")
-        params = params_from_proto(first.open.params)
+        opening = await self.read_open(requests, context)
+        params = params_from_proto(opening.params)
         seq_id, token_ids = next(self._seq_ids), []
-        with self.stream_of(first.open.session_id):
+        with self.stream_of(opening.session_id):
             try:
                 async for message in requests:
                     step = message.step

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -66,6 +67,14 @@ class WorkerServer:
         finally:
             placement.closed.set()
             self._placements.pop(session_id, None)
+
+    @staticmethod
+    async def read_open(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        """A session stream's first message, which must open it (INVALID_ARGUMENT otherwise)."""
+        first = await anext(requests, None)
+        if first is None or not first.HasField("open"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session stream starts with an open message")
+        return first.open
 
     def live_sessions(self) -> int:
         return sum(p.opened.is_set() for p in self._placements.values())

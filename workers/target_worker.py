@@ -63,10 +63,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.VerifyOut]:
-        first = await anext(requests, None)
-        if first is None or not first.HasField("open"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a verify session starts with an open message")
-        opening = first.open
+        opening = await self.read_open(requests, context)
         with self.stream_of(opening.session_id):
             try:
                 params = params_from_proto(opening.params)
