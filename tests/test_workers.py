@@ -1,0 +1,96 @@
+"""The workers without Ray: a target replica's gRPC Verify service batches sessions into shared
+passes and refuses a session when every KV row is taken; a draft replica proposes what its
+drafter proposes. (Serve constructs replicas the same way: ``__new__`` then ``await __init__``.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from tandem.drafters import DraftRequest, NgramDrafter
+from tandem.sampling import SamplingParams
+from tandem.tree import chain
+from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
+from tests.cluster_helpers import PROMPTS, tiny_target
+from workers.draft_worker import DraftSpec, DraftWorker
+from workers.target_worker import TargetSpec, TargetWorker
+from workers.tp import ShardSpec
+from workers.wire import params_to_proto, tree_from_proto, tree_to_proto
+
+PARAMS = params_to_proto(SamplingParams(max_tokens=16, seed=0))
+
+
+@contextlib.asynccontextmanager
+async def _replica(cls: type, spec: object) -> AsyncIterator[object]:
+    replica = object.__new__(cls)
+    await cls.__init__(replica, spec)
+    try:
+        yield replica
+    finally:  # a grpc.aio server left running past asyncio.run corrupts the interpreter's state
+        await replica._server.stop(None)
+
+
+async def _open_verify(address: str, index: int) -> tuple[grpc.aio.StreamStreamCall, worker_pb2.VerifyOut]:
+    call = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(address)).Session()
+    opening = worker_pb2.VerifyOpen(session_id=f"s{index}", prompt_ids=PROMPTS[index], params=PARAMS)
+    await call.write(worker_pb2.VerifyIn(open=opening))
+    return call, await call.read()
+
+
+def test_target_worker_batches_sessions_and_refuses_when_full(tmp_path: Path) -> None:
+    model = str(tiny_target(tmp_path / "tiny"))
+    shard = ShardSpec(model, "float32", rows=2, max_model_len=64, feature_layers=(), threads=1)
+
+    async def scenario() -> None:
+        async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.05, "127.0.0.1")) as worker:
+            await _two_sessions_then_a_third(worker)
+
+    asyncio.run(scenario())
+
+
+async def _two_sessions_then_a_third(worker: TargetWorker) -> None:
+    (first, step0), (second, step1) = await asyncio.gather(*[_open_verify(worker.address, i) for i in (0, 1)])
+    assert step0.capacity == 64 and step0.room == 64 - len(PROMPTS[0]) - 1 and len(step0.tokens) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await _open_verify(worker.address, 2)
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    batches = worker.batcher.batches
+    for call, step in ((first, step0), (second, step1)):
+        await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(step.tokens[-1], [1, 2]))))
+    replies = await asyncio.gather(first.read(), second.read())
+    assert worker.batcher.batches == batches + 1  # both trees in one verification pass
+    assert all(1 <= len(r.tokens) <= 3 for r in replies)
+    first.cancel()
+    await second.done_writing()
+    await asyncio.sleep(0.2)
+    assert worker.live_sessions() == 0
+    _, reopened = await _open_verify(worker.address, 2)  # the rows came back
+    assert len(reopened.tokens) == 1
+
+
+def test_draft_worker_proposes_what_its_drafter_proposes() -> None:
+    spec = DraftSpec("ngram", "unused", "float32", (), 0.001, 1, "127.0.0.1")
+    history = [3, 4, 5, 6, 3, 4, 5]
+
+    async def scenario() -> None:
+        async with _replica(DraftWorker, spec) as worker:
+            await _one_step(worker, history)
+
+    asyncio.run(scenario())
+
+
+async def _one_step(worker: DraftWorker, history: list[int]) -> None:
+    call = worker_pb2_grpc.DraftStub(grpc.aio.insecure_channel(worker.address)).Session()
+    await call.write(worker_pb2.DraftIn(open=worker_pb2.DraftOpen(session_id="d", params=PARAMS)))
+    step = worker_pb2.DraftStep(new_token_ids=history, max_nodes=4)
+    await call.write(worker_pb2.DraftIn(step=step))
+    tree = tree_from_proto((await call.read()).tree)
+    [expected] = NgramDrafter(depth=8).propose([DraftRequest(0, history, 4)])
+    assert torch.equal(tree.tokens, expected.tokens) and torch.equal(tree.parents, expected.parents)
+    call.cancel()
