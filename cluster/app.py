@@ -14,6 +14,8 @@ from ray.serve import Application
 
 from cluster.config import ClusterConfig, load_config
 from cluster.router import Router
+from tandem.models.catalog import resolve_model_path
+from tandem.models.loading import resolve_model_dir
 from workers.draft_worker import DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
@@ -94,5 +96,8 @@ def start(config: ClusterConfig) -> None:
             ray.init(address=config.ray.address)
         else:
             ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # Convert a GGUF model once here, rather than in every replica at the same time.
+    resolve_model_dir(resolve_model_path(config.model))
     serve.start(proxy_location="Disabled")
-    serve.run(build_app(config), name=APP_NAME, route_prefix=None)
+    # Serve logs every call at INFO; a session is one call per pool, so that is noise here.
+    serve.run(build_app(config), name=APP_NAME, route_prefix=None, logging_config={"log_level": "WARNING"})
