@@ -43,9 +43,7 @@ class _Slot:
 class Verifier:
     """``rows`` sequences of up to ``capacity`` tokens each on one target model."""
 
-    def __init__(
-        self, model: Transformer, rows: int, capacity: int, feature_layers: Sequence[int] = ()
-    ) -> None:
+    def __init__(self, model: Transformer, rows: int, capacity: int, feature_layers: Sequence[int] = ()) -> None:
         layers = model.config.num_layers
         if any(not 0 <= i < layers for i in feature_layers):
             raise ValueError(f"feature layers {list(feature_layers)} outside the target's {layers} layers")

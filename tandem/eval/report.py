@@ -3,7 +3,9 @@ per drafter; acceptance rate by draft position)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 Results = dict[str, dict[str, dict[str, dict[str, object]]]]  # temperature -> method -> benchmark -> figures
 
@@ -32,47 +34,48 @@ def markdown(results: Results) -> str:
 
 def plot(results: Results, png: Path, title: str) -> list[Path]:
     """``<png stem>-tau.png`` and ``<png stem>-acceptance.png``; returns the files written."""
+    return [
+        _figure(results, png.with_name(f"{png.stem}-tau.png"), title, _tau_bars),
+        _figure(results, png.with_name(f"{png.stem}-acceptance.png"), title, _acceptance_lines),
+    ]
+
+
+def _figure(results: Results, path: Path, title: str, draw: Callable[[Any, str, dict], None]) -> Path:
+    """One panel per temperature, drawn by ``draw(axes, temperature, methods)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    temps = list(results)
-    fig, axes = plt.subplots(1, len(temps), figsize=(7 * len(temps), 4.5), squeeze=False)
-    for ax, temperature in zip(axes[0], temps):
-        methods = {k: v for k, v in results[temperature].items() if k != "plain"}
-        benchmarks = list(next(iter(methods.values())))
-        width = 0.8 / max(1, len(methods))
-        for i, (name, cells) in enumerate(methods.items()):
-            xs = [j + i * width for j in range(len(benchmarks))]
-            ax.bar(xs, [cells[b]["tau"] or 0 for b in benchmarks], width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benchmarks))], benchmarks)
-        ax.set_ylabel("τ (tokens per target pass)")
-        ax.set_title(f"temperature {temperature}")
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, (temperature, methods) in zip(axes[0], results.items()):
+        draw(ax, temperature, methods)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = png.with_name(f"{png.stem}-tau.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
+    return path
 
-    fig, axes = plt.subplots(1, len(temps), figsize=(7 * len(temps), 4.5), squeeze=False)
-    for ax, temperature in zip(axes[0], temps):
-        for name, cells in results[temperature].items():
-            rates = cells["all"]["acceptance_by_position"]
-            if name != "plain" and rates:
-                ax.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
-        ax.set_xlabel("draft position")
-        ax.set_ylabel("acceptance rate (given the position was reached)")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"temperature {temperature}, all benchmarks")
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = png.with_name(f"{png.stem}-acceptance.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-    return written
+
+def _tau_bars(ax: Any, temperature: str, methods: dict) -> None:
+    drafters = {k: v for k, v in methods.items() if k != "plain"}
+    benchmarks = list(methods["plain"])
+    width = 0.8 / max(1, len(drafters))
+    for i, (name, cells) in enumerate(drafters.items()):
+        xs = [j + i * width for j in range(len(benchmarks))]
+        ax.bar(xs, [cells[b]["tau"] or 0 for b in benchmarks], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benchmarks))], benchmarks)
+    ax.set_ylabel("τ (tokens per target pass)")
+    ax.set_title(f"temperature {temperature}")
+
+
+def _acceptance_lines(ax: Any, temperature: str, methods: dict) -> None:
+    for name, cells in methods.items():
+        rates = cells["all"]["acceptance_by_position"]
+        if name != "plain" and rates:
+            ax.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("acceptance rate (given the position was reached)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"temperature {temperature}, all benchmarks")

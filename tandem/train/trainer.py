@@ -100,6 +100,9 @@ def train(
         if settings.minutes and step == settings.warmup and horizon == settings.steps:
             horizon = max(step + 1, int(settings.minutes * 60 / (seconds / step)))
             bar.total = horizon
+        out_of_time = settings.minutes is not None and seconds >= settings.minutes * 60
+        if out_of_time:  # the budget is a hard limit even if the machine slowed down after warmup
+            horizon = step
         if checkpoint is not None and (step % settings.checkpoint_every == 0 or step in (horizon, settings.stop_at)):
             _save(checkpoint, model, optimizer, generator, step, horizon, seconds, result.history)
     bar.close()
