@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import torch
 
 from cluster.app import APP_NAME, start
@@ -25,6 +26,16 @@ from tests.tiny_models import build_tiny
 VOCAB = 64
 # Prompts with repeats, so the n-gram drafter has something to propose.
 PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35, 14, 15], [27, 18, 28], [1, 1, 2, 3, 5, 8, 13, 21, 34, 55 % VOCAB], [7, 7, 7, 7]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The reference engine runs beside a cluster on 2 shared cores: with 2 torch threads it is
+    ~30x slower there (OpenMP oversubscription). Import this fixture into a module to apply it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_target(folder: Path) -> Path:

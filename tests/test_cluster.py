@@ -18,6 +18,7 @@ from tests.cluster_helpers import (
     deployment_stats,
     engine_outputs,
     free_port,
+    one_torch_thread,  # noqa: F401 - autouse
     request,
     run,
     running,
@@ -27,7 +28,7 @@ from tests.cluster_helpers import (
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-LONG = 1500  # tokens: a session that outlives what a test does to it
+LONG = 4000  # tokens (the context is 4096): a session that outlives what a test does to it
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_cancel_and_deadline_free_the_workers(channel: grpc.Channel) -> None:
     assert next(responses).HasField("delta")
     responses.cancel()
     with pytest.raises(grpc.RpcError) as failure:
-        run(channel, request(PROMPTS[3], LONG, ignore_eos=True), timeout=1.0)
+        run(channel, request(PROMPTS[3], LONG, ignore_eos=True), timeout=0.5)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(_no_live_sessions, 30, "cancelled sessions' state to be freed")
 
@@ -119,7 +120,7 @@ def test_killed_draft_replica_leaves_the_output_unchanged(channel: grpc.Channel,
     """Last in the module: it kills the draft pool's replica (Serve starts another)."""
     import ray
 
-    max_tokens = 4000  # long enough that the kill lands mid-stream, however fast the box
+    max_tokens = LONG
     [expected] = engine_outputs(model, [(PROMPTS[0], max_tokens)], ignore_eos=True)
     [replica] = [
         ray.get_actor(actor["name"], namespace=actor["namespace"])

@@ -13,7 +13,17 @@ import grpc
 import pytest
 
 from cluster.app import APP_NAME
-from tests.cluster_helpers import PROMPTS, config_for, free_port, request, run, running, tiny_target, wait_for
+from tests.cluster_helpers import (
+    PROMPTS,
+    config_for,
+    free_port,
+    one_torch_thread,  # noqa: F401 - autouse
+    request,
+    run,
+    running,
+    tiny_target,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -25,7 +25,10 @@ from tandem.engine import Engine, Request
 from tandem.sampling import SamplingParams
 from tandem.target import Target
 from tandem_proto.v1 import api_pb2
-from tests.cluster_helpers import free_port
+from tests.cluster_helpers import (
+    free_port,
+    one_torch_thread,  # noqa: F401 - autouse
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

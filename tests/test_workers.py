@@ -17,7 +17,11 @@ from tandem.drafters import DraftRequest, NgramDrafter
 from tandem.sampling import SamplingParams
 from tandem.tree import chain
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
-from tests.cluster_helpers import PROMPTS, tiny_target
+from tests.cluster_helpers import (
+    PROMPTS,
+    one_torch_thread,  # noqa: F401 - autouse
+    tiny_target,
+)
 from workers.draft_worker import DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
