@@ -98,8 +98,8 @@ class Router(api_pb2_grpc.TandemServicer):
             yield api_pb2.GenerateResponse(request_id=request_id, finished=_finished(session))
         except grpc.aio.AioRpcError as exc:  # a worker refused (bad prompt, full) or failed
             await context.abort(exc.code(), exc.details())
-        except Exception as exc:  # Serve could not place the session
-            await context.abort(*_placement_status(exc))
+        except Exception as exc:  # Serve could not place the session, or a worker went away
+            await context.abort(*_failure_status(exc))
         finally:
             self.sessions.pop(request_id, None)
 
@@ -147,7 +147,7 @@ def _finished(session: Session) -> api_pb2.Finished:
     return api_pb2.Finished(finish_reason=state.finish_reason, usage=usage)
 
 
-def _placement_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+def _failure_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, BackPressureError):

@@ -56,7 +56,10 @@ class Link:
         await self._call.write(message)
 
     async def ask(self, message: object) -> object:
-        await self._call.write(message)
+        try:
+            await self._call.write(message)
+        except asyncio.InvalidStateError as exc:  # the stream had already ended: its replica died or refused
+            raise ConnectionError(f"the worker's stream ended ({(await self._call.code()).name})") from exc
         reply = await self._call.read()
         if reply is grpc.aio.EOF:
             raise ConnectionError("the worker closed the session's stream")
