@@ -120,7 +120,7 @@ class Session:
                 0, self.prompt_ids, self.params, pools.eos_token_ids, reply.capacity, pools.decode
             )
             yield state.advance(step_from_proto(reply)), state.finish_reason
-            if self._placing is not None:
+            if self._placing is not None and state.finish_reason is None:
                 await self._placing
             while state.finish_reason is None:
                 if self._aborted:
