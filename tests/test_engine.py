@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tandem.drafters import Drafter, DraftRequest, NgramDrafter
+from tandem.drafters import Drafter, DraftRequest, NgramDrafter, make_drafter
 from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
@@ -277,6 +277,22 @@ def test_real_model_speculation_equals_plain_decoding(smollm, drafter, batch):
     ngram = NgramDrafter(depth=8) if drafter == "chain" else NgramDrafter(depth=5, branches=3)
     engine = Engine(target.model, ngram, target.eos_token_ids, max_draft_nodes=16)
     assert _outputs(engine, prompts, params, batch) == plain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["dspark", "eagle3", "dflash"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_shipped_drafters_keep_plain_output(smollm, algo, batch):
+    """The trained drafters shipped for the default model, on the real model in float32."""
+    target, prompts, params, plain = smollm
+    drafter = make_drafter(algo, target.model, "smollm2-135m-instruct")
+    engine = Engine(target.model, drafter, target.eos_token_ids, max_draft_nodes=16)
+    results = []
+    for i in range(0, len(prompts), batch):
+        results += engine.generate([Request(p, params) for p in prompts[i : i + batch]])
+    assert [r.token_ids for r in results] == plain
+    rounds = sum(r.stats.rounds for r in results)
+    assert sum(r.stats.accepted for r in results) > rounds // 10, "a trained drafter is accepted in some rounds"
 
 
 @pytest.mark.slow
