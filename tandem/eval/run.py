@@ -54,10 +54,13 @@ class Tally:
     kept: list[int] = field(default_factory=list)  # rounds that accepted it
 
     def add_round(self, depth: int, accepted: int) -> None:
-        for counts, n in ((self.reached, depth), (self.kept, accepted)):
-            counts.extend([0] * (n - len(counts)))
-            for k in range(n):
-                counts[k] += 1
+        grow = depth - len(self.reached)  # both lists stay as long as the deepest draft
+        self.reached.extend([0] * grow)
+        self.kept.extend([0] * grow)
+        for k in range(depth):
+            self.reached[k] += 1
+        for k in range(accepted):
+            self.kept[k] += 1
 
     def summary(self, plain_tps: float | None) -> dict[str, object]:
         tps = self.tokens / self.seconds if self.seconds else 0.0
