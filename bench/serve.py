@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--drafter", default="ngram")
+    parser.add_argument("--drafter", default="dspark", help="as for tandem generate (shipped DSpark by default)")
     parser.add_argument("--benchmarks", default="humaneval,mt-bench")
     parser.add_argument("--limit", type=int, default=2, help="prompts per benchmark")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -122,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     target = load_target(args.model, args.dtype)
     prompts = load_prompts(target, args.benchmarks.split(","), args.limit)
-    engine = Engine(target.model, make_drafter(args.drafter), target.eos_token_ids, target.tokenizer.decode)
+    drafter = make_drafter(args.drafter, target.model, args.model)
+    engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode)
     config = load_config(
         None,
         model=args.model,

@@ -7,16 +7,19 @@ config files, as in the KubeRay manifests, name :func:`build` as their import pa
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import ClusterConfig, load_config
+from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.router import Router
+from tandem.drafters import shipped_drafter
+from tandem.drafters.neural import ALGORITHMS, read_config
 from tandem.models.catalog import resolve_model_path
 from tandem.models.loading import resolve_model_dir
-from workers.draft_worker import DraftSpec, DraftWorker
+from workers.draft_worker import STATELESS, DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
 
@@ -25,7 +28,8 @@ RELAY_CPUS = 0.05  # a tp > 1 replica only relays calls to its rank actors
 
 
 def build_app(config: ClusterConfig) -> Application:
-    target = _target_deployment(config).bind(_target_spec(config))
+    feature_layers = drafter_feature_layers(config)
+    target = _target_deployment(config).bind(_target_spec(config, feature_layers))
     draft = None
     if config.has_draft_pool:
         pool = config.draft
@@ -33,7 +37,7 @@ def build_app(config: ClusterConfig) -> Application:
             drafter=pool.drafter,
             model=config.model,
             dtype=config.dtype,
-            feature_layers=config.target.feature_layers,
+            feature_layers=feature_layers,
             batch_wait_s=pool.batch_wait_ms / 1000,
             threads=pool.threads,
             host=config.worker_host,
@@ -50,14 +54,26 @@ def build_app(config: ClusterConfig) -> Application:
     return router.bind(config, draft, target)
 
 
-def _target_spec(config: ClusterConfig) -> TargetSpec:
+def drafter_feature_layers(config: ClusterConfig) -> tuple[int, ...]:
+    """The target layers the draft pool's drafter reads, from its config.json (n-gram reads none):
+    the target pool computes exactly these, without loading the drafter here."""
+    name = config.draft.drafter
+    if name in STATELESS or not config.has_draft_pool:
+        return ()
+    folder = shipped_drafter(name, config.model) if name in ALGORITHMS else Path(name)
+    if folder is None or not (folder / "config.json").exists():
+        raise ConfigError(f"draft.drafter {name!r}: no such drafter for {config.model!r} (a name or a folder)")
+    return tuple(read_config(folder).feature_layers)
+
+
+def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> TargetSpec:
     pool = config.target
     shard = ShardSpec(
         model=config.model,
         dtype=config.dtype,
         rows=pool.max_ongoing_requests,
         max_model_len=config.max_model_len,
-        feature_layers=tuple(pool.feature_layers),
+        feature_layers=feature_layers,
         threads=pool.threads,
         device="cuda" if pool.num_gpus else "cpu",
     )

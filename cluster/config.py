@@ -66,7 +66,7 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class DraftConfig(PoolConfig):
-    drafter: str = "ngram"  # "none": no draft pool, target-only decoding
+    drafter: str = "ngram"  # a name (dspark, eagle3, dflash: shipped for the model), a folder, or "none"
     max_draft_nodes: int = 16
     num_cpus: float = 0.25
 
@@ -74,7 +74,6 @@ class DraftConfig(PoolConfig):
 @dataclass(frozen=True)
 class TargetConfig(PoolConfig):
     tp: int = 1
-    feature_layers: tuple[int, ...] = ()  # target layers the drafter reads (trained drafters)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """End to end: `tandem serve` (its own local Ray) with the real SmolLM2-135M-Instruct at tp=2 (a
-gloo group of two rank actors, 3 KV heads split 2 + 1), `tandem client` and raw gRPC clients
-against it; outputs equal the in-process engine's token for token (float32, greedy)."""
+gloo group of two rank actors, 3 KV heads split 2 + 1) and its shipped DSpark drafter (target
+features cross gRPC every round), `tandem client` and raw gRPC clients against it; outputs and
+speculation counts equal the in-process engine's (float32, greedy)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cluster.client import generate, prompt_request
 from tandem.drafters import make_drafter
-from tandem.engine import Engine, Request
+from tandem.engine import Engine, Request, Result
+from tandem.models.catalog import DEFAULT_MODEL
 from tandem.sampling import SamplingParams
 from tandem.target import Target
 from tandem_proto.v1 import api_pb2
@@ -59,14 +61,16 @@ def address(default_target: Target, tmp_path_factory: pytest.TempPathFactory) ->
         server.wait(timeout=120)
 
 
-def _reference(target: Target, jobs: list[tuple[str, int]]) -> list[list[int]]:
-    engine = Engine(target.model, make_drafter("ngram"), target.eos_token_ids, target.tokenizer.decode)
+def _reference(target: Target, jobs: list[tuple[str, int]]) -> list[Result]:
+    drafter = make_drafter("dspark", target.model, DEFAULT_MODEL)
+    engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode)
     requests = [Request(target.tokenizer.encode(p, chat=True), SamplingParams(max_tokens=n)) for p, n in jobs]
-    return [r.token_ids for r in engine.generate(requests)]
+    return engine.generate(requests)
 
 
 def test_client_command_streams_the_engines_output(address: str, default_target: Target) -> None:
-    [expected] = _reference(default_target, [(PROMPTS[0], 24)])
+    [reference] = _reference(default_target, [(PROMPTS[0], 24)])
+    expected = reference.token_ids
     command = ["client", PROMPTS[0], "--address", address, "--max-tokens", "24", "--json"]
     done = subprocess.run(
         [sys.executable, "-m", "tandem.cli", *command],
@@ -79,12 +83,13 @@ def test_client_command_streams_the_engines_output(address: str, default_target:
     out = json.loads(done.stdout)
     assert out["token_ids"] == expected
     assert out["text"] == default_target.tokenizer.decode(expected)
-    assert out["completionTokens"] == len(expected) and out["rounds"] > 0
+    assert out["completionTokens"] == len(expected)
+    assert (out["rounds"], out.get("acceptedTokens", 0)) == (reference.stats.rounds, reference.stats.accepted)
 
 
 def test_concurrent_streams_at_tp2_match_the_engine(address: str, default_target: Target) -> None:
     jobs = list(zip(PROMPTS, [6, 20, 12]))
-    expected = _reference(default_target, jobs)
+    expected = [r.token_ids for r in _reference(default_target, jobs)]
     with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(len(jobs)) as pool:
         requests = [prompt_request(p, params=api_pb2.SamplingParams(max_tokens=n)) for p, n in jobs]
         outputs = list(pool.map(lambda r: generate(channel, r, timeout=300), requests))

@@ -50,8 +50,8 @@ def build_drafter(spec: DraftSpec) -> Drafter:
         raise ValueError("the draft pool needs a drafter; 'none' means no draft pool")
     if tuple(drafter.feature_layers) != tuple(spec.feature_layers):
         raise ValueError(
-            f"drafter {spec.drafter!r} reads target layers {list(drafter.feature_layers)}; "
-            f"set target.feature_layers to that (it is {list(spec.feature_layers)})"
+            f"drafter {spec.drafter!r} reads target layers {list(drafter.feature_layers)}, "
+            f"but the target pool computes {list(spec.feature_layers)}"
         )
     return drafter
 
