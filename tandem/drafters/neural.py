@@ -104,7 +104,9 @@ class DraftLayer(nn.Module):
 
     def kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, kv_heads, T, head_dim]`` of inputs ``x`` ``[B, T, input]``."""
-        h = self.attn_norm(x)
+        return self._kv(self.attn_norm(x), rope)
+
+    def _kv(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         k = self._heads(self.wk(h), self.kv_heads)
         return apply_rotary(k, *rope), self._heads(self.wv(h), self.kv_heads)
 
@@ -121,8 +123,7 @@ class DraftLayer(nn.Module):
         Returns the new hidden states and this block's own keys/values (for a cache)."""
         h = self.attn_norm(x)
         q = apply_rotary(self._heads(self.wq(h), self.heads), *rope)
-        k = apply_rotary(self._heads(self.wk(h), self.kv_heads), *rope)
-        v = self._heads(self.wv(h), self.kv_heads)
+        k, v = self._kv(h, rope)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=True)
         out = out.transpose(1, 2).flatten(2)
