@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tandem.drafters.neural import DraftConfig, DraftLayer, DraftModel, NeuralDrafter, SequenceState
+from tandem.drafters.neural import KV, DraftConfig, DraftLayer, DraftModel, DraftState, NeuralDrafter, cat_kv
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
-
-KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class DFlashModel(DraftModel):
@@ -59,13 +57,13 @@ class DFlashDrafter(NeuralDrafter):
 
     model: DFlashModel
 
-    def extend(self, state: SequenceState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
+    def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
         positions = torch.arange(state.length, state.length + len(features))[None]
         new = self.model.context_kv(features[None], positions)
-        state.cache = new if not state.cache else [_cat(old, kv) for old, kv in zip(state.cache, new)]
+        state.cache = new if not state.cache else [cat_kv(old, kv) for old, kv in zip(state.cache, new)]
         state.length += len(features)
 
-    def block_logits(self, state: SequenceState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_logits(self, state: DraftState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Base logits ``U`` ``[γ, V_draft]`` and hidden states ``[γ, d]`` for the anchor's block."""
         gamma = self.model.config.block_size
         visible = torch.ones(1, gamma, state.length, dtype=torch.bool)
@@ -73,12 +71,8 @@ class DFlashDrafter(NeuralDrafter):
         return self.model.draft_logits(hidden), hidden
 
     def draft(
-        self, state: SequenceState, token_ids: torch.Tensor, depth: int, params: SamplingParams
+        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
     ) -> tuple[list[int], torch.Tensor | None]:
         logits, _ = self.block_logits(state, token_ids)
         picked = [self.pick(logits[k], params, state.generator) for k in range(depth)]
         return [t for t, _ in picked], self.stack_probs([q for _, q in picked])
-
-
-def _cat(old: KV, new: KV) -> KV:
-    return torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2)

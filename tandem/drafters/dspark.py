@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
-from tandem.drafters.neural import DraftConfig, SequenceState
+from tandem.drafters.neural import DraftConfig, DraftState
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
 
@@ -56,7 +56,7 @@ class DSparkDrafter(DFlashDrafter):
         self.min_survival = min_survival
 
     def draft(
-        self, state: SequenceState, token_ids: torch.Tensor, depth: int, params: SamplingParams
+        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
     ) -> tuple[list[int], torch.Tensor | None]:
         base, hidden = self.block_logits(state, token_ids)
         tokens: list[int] = []

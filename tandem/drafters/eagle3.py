@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tandem.drafters.dflash import KV, _cat
-from tandem.drafters.neural import DraftConfig, DraftLayer, DraftModel, NeuralDrafter, SequenceState
+from tandem.drafters.neural import KV, DraftConfig, DraftLayer, DraftModel, DraftState, NeuralDrafter, cat_kv
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
 
@@ -69,7 +68,7 @@ class Eagle3Drafter(NeuralDrafter):
 
     model: Eagle3Model
 
-    def extend(self, state: SequenceState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
+    def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
         start, n = state.length, len(features)
         positions = torch.arange(start, start + n)[None]
         causal = torch.ones(n, n, dtype=torch.bool).tril()
@@ -77,12 +76,12 @@ class Eagle3Drafter(NeuralDrafter):
         past = state.cache[0] if state.cache else None
         hidden = self.model.fuse(features[None])
         out, kv = self.model.step(token_ids[start + 1 : start + n + 1][None], hidden, positions, mask, past)
-        state.cache = [kv if past is None else _cat(past, kv)]
+        state.cache = [kv if past is None else cat_kv(past, kv)]
         state.length += n
         state.extra["last"] = out[:, -1:]  # predicts the token after the anchor
 
     def draft(
-        self, state: SequenceState, token_ids: torch.Tensor, depth: int, params: SamplingParams
+        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
     ) -> tuple[list[int], torch.Tensor | None]:
         hidden = state.extra["last"]
         past = state.cache[0]
@@ -97,5 +96,5 @@ class Eagle3Drafter(NeuralDrafter):
             position = torch.tensor([[state.length + t]])
             mask = torch.ones(1, 1, past[0].shape[2] + 1, dtype=torch.bool)
             hidden, kv = self.model.step(torch.tensor([[token]]), hidden, position, mask, past)
-            past = _cat(past, kv)
+            past = cat_kv(past, kv)
         return tokens, self.stack_probs(probs)

@@ -25,6 +25,12 @@ from tandem.sampling import SamplingParams, sample, target_probs
 from tandem.tree import TokenTree, chain
 
 ALGORITHMS = ("eagle3", "dflash", "dspark")
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, T, head_dim]
+
+
+def cat_kv(old: KV, new: KV) -> KV:
+    """Keys/values of more positions appended along the sequence axis."""
+    return torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2)
 
 
 @dataclass
@@ -213,7 +219,7 @@ def load_weights(cls: type[DraftModel], cfg: DraftConfig, folder: str | Path, ta
 
 
 @dataclass
-class SequenceState:
+class DraftState:
     """What a drafter keeps for one sequence between rounds."""
 
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: context keys/values [1, kv, n, hd]
@@ -235,7 +241,7 @@ class NeuralDrafter(Drafter):
         self.model = model.eval()
         self.name = model.config.algo
         self.feature_layers = tuple(model.config.feature_layers)
-        self._states: dict[int, SequenceState] = {}
+        self._states: dict[int, DraftState] = {}
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
@@ -248,7 +254,7 @@ class NeuralDrafter(Drafter):
         state = self._states.get(request.seq_id)
         if state is None:
             seed = (request.params.seed or 0) ^ 0x5DEECE66D
-            state = SequenceState([], 0, torch.Generator().manual_seed(seed))
+            state = DraftState([], 0, torch.Generator().manual_seed(seed))
             self._states[request.seq_id] = state
         token_ids = torch.as_tensor(list(request.token_ids), dtype=torch.long)
         if request.features is not None and len(request.features):
@@ -285,11 +291,11 @@ class NeuralDrafter(Drafter):
         return torch.stack([torch.zeros_like(probs[0]), *probs])
 
     @abstractmethod
-    def extend(self, state: SequenceState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
+    def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
         """Add context positions ``state.length ...`` for the new ``features`` to ``state``."""
 
     @abstractmethod
     def draft(
-        self, state: SequenceState, token_ids: torch.Tensor, depth: int, params: SamplingParams
+        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
     ) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``depth`` draft tokens after the anchor ``token_ids[-1]``, and their ``q`` rows."""
