@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from tandem.drafters import default_drafter
 from tandem.errors import TandemError
 from tandem.models.catalog import DEFAULT_MODEL
 
@@ -66,7 +67,9 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class DraftConfig(PoolConfig):
-    drafter: str = "ngram"  # a name (dspark, eagle3, dflash: shipped for the model), a folder, or "none"
+    # "default": the fastest shipped for the model (tandem.drafters.default_drafter); a name (dspark,
+    # eagle3, dflash: shipped for the model; ngram, ngram-tree), a folder, or "none"
+    drafter: str = "default"
     max_draft_nodes: int = 16
     num_cpus: float = 0.25
 
@@ -93,6 +96,8 @@ class ClusterConfig:
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.target.tp < 1 or self.max_model_len < 2 or self.draft.max_draft_nodes < 0:
             raise ConfigError("need target.tp >= 1, max_model_len >= 2 and draft.max_draft_nodes >= 0")
+        if self.draft.drafter == "default":  # frozen: resolved once, here
+            object.__setattr__(self, "draft", dataclasses.replace(self.draft, drafter=default_drafter(self.model)))
 
     @property
     def has_draft_pool(self) -> bool:

@@ -12,11 +12,22 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tandem.drafters import ADAPTERS, DraftConfig, DraftRequest, load_drafter, make_drafter, new_draft_model
+from tandem.drafters import (
+    ADAPTERS,
+    SHIPPED,
+    DraftConfig,
+    DraftRequest,
+    default_drafter,
+    load_drafter,
+    make_drafter,
+    new_draft_model,
+    shipped_drafter,
+)
 from tandem.drafters.dspark import DSparkModel
-from tandem.drafters.neural import ALGORITHMS
+from tandem.drafters.neural import ALGORITHMS, DraftState, cat_kv
 from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest, ModelLoadError
+from tandem.eval.replay import build_cases, replay
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
 from tandem.train.features import build_store, draft_vocabulary
@@ -184,3 +195,91 @@ def test_bad_drafter_folders_are_refused(trained, target, tmp_path):
     build_tiny("llama", other, vocab=VOCAB + 8)
     with pytest.raises(ModelLoadError, match="trained for"):
         load_drafter(trained["dflash"][2], load_model(other, torch.float32)[0])
+
+
+def test_eagle3_training_chains_are_what_it_drafts(target, store):
+    """Training-time test computes, for each anchor, the very outputs the drafter computes when it
+    drafts the same (teacher-forced) chain: the context pass, then steps on its own outputs."""
+    torch.manual_seed(3)
+    model = _new("eagle3", target, store).eval()
+    ex = store[0]
+    tokens, features = ex.tokens, ex.features.float()
+    anchors = torch.tensor([ex.prompt_len - 1, ex.prompt_len + 4, tokens.numel() - 6])
+    with torch.no_grad():
+        trained = model.chains(tokens, features, anchors, 4)
+        for i, a in enumerate(anchors.tolist()):
+            drafter = ADAPTERS["eagle3"](model)
+            state = DraftState([], 0, torch.Generator())
+            drafter.extend(state, tokens[: a + 2], features[: a + 1])
+            hidden, past = state.extra["last"], state.cache[0]
+            for j in range(4):
+                if j:
+                    mask = torch.ones(1, 1, past[0].shape[2] + 1, dtype=torch.bool)
+                    step_input = tokens[a + j + 1].view(1, 1)
+                    hidden, kv = model.step(step_input, hidden, torch.tensor([[a + j]]), mask, past)
+                    past = cat_kv(past, kv)
+                torch.testing.assert_close(trained[j][i], hidden[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_target_probabilities_from_the_stored_normaliser(target, store):
+    """The DSpark losses read the target's probabilities of the draft vocabulary from the stored
+    final states and logsumexp: the same numbers as a softmax over the whole vocabulary."""
+    model = _new("dspark", target, store)
+    ex = store[1]
+    with torch.no_grad():
+        full = torch.softmax(target.logits(ex.final.float()), -1)[:, model.vocab_map]
+        rows = torch.exp(target.logits(ex.final.float(), model.target_lm_head) - ex.lse[:, None])
+    torch.testing.assert_close(rows, full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_replayed_tau_equals_the_engines(trained, target, algo):
+    """Greedy τ by replay (no target in the loop) is the τ of real decoding through the engine."""
+    prompts = _prompts(6, seed=13)
+    drafter = load_drafter(trained[algo][2], target)
+    cases = build_cases(target, [("tiny", p) for p in prompts], drafter.feature_layers, max_tokens=24)
+    params = SamplingParams(max_tokens=24)
+    results = Engine(target, drafter, max_draft_nodes=16).generate([Request(p, params) for p in prompts])
+    assert [c.tokens[c.prompt_len :].tolist() for c in cases] == [r.token_ids for r in results]
+    rounds = sum(r.stats.rounds for r in results)
+    engine_tau = (sum(r.stats.accepted for r in results) + rounds) / rounds
+    assert replay(load_drafter(trained[algo][2], target), cases)["all"] == pytest.approx(engine_tau, abs=1e-3)
+    assert engine_tau > 1.0, "the drafter never helped: the comparison would not see a miscount"
+
+
+def test_training_records_a_learning_curve(target, store):
+    torch.manual_seed(0)
+    model = _new("dflash", target, store)
+    calls = []
+
+    def evaluate(m):
+        calls.append(m.training)
+        return {"tau": {"all": 1.0 + len(calls)}}
+
+    result = train(model, target, store, replace(SETTINGS, steps=10, eval_every=4), progress=False, evaluate=evaluate)
+    assert [e["step"] for e in result.evals] == [0, 4, 8, 10]
+    tokens = [e["tokens"] for e in result.evals]
+    assert tokens[0] == 0 and all(b > a for a, b in zip(tokens, tokens[1:]))
+    assert model.training is False and [e["tau"]["all"] for e in result.evals] == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_dspark_without_a_markov_head_trains_and_stays_exact(target, store):
+    """``--markov-rank 0`` (the ablation): the backbone alone, still lossless."""
+    torch.manual_seed(0)
+    cfg = DraftConfig.for_target("dspark", target, "tiny", draft_vocab=DRAFT_VOCAB, block_size=4, markov_rank=0)
+    model = new_draft_model(cfg, target, draft_vocabulary(store.token_counts(VOCAB), DRAFT_VOCAB))
+    result = train(model, target, store, replace(SETTINGS, steps=8), progress=False)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    prompts = _prompts(4, seed=21)
+    params = SamplingParams(max_tokens=20)
+    plain = Engine(target).generate([Request(p, params) for p in prompts])
+    spec = Engine(target, ADAPTERS["dspark"](model), max_draft_nodes=8).generate([Request(p, params) for p in prompts])
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+
+
+def test_the_default_drafter_is_the_one_recorded_fastest():
+    """Each model's ``default.json`` names a drafter that exists for it; without one, n-gram."""
+    for folder in SHIPPED.iterdir():
+        name = default_drafter(folder.name)
+        assert name in ("ngram", "ngram-tree") or shipped_drafter(name, folder.name) is not None
+    assert default_drafter("no-such-model") == "ngram"

@@ -31,7 +31,8 @@ def pipeline(tmp_path_factory) -> Path:
     _ok(_tandem("data", "--prompts", str(prompts), "--out", str(data), "--max-tokens", "24", "--batch-size", "4"))
     drafter = root / "dflash"
     args = ["--algo", "dflash", "--data", str(data), "--out", str(drafter), "--steps", "2", "--batch-size", "2"]
-    _ok(_tandem("train", *args, "--warmup", "1", "--draft-vocab", "512", "--block-size", "4"))
+    checks = ["--eval-limit", "1", "--eval-tokens", "8"]
+    _ok(_tandem("train", *args, *checks, "--warmup", "1", "--draft-vocab", "512", "--block-size", "4"))
     return drafter
 
 
@@ -42,6 +43,20 @@ def test_train_writes_a_drafter_folder(pipeline):
     assert (pipeline / "model.safetensors").stat().st_size < 20 << 20
     summary = json.loads((pipeline / "training.json").read_text())
     assert summary["steps"] == 2 and summary["examples"] == 4
+    curve = summary["learning_curve"]  # τ checks at the start and the end
+    assert [p["step"] for p in curve] == [0, 2] and curve[-1]["tokens"] == summary["response_tokens_seen"] > 0
+    assert set(curve[0]["tau"]) == {"mt-bench", "gsm8k", "humaneval", "math500", "mbpp", "all"}
+    assert all(t >= 1.0 for p in curve for t in p["tau"].values())
+
+
+def test_learning_curve_plot(pipeline, tmp_path):
+    out = tmp_path / "curve"
+    script = Path(__file__).parent.parent / "bench" / "learning_curve.py"
+    _ok(subprocess.run([sys.executable, str(script), str(pipeline), "--out", str(out)], capture_output=True, text=True))
+    assert json.loads(out.with_suffix(".json").read_text())["curves"]["dflash"][-1]["step"] == 2
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no readable training.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_eval_reports_tau_and_acceptance(pipeline, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tandem.drafters.base import Drafter, DraftRequest
@@ -35,8 +36,12 @@ def shipped_drafter(algo: str, model_name: str) -> Path | None:
 
 
 def default_drafter(model_name: str) -> str:
-    """The shipped DSpark drafter where one exists for the model, else prompt lookup."""
-    return "dspark" if shipped_drafter("dspark", model_name) else "ngram"
+    """The drafter the shipped results show fastest for the model: ``<model>/default.json`` beside
+    its shipped drafters (written with the results, see docs/results.md), else prompt lookup."""
+    path = SHIPPED / model_name / "default.json"
+    if not path.is_file():
+        return "ngram"
+    return json.loads(path.read_text(encoding="utf-8"))["drafter"]
 
 
 def check_drafter_name(name: str) -> None:

@@ -51,9 +51,10 @@ class DSparkDrafter(DFlashDrafter):
 
     model: DSparkModel
 
-    def __init__(self, model: DSparkModel, min_survival: float = 0.05) -> None:
+    def __init__(self, model: DSparkModel, min_survival: float = 0.05, markov: bool = True) -> None:
         super().__init__(model)
         self.min_survival = min_survival
+        self.markov = markov  # False: drop the transition bias (the ablation of the Markov head)
 
     def draft(
         self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
@@ -67,7 +68,7 @@ class DSparkDrafter(DFlashDrafter):
             survival *= self.model.calibrated(self.model.confidence_logits(hidden[k], code), k)
             if tokens and survival < self.min_survival:
                 break
-            previous, q = self.pick(base[k] + bias, params, state.generator)
+            previous, q = self.pick(base[k] + bias if self.markov else base[k], params, state.generator)
             tokens.append(previous)
             probs.append(q)
         return tokens, self.stack_probs(probs)

@@ -32,35 +32,37 @@ class Eagle3Model(DraftModel):
         x = torch.cat([self.embed(next_tokens), hidden], -1)
         return self.layer(x, self.rope(positions), mask, past, residual=hidden)
 
-    def unroll(self, tokens: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """Training-time test over one sequence: outputs ``[T-1, d]`` of each of ``steps`` steps.
+    def chains(
+        self, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor, steps: int
+    ) -> list[torch.Tensor]:
+        """Training-time test on one sequence: the layer's outputs ``[A, d]`` at each of ``steps``
+        chain steps from every anchor (teacher-forced tokens), exactly as it drafts.
 
-        Step 0 reads target features (position ``i``: ``x_{i+1}`` and the features of ``x_i``).
-        Step ``j`` reads at position ``i`` the output of step ``j-1`` at ``i-1``, and sees what the
-        drafter would at inference: context keys up to ``i-j`` plus its own chain ``i-j+1 .. i``
-        from steps ``1 .. j``. Every step's output at ``i`` predicts ``x_{i+2}``.
+        Position ``i`` reads ``x_{i+1}`` and the features of ``x_i``. Step 0 of the chain from anchor
+        ``a`` is position ``a`` (the context pass's output there); step ``j`` is position ``a + j``,
+        reads the output of step ``j - 1`` in place of features, and sees the context keys up to
+        ``a`` plus its own chain. Step ``j`` predicts ``x_{a+j+2}``. Only the chains are computed:
+        the context needs keys and values, not outputs.
         """
         n = tokens.numel() - 1
         positions = torch.arange(n)
-        next_tokens = tokens[1:][None]
-        hidden = self.fuse(features[:n])[None]
+        context = torch.cat([self.embed(tokens[1:])[None], self.fuse(features[:n])[None]], -1)
+        keys, values = self.layer.kv(context, self.rope(positions[None]))
+        count = len(anchors)
+        past_k, past_v = keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1)
+        hidden = self.fuse(features[anchors])[:, None]
         outputs: list[torch.Tensor] = []
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
         for j in range(steps):
+            # Step 0's own key is the context key at a (same input), so its context stops before a;
+            # later steps see the context through a, their chain (steps 1 .. j-1) and themselves.
+            seen = positions[None, :] < anchors[:, None] + (1 if j else 0)
+            mask = torch.cat([seen, seen.new_ones(count, max(j, 1))], -1)[:, None]
+            inputs = tokens[(anchors + j + 1).clamp(max=n)][:, None]  # past the end: scored 0
+            hidden, (k, v) = self.step(inputs, hidden, (anchors + j)[:, None], mask, (past_k, past_v))
             if j:
-                hidden = torch.cat([hidden[:, :1], outputs[-1][:, :-1]], 1)  # shift: i reads i-1
-            # Visible: step-0 keys at p <= i - j, and step-t keys (1 <= t <= j) at p == i - j + t.
-            query = positions[:, None]
-            parts = [positions[None, :] <= query - j]
-            parts += [positions[None, :] == query - j + t for t in range(1, j + 1)]
-            mask = torch.cat(parts, -1)[None]
-            past = (torch.cat(keys, 2), torch.cat(values, 2)) if keys else None
-            out, (k, v) = self.step(next_tokens, hidden, positions[None], mask, past)
-            keys.append(k)
-            values.append(v)
-            outputs.append(out)
-        return [o[0] for o in outputs]
+                past_k, past_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+            outputs.append(hidden[:, 0])
+        return outputs
 
 
 class Eagle3Drafter(NeuralDrafter):

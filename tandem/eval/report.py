@@ -42,15 +42,25 @@ def plot(results: Results, png: Path, title: str) -> list[Path]:
 
 def _figure(results: Results, path: Path, title: str, draw: Callable[[Any, str, dict], None]) -> Path:
     """One panel per temperature, drawn by ``draw(axes, temperature, methods)``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, (temperature, methods) in zip(axes[0], results.items()):
+        draw(ax, temperature, methods)
+        ax.legend()
+    return _save(plt, fig, title, path)
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (no display here or on CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
-    for ax, (temperature, methods) in zip(axes[0], results.items()):
-        draw(ax, temperature, methods)
-        ax.legend()
+    return plt
+
+
+def _save(plt: Any, fig: Any, title: str, path: Path) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -79,3 +89,21 @@ def _acceptance_lines(ax: Any, temperature: str, methods: dict) -> None:
     ax.set_ylabel("acceptance rate (given the position was reached)")
     ax.set_ylim(0, 1)
     ax.set_title(f"temperature {temperature}, all benchmarks")
+
+
+def plot_learning_curves(curves: dict[str, list[dict]], png: Path, title: str) -> Path:
+    """τ (all benchmarks, greedy replay) against response tokens seen and against training
+    minutes, one line per drafter; ``curves[name]`` is a ``training.json`` ``learning_curve``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name, points in curves.items():
+        tau = [p["tau"]["all"] for p in points]
+        axes[0].plot([p["tokens"] / 1e6 for p in points], tau, marker=".", label=name)
+        axes[1].plot([p["seconds"] / 60 for p in points], tau, marker=".", label=name)
+    axes[0].set_xlabel("response tokens seen (millions)")
+    axes[1].set_xlabel("training minutes (whole machine)")
+    for ax in axes:
+        ax.set_ylabel("τ, greedy (tokens per target pass)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(plt, fig, title, png)

@@ -242,9 +242,11 @@ class Transformer(nn.Module):
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
         return self.logits(x), features
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of last-layer hidden states (final norm, LM head, softcap)."""
-        logits = self.lm_head(self.norm(hidden)).float()
+    def logits(self, hidden: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits of last-layer hidden states (final norm, LM head, softcap); ``head``:
+        only these rows of the LM head (a drafter's reduced vocabulary)."""
+        normed = self.norm(hidden)
+        logits = (self.lm_head(normed) if head is None else normed @ head.T).float()
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap

@@ -22,7 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="drafter folder (config.json + model.safetensors); resumes")
     p.add_argument("--features", help="feature cache folder (default: <data>.features-<layers>/)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="of the target")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="of the target while computing features (float32: 4x faster than bfloat16 on CPUs without bf16 units)",
+    )
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the cosine horizon)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget; sets the horizon")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
@@ -34,8 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=1, help="drafter layers (dflash/dspark)")
     p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="most frequent target tokens kept")
-    p.add_argument("--markov-rank", type=int, default=64, help="dspark: rank of the Markov head")
+    p.add_argument("--markov-rank", type=int, default=64, help="dspark: rank of the Markov head (0: none)")
+    p.add_argument("--ce-weight", type=float, default=0.1, help="dspark: CE weight; TV gets 1 - it")
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--eval-every", type=int, default=0, help="steps between τ checks (0: start and end only)")
+    p.add_argument("--eval-limit", type=int, default=4, help="τ check: prompts per benchmark (0: no checks)")
+    p.add_argument("--eval-tokens", type=int, default=96, help="τ check: greedy tokens per prompt")
     p.set_defaults(run=run_train)
 
 
@@ -47,9 +56,13 @@ def run_train(args: argparse.Namespace) -> int:
     from tandem.train.features import build_store, draft_vocabulary, read_records
     from tandem.train.trainer import TrainSettings, train
 
-    for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "markov_rank"):
+    for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "eval_tokens"):
         if getattr(args, name) < 1:
             raise TandemError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_every < 0 or args.eval_limit < 0 or args.markov_rank < 0:
+        raise TandemError("--eval-every, --eval-limit and --markov-rank must be >= 0")
+    if not 0 <= args.ce_weight <= 1:
+        raise TandemError("--ce-weight must be in [0, 1]")
     if args.minutes is not None and args.minutes <= 0:
         raise TandemError("--minutes must be > 0")
     records = read_records(Path(args.data))
@@ -71,7 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     model = new_draft_model(cfg, target.model, vocab).float()
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)})
     out = Path(args.out)
-    result = train(model, target.model, store, settings, checkpoint=out / "checkpoint.pt")
+    evaluate = replay_check(target, cfg, features, args.eval_limit, args.eval_tokens) if args.eval_limit else None
+    result = train(model, target.model, store, settings, checkpoint=out / "checkpoint.pt", evaluate=evaluate)
     model.save(out, dtype=getattr(torch, args.save_dtype))
     last = result.history[-min(20, len(result.history)) :]
     summary = {
@@ -81,6 +95,8 @@ def run_train(args: argparse.Namespace) -> int:
         "examples": len(store),
         "final_loss": round(sum(h["loss"] for h in last) / len(last), 4),
         "final_accuracy": round(sum(h["accuracy"] for h in last) / len(last), 4),
+        "response_tokens_seen": result.tokens,
+        "learning_curve": result.evals,
         "settings": asdict(settings),
         "config": asdict(cfg),
     }
@@ -91,3 +107,29 @@ def run_train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def replay_check(target, cfg, features: Path, limit: int, max_tokens: int):
+    """The learning-curve probe: greedy τ by replay (``tandem.eval.replay``) on the first ``limit``
+    prompts of each benchmark, full γ chains (DSpark without its confidence stop, so that all
+    algorithms are measured alike). The target's continuations are cached beside the features."""
+    from tandem.drafters import ADAPTERS
+    from tandem.drafters.dspark import DSparkDrafter
+    from tandem.eval.benchmarks import BENCHMARKS, load_benchmarks
+    from tandem.eval.replay import build_cases, load_cases, replay, save_cases
+
+    path = features / f"replay-{limit}x{max_tokens}.safetensors"
+    if path.exists():
+        cases = load_cases(path)
+    else:
+        prompts = load_benchmarks(list(BENCHMARKS), limit)
+        chat = target.tokenizer.has_chat_template
+        encoded = [(p.benchmark, target.tokenizer.encode(p.text, chat=chat)) for p in prompts]
+        cases = build_cases(target.model, encoded, cfg.feature_layers, max_tokens, target.eos_token_ids)
+        save_cases(cases, path)
+
+    def evaluate(model) -> dict:
+        drafter = DSparkDrafter(model, min_survival=0.0) if cfg.algo == "dspark" else ADAPTERS[cfg.algo](model)
+        return {"tau": replay(drafter, cases)}
+
+    return evaluate

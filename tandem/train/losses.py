@@ -1,10 +1,12 @@
 """Training objectives of the three drafters, each on one :class:`Example` (DeepSpec recipes).
 
 - DFlash: cross-entropy of every block position, weighted ``exp(-k/γ)``.
-- DSpark: ``0.1·CE + 0.9·TV + BCE(confidence, 1 - TV)``, each weighted ``exp(-k/γ)``; TV is the
+- DSpark: ``c·CE + (1-c)·TV + BCE(confidence, 1 - TV)`` (``c`` = 0.1 by default), each weighted
+  ``exp(-k/γ)``; TV is the
   total-variation distance between the draft and target distributions (tokens outside the draft
   vocabulary count as draft mass 0), and ``1 - TV`` is the chance a sampled draft token survives.
-- EAGLE-3: cross-entropy at every step of training-time test, weighted ``exp(-j/γ)``.
+- EAGLE-3: cross-entropy at every step of training-time test, weighted ``exp(-j/γ)``: the layer
+  runs only the sampled chains, on its own outputs, as it drafts (:meth:`Eagle3Model.chains`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,18 @@ class LossOut:
 
 
 def example_loss(
-    model: DraftModel, ex: Example, target: Transformer, samples: int, generator: torch.Generator
+    model: DraftModel,
+    ex: Example,
+    target: Transformer,
+    samples: int,
+    generator: torch.Generator,
+    ce_weight: float = 0.1,
 ) -> LossOut | None:
     """The model's objective on ``samples`` random anchors (blocks) or positions (EAGLE-3) of
     ``ex``'s response; ``None`` when the response is too short to score."""
     if isinstance(model, Eagle3Model):
         return eagle3_loss(model, ex, samples, generator)
-    return block_loss(model, ex, target, samples, generator)
+    return block_loss(model, ex, target, samples, generator, ce_weight)
 
 
 def _choose(candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -68,8 +75,9 @@ def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors:
     if isinstance(model, DSparkModel):
         code, bias = model.transition(ex.tokens[positions])  # teacher forcing: the true previous token
         out.logits = out.logits + bias
-        with torch.no_grad():
-            p = torch.softmax(target.logits(ex.final[positions]), -1)[..., model.vocab_map]
+        with torch.no_grad():  # the target's probabilities of the draft vocabulary only
+            final = ex.final[positions].to(target.dtype)
+            p = torch.exp(target.logits(final, model.target_lm_head) - ex.lse[positions, None])
         q = torch.softmax(out.logits, -1)
         out.tv = 0.5 * ((p - q).abs().sum(-1) + (1 - p.sum(-1)).clamp(min=0))
         out.confidence = model.confidence_logits(hidden, code)
@@ -77,7 +85,12 @@ def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors:
 
 
 def block_loss(
-    model: DFlashModel, ex: Example, target: Transformer, samples: int, generator: torch.Generator
+    model: DFlashModel,
+    ex: Example,
+    target: Transformer,
+    samples: int,
+    generator: torch.Generator,
+    ce_weight: float = 0.1,
 ) -> LossOut | None:
     # The anchor is the last verified token; its own features are not known yet (causal context).
     candidates = torch.arange(max(ex.prompt_len, 1), ex.tokens.numel() - 1)
@@ -90,36 +103,30 @@ def block_loss(
     per_position = ce.view_as(out.weights)
     if out.tv is not None and out.confidence is not None:
         bce = F.binary_cross_entropy_with_logits(out.confidence, (1 - out.tv).detach(), reduction="none")
-        per_position = 0.1 * per_position + 0.9 * out.tv + bce
+        per_position = ce_weight * per_position + (1 - ce_weight) * out.tv + bce
     loss = (per_position * out.weights).sum() / out.weights.sum()
     correct = int((out.logits[:, 0].argmax(-1) == out.labels[:, 0]).sum())
     return LossOut(loss, correct, len(anchors))
 
 
 def eagle3_loss(model: Eagle3Model, ex: Example, samples: int, generator: torch.Generator) -> LossOut | None:
+    """Cross-entropy along each sampled draft chain; step ``j`` predicts ``x_{a+j+2}``."""
     n, gamma = ex.tokens.numel(), model.config.block_size
-    steps = min(gamma, 4)
-    outputs = model.unroll(ex.tokens, ex.features, steps)
-    total = torch.zeros(())
-    weight_sum = 0.0
-    correct = counted = 0
-    for j, out in enumerate(outputs):
-        # Position i predicts x_{i+2}. Drafting starts at the last context position (the prompt's
-        # last token after prefill) and step j is j tokens into the chain: i - j >= prompt_len - 1.
-        candidates = torch.arange(max(ex.prompt_len, 1) - 1 + j, n - 2)
-        if not len(candidates):
-            return None
-        picked = _choose(candidates, samples, generator)
-        logits = model.draft_logits(out[picked])
-        labels = model.to_draft[ex.tokens[picked + 2]]
-        ce = F.cross_entropy(logits, labels, ignore_index=model.config.draft_vocab)
-        if torch.isnan(ce):  # every label outside the draft vocabulary
-            continue
-        w = float(torch.exp(torch.tensor(-j / gamma)))
-        total = total + w * ce
-        weight_sum += w
-        if j == 0:
-            correct, counted = int((logits.argmax(-1) == labels).sum()), len(picked)
-    if not weight_sum:
+    # Anchor a: the last position whose features are known (the prompt's last token after prefill).
+    candidates = torch.arange(max(ex.prompt_len, 1) - 1, n - 2)
+    if not len(candidates):
         return None
-    return LossOut(total / weight_sum, correct, counted)
+    anchors = _choose(candidates, samples, generator)
+    steps = torch.arange(min(gamma, 4))
+    outputs = torch.stack(model.chains(ex.tokens, ex.features, anchors, len(steps)), 1)  # [A, steps, d]
+    targets = anchors[:, None] + steps + 2
+    labels = model.to_draft[ex.tokens[targets.clamp(max=n - 1)]]
+    weights = torch.exp(-steps / gamma) * (targets < n) * (labels != model.config.draft_vocab)
+    if not weights.sum():  # every label outside the draft vocabulary
+        return None
+    logits = model.draft_logits(outputs)
+    ignore = model.config.draft_vocab
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore, reduction="none")
+    loss = (ce.view_as(weights) * weights).sum() / weights.sum()
+    correct = int((logits[:, 0].argmax(-1) == labels[:, 0]).sum())
+    return LossOut(loss, correct, len(anchors))

@@ -165,7 +165,9 @@ def read_jsonl(path: Path, what: str, parse: Callable[[Any], T]) -> list[T]:
     """``parse`` of every non-blank line of ``path``; any failure is a :class:`DataError` that
     names the line (``what``: what a record should be, for the message)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # JSON lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085 and
+        # other separators that JSON strings may hold unescaped.
+        lines = path.read_text(encoding="utf-8").split("\n")
     except OSError as exc:
         raise DataError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
     out = []

@@ -4,14 +4,20 @@ rerun resumes, and a seed that fixes the data order and the sampled anchors.
 With ``minutes`` the run also stops at a wall-clock budget: the cosine horizon is then fixed after
 the warmup steps from their measured speed (and kept in the checkpoint), so drafters of different
 cost get the same time rather than the same number of steps.
+
+With an ``evaluate`` callback the run measures the drafter every ``eval_every`` steps (and at the
+start and the end) against the response tokens it has seen: the learning curve. Evaluation time
+is not counted against the budget.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -36,13 +42,17 @@ class TrainSettings:
     checkpoint_every: int = 50
     holdout: float = 0.02  # share of examples kept for validation and calibration
     stop_at: int | None = None  # end this run after this step; a rerun resumes from the checkpoint
+    ce_weight: float = 0.1  # dspark: weight of cross-entropy against (1 - it) total variation
+    eval_every: int = 0  # steps between calls of ``evaluate`` (0: only at the start and the end)
 
 
 @dataclass
 class TrainResult:
     steps: int
     seconds: float
+    tokens: int = 0  # response tokens of the sequences drawn so far
     history: list[dict[str, float]] = field(default_factory=list)  # per step: loss, accuracy
+    evals: list[dict] = field(default_factory=list)  # step, tokens, seconds and what evaluate returned
 
 
 def split(store: FeatureStore, holdout: float) -> tuple[list[int], list[int]]:
@@ -58,6 +68,7 @@ def train(
     settings: TrainSettings,
     checkpoint: Path | None = None,
     progress: bool = True,
+    evaluate: Callable[[DraftModel], dict[str, Any]] | None = None,
 ) -> TrainResult:
     train_ids, held_ids = split(store, settings.holdout)
     model.train()
@@ -71,16 +82,31 @@ def train(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
-        step, horizon, seconds, result.history = saved["step"], saved["horizon"], saved["seconds"], saved["history"]
+        step, horizon, seconds = saved["step"], saved["horizon"], saved["seconds"]
+        result.history, result.tokens, result.evals = saved["history"], saved["tokens"], saved["evals"]
+
+    def measure() -> float:
+        """Run ``evaluate`` (if due and not done yet for this step); returns the seconds it took."""
+        if evaluate is None or (result.evals and result.evals[-1]["step"] == step):
+            return 0.0
+        begin = time.perf_counter()
+        figures = evaluate(model)
+        model.train()
+        result.evals.append({"step": step, "tokens": result.tokens, "seconds": round(seconds, 1), **figures})
+        bar.write(f"step {step}, {result.tokens} tokens: {figures}")
+        return time.perf_counter() - begin
+
     bar = tqdm(total=horizon, initial=step, desc=f"train {model.config.algo}", unit="step", disable=not progress)
-    started = time.perf_counter() - seconds
+    started = time.perf_counter() - seconds - measure()
     while step < min(horizon, settings.stop_at or horizon):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * _schedule(step, settings.warmup, horizon)
         batch = torch.randint(len(train_ids), (settings.batch_size,), generator=generator).tolist()
         losses, correct, counted = [], 0, 0
         for i in batch:
-            out = example_loss(model, store[train_ids[i]], target, settings.samples, generator)
+            ex = store[train_ids[i]]
+            result.tokens += ex.tokens.numel() - ex.prompt_len
+            out = example_loss(model, ex, target, settings.samples, generator, settings.ce_weight)
             if out is not None:
                 losses.append(out.loss)
                 correct, counted = correct + out.correct, counted + out.counted
@@ -103,8 +129,10 @@ def train(
         out_of_time = settings.minutes is not None and seconds >= settings.minutes * 60
         if out_of_time:  # the budget is a hard limit even if the machine slowed down after warmup
             horizon = step
+        if (settings.eval_every and step % settings.eval_every == 0) or step == horizon:
+            started += measure()
         if checkpoint is not None and (step % settings.checkpoint_every == 0 or step in (horizon, settings.stop_at)):
-            _save(checkpoint, model, optimizer, generator, step, horizon, seconds, result.history)
+            _save(checkpoint, model, optimizer, generator, step, horizon, seconds, result)
     bar.close()
     model.eval()
     if isinstance(model, DSparkModel) and held_ids and step == horizon:
@@ -120,7 +148,7 @@ def _schedule(step: int, warmup: int, horizon: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save(path: Path, model, optimizer, generator, step, horizon, seconds, history) -> None:
+def _save(path: Path, model, optimizer, generator, step, horizon, seconds, result: TrainResult) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -129,7 +157,9 @@ def _save(path: Path, model, optimizer, generator, step, horizon, seconds, histo
         "step": step,
         "horizon": horizon,
         "seconds": seconds,
-        "history": history,
+        "history": result.history,
+        "tokens": result.tokens,
+        "evals": result.evals,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
