@@ -23,6 +23,7 @@ from tandem.train.prompts import (
     Prompt,
     eval_prompts,
     iter_json_array,
+    read_jsonl,
     read_prompts,
     sharegpt_path,
 )
@@ -112,6 +113,15 @@ def test_jsonl_broken_lines_are_counted_not_fatal(tmp_path):
     kept = [("mine-0", "First prompt"), ("sg", "ShareGPT-style line"), ("mine-6", "Third prompt")]
     assert prompts == [Prompt(*p) for p in kept]
     assert (stats.read, stats.kept, dict(stats.dropped)) == (7, 3, {"broken": 3, "empty": 1})
+
+
+def test_jsonl_records_may_hold_unicode_line_separators(tmp_path):
+    """JSON strings may hold U+2028, U+0085 or U+001C unescaped (ShareGPT does, in the shared
+    training data): only "\\n" ends a line."""
+    path = tmp_path / "records.jsonl"
+    texts = ["one\u2028two", "three\x85four\x1cfive", "plain"]
+    path.write_text("".join(json.dumps({"t": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert read_jsonl(path, "a record", lambda r: r["t"]) == texts
 
 
 def test_eval_sets_cover_every_benchmark_turn():
