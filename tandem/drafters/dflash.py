@@ -21,18 +21,29 @@ class DFlashModel(DraftModel):
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
         self.mask_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
 
-    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[KV]:
-        """Per layer, keys/values of context positions from target ``features`` ``[B, n, F]``."""
-        ctx, rope = self.fuse(features), self.rope(positions)
-        return [layer.kv(ctx, rope) for layer in self.layers]
+    def context_kv(self, fused: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        """Per layer, keys/values of context positions from fused target features ``[B, n, d]``."""
+        rope = self.rope(positions)
+        return [layer.kv(fused, rope) for layer in self.layers]
 
-    def block_hidden(self, anchors: torch.Tensor, starts: torch.Tensor, context: list[KV], visible: torch.Tensor):
+    def block_hidden(
+        self,
+        anchors: torch.Tensor,
+        starts: torch.Tensor,
+        context: list[KV],
+        visible: torch.Tensor,
+        before: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Hidden states ``[B, γ, d]`` of blocks ``[anchor, mask, ...]`` at positions ``starts + k``.
 
         ``context``: per layer ``[B, kv, S, hd]``; ``visible`` ``[B, γ, S]``: which context keys
-        each block sees (all of its own prefix)."""
+        each block sees (all of its own prefix). ``before`` ``[B, d]``: the fused features of the
+        position before each anchor (the newest the target has given), added to every slot when
+        the config has ``anchor_features``, so the block need not find them by attention."""
         gamma = self.config.block_size
         x = torch.cat([self.embed(anchors)[:, None], self.mask_embedding.expand(len(anchors), gamma - 1, -1)], 1)
+        if self.config.anchor_features:
+            x = x + before[:, None]
         rope = self.rope(starts[:, None] + torch.arange(gamma))
         mask = torch.cat([visible, visible.new_ones(len(anchors), gamma, gamma)], -1)
         for layer, past in zip(self.layers, context):
@@ -46,10 +57,11 @@ class DFlashModel(DraftModel):
         ``anchors`` ``[A]``, each seeing the target features of positions before its anchor, and the
         context keys/values shared by all of them."""
         n = tokens.numel()
-        context = self.context_kv(features[None], torch.arange(n)[None])
+        fused = self.fuse(features[None])
+        context = self.context_kv(fused, torch.arange(n)[None])
         context = [(k.expand(len(anchors), -1, -1, -1), v.expand(len(anchors), -1, -1, -1)) for k, v in context]
         visible = (torch.arange(n)[None, :] < anchors[:, None])[:, None, :].expand(-1, self.config.block_size, -1)
-        return self.block_hidden(tokens[anchors], anchors, context, visible), anchors
+        return self.block_hidden(tokens[anchors], anchors, context, visible, fused[0, anchors - 1]), anchors
 
 
 class DFlashDrafter(NeuralDrafter):
@@ -59,15 +71,18 @@ class DFlashDrafter(NeuralDrafter):
 
     def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
         positions = torch.arange(state.length, state.length + len(features))[None]
-        new = self.model.context_kv(features[None], positions)
+        fused = self.model.fuse(features[None])
+        new = self.model.context_kv(fused, positions)
         state.cache = new if not state.cache else [cat_kv(old, kv) for old, kv in zip(state.cache, new)]
         state.length += len(features)
+        state.extra["before"] = fused[:, -1]  # the position before the next anchor
 
     def block_logits(self, state: DraftState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Base logits ``U`` ``[γ, V_draft]`` and hidden states ``[γ, d]`` for the anchor's block."""
         gamma = self.model.config.block_size
         visible = torch.ones(1, gamma, state.length, dtype=torch.bool)
-        hidden = self.model.block_hidden(token_ids[-1:], torch.tensor([state.length]), state.cache, visible)[0]
+        start = torch.tensor([state.length])
+        hidden = self.model.block_hidden(token_ids[-1:], start, state.cache, visible, state.extra["before"])[0]
         return self.model.draft_logits(hidden), hidden
 
     def draft(

@@ -50,6 +50,9 @@ class DraftConfig:
     block_size: int = 8  # γ: draft tokens per round (dflash/dspark block; eagle3 chain depth)
     draft_vocab: int = 8192  # size of the reduced draft vocabulary
     markov_rank: int = 64  # dspark only
+    # dflash/dspark: add the fused features of the position before the anchor to every block slot
+    # (False in drafters saved before it existed: they found them by attention only)
+    anchor_features: bool = False
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_position: int = 8192
@@ -84,6 +87,7 @@ class DraftConfig:
             draft_vocab=min(8192, t.vocab_size),
             rms_norm_eps=t.rms_norm_eps,
             max_position=t.max_position,
+            anchor_features=True,
         )
         fields.update(overrides)
         return cls(**fields)

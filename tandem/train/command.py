@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="most frequent target tokens kept")
     p.add_argument("--markov-rank", type=int, default=64, help="dspark: rank of the Markov head (0: none)")
+    p.add_argument(
+        "--anchor-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dflash/dspark: give every block slot the features of the position before the anchor",
+    )
     p.add_argument("--ce-weight", type=float, default=0.1, help="dspark: CE weight; TV gets 1 - it")
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--eval-every", type=int, default=0, help="steps between τ checks (0: start and end only)")
@@ -72,6 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
         "num_layers": args.layers,
         "draft_vocab": min(args.draft_vocab, target.model.config.vocab_size),
         "markov_rank": args.markov_rank,
+        "anchor_features": args.anchor_features,
     }
     if args.intermediate_size:
         overrides["intermediate_size"] = args.intermediate_size

@@ -1,9 +1,10 @@
 """The drafter training loop: AdamW, linear warmup then cosine decay, periodic checkpoints that a
 rerun resumes, and a seed that fixes the data order and the sampled anchors.
 
-With ``minutes`` the run also stops at a wall-clock budget: the cosine horizon is then fixed after
-the warmup steps from their measured speed (and kept in the checkpoint), so drafters of different
-cost get the same time rather than the same number of steps.
+With ``minutes`` the run stops at a wall-clock budget and the cosine decay follows the share of
+the budget spent rather than of the steps, so drafters of different cost get the same time rather
+than the same number of steps. (Fixing a step horizon from the warmup's speed went wrong when the
+first steps were slow, e.g. reading a feature cache that was not in memory yet.)
 
 With an ``evaluate`` callback the run measures the drafter every ``eval_every`` steps (and at the
 start and the end) against the response tokens it has seen: the learning curve. Evaluation time
@@ -75,7 +76,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(settings.seed)
-    step, horizon, seconds = 0, settings.steps, 0.0
+    budget = settings.minutes * 60 if settings.minutes is not None else None
+    step, horizon, seconds = 0, (1 << 62) if budget else settings.steps, 0.0
     result = TrainResult(0, 0.0)
     if checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=False)
@@ -96,11 +98,13 @@ def train(
         bar.write(f"step {step}, {result.tokens} tokens: {figures}")
         return time.perf_counter() - begin
 
-    bar = tqdm(total=horizon, initial=step, desc=f"train {model.config.algo}", unit="step", disable=not progress)
+    total = None if budget else horizon  # with a budget the bar shows the steps done and their rate
+    bar = tqdm(total=total, initial=step, desc=f"train {model.config.algo}", unit="step", disable=not progress)
     started = time.perf_counter() - seconds - measure()
     while step < min(horizon, settings.stop_at or horizon):
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * _schedule(step, settings.warmup, horizon)
+            done = seconds / budget if budget else (step - settings.warmup) / max(1, horizon - settings.warmup)
+            group["lr"] = settings.lr * _schedule(step, settings.warmup, done)
         batch = torch.randint(len(train_ids), (settings.batch_size,), generator=generator).tolist()
         losses, correct, counted = [], 0, 0
         for i in batch:
@@ -123,11 +127,7 @@ def train(
         result.history.append(record)
         bar.update()
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-        if settings.minutes and step == settings.warmup and horizon == settings.steps:
-            horizon = max(step + 1, int(settings.minutes * 60 / (seconds / step)))
-            bar.total = horizon
-        out_of_time = settings.minutes is not None and seconds >= settings.minutes * 60
-        if out_of_time:  # the budget is a hard limit even if the machine slowed down after warmup
+        if budget is not None and seconds >= budget:  # a hard limit
             horizon = step
         if (settings.eval_every and step % settings.eval_every == 0) or step == horizon:
             started += measure()
@@ -141,11 +141,11 @@ def train(
     return result
 
 
-def _schedule(step: int, warmup: int, horizon: int) -> float:
+def _schedule(step: int, warmup: int, done: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 5 % as ``done`` goes 0 -> 1."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, horizon - warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, done))))
 
 
 def _save(path: Path, model, optimizer, generator, step, horizon, seconds, result: TrainResult) -> None:
