@@ -22,6 +22,7 @@ from tandem.drafters.base import Drafter, DraftRequest
 from tandem.engine import Engine, Request
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
+from tandem.train.features import sequence_features
 from tandem.tree import TokenTree
 
 
@@ -49,18 +50,8 @@ def build_cases(
     cases = []
     for (benchmark, ids), result in zip(prompts, results):
         tokens = torch.tensor(ids + result.token_ids)
-        n = len(tokens)
-        causal = torch.ones(1, n, n, dtype=torch.bool).tril()
-        _, feats = target.forward_features(
-            tokens[None],
-            torch.arange(n)[None],
-            causal,
-            target.new_cache(1, n),
-            torch.arange(1),
-            feature_layers,
-            torch.zeros(1, 1, dtype=torch.long),
-        )
-        cases.append(ReplayCase(benchmark, len(ids), tokens, feats[0].float()))
+        feats = sequence_features(target, tokens.tolist(), feature_layers)
+        cases.append(ReplayCase(benchmark, len(ids), tokens, feats.float()))
     return cases
 
 

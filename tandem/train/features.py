@@ -87,7 +87,7 @@ def _write_shard(
     d = target.config.hidden_size
     features, finals, lses = [], [], []
     for sequence in sequences:
-        feats = _forward(target, sequence, layers).to(torch.bfloat16)
+        feats = sequence_features(target, sequence, layers).to(torch.bfloat16)
         features.append(feats[:, :-d])
         finals.append(feats[:, -d:])
         # Of the stored (rounded) final states, so that exp(logits - lse) sums to exactly 1.
@@ -106,7 +106,7 @@ def _write_shard(
     tmp.rename(path)  # a shard is either complete or absent: resuming never reads half a shard
 
 
-def _forward(target: Transformer, sequence: list[int], layers: Sequence[int]) -> torch.Tensor:
+def sequence_features(target: Transformer, sequence: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
     """Hidden states ``[T, len(layers) * d]`` of one sequence (one causal pass)."""
     n = len(sequence)
     causal = torch.ones(1, n, n, dtype=torch.bool).tril()
