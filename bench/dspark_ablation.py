@@ -13,7 +13,6 @@ The training-time pieces (Markov head rank 0, the CE/TV loss weights) are separa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from tandem.drafters import load_drafter, shipped_drafter
 from tandem.drafters.dspark import DSparkDrafter
 from tandem.eval.benchmarks import BENCHMARKS, load_benchmarks
-from tandem.eval.report import markdown, plot
+from tandem.eval.report import write_results
 from tandem.eval.run import evaluate
 from tandem.models.catalog import DEFAULT_MODEL
 from tandem.target import load_target
@@ -54,13 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     chat = target.tokenizer.has_chat_template
     encoded = [(p, target.tokenizer.encode(p.text, chat=chat)) for p in prompts]
     results = evaluate(target.model, drafters, encoded, args.temperature, args.max_tokens, target.eos_token_ids)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"drafter": str(folder), "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads()}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    table = markdown(results)
-    out.with_suffix(".md").write_text(table + "\n")
-    plot(results, out.with_suffix(".png"), f"DSpark ablation, {args.model}, {args.dtype}")
+    table, _ = write_results(results, meta, Path(args.out), f"DSpark ablation, {args.model}, {args.dtype}")
     print(table)
     return 0
 

@@ -41,7 +41,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from tandem.drafters import check_drafter_name, make_drafter
     from tandem.eval.benchmarks import load_benchmarks, read_turns_file
-    from tandem.eval.report import markdown, plot
+    from tandem.eval.report import write_results
     from tandem.eval.run import evaluate
     from tandem.target import load_target
 
@@ -71,8 +71,6 @@ def run_eval(args: argparse.Namespace) -> int:
         max_draft_nodes=args.max_draft,
         seed=args.seed,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": str(args.model),
         "dtype": args.dtype,
@@ -81,12 +79,10 @@ def run_eval(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "drafters": args.drafter,
     }
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    table = markdown(results)
-    out.with_suffix(".md").write_text(table + "\n")
-    pngs = plot(results, out.with_suffix(".png"), f"{args.model}, {args.dtype}, {args.max_tokens} tokens")
+    title = f"{args.model}, {args.dtype}, {args.max_tokens} tokens"
+    table, written = write_results(results, meta, Path(args.out), title)
     print(table)
     if args.json:
         print(json.dumps(results))
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {', '.join(map(str, pngs))}", file=sys.stderr)
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0

@@ -32,6 +32,18 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+def write_results(results: Results, meta: dict[str, Any], out: Path, title: str) -> tuple[str, list[Path]]:
+    """``<out>.json`` (meta + results), ``<out>.md`` (the table) and the PNG plots; returns the
+    table and every file written."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    table = markdown(results)
+    out.with_suffix(".md").write_text(table + "\n")
+    return table, [out.with_suffix(".json"), out.with_suffix(".md"), *plot(results, out.with_suffix(".png"), title)]
+
+
 def plot(results: Results, png: Path, title: str) -> list[Path]:
     """``<png stem>-tau.png`` and ``<png stem>-acceptance.png``; returns the files written."""
     return [
