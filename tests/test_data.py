@@ -27,7 +27,7 @@ from tandem.train.prompts import (
     read_prompts,
     sharegpt_path,
 )
-from tandem.train.regenerate import check_meta, done_ids, meta_path, regenerate
+from tandem.train.regenerate import check_meta, done_ids, meta_path, regenerate, responses_of, write_replies
 from tests.tiny_models import build_tiny
 
 VOCAB = 64
@@ -79,7 +79,7 @@ def test_sharegpt_file_counts_every_kind_of_drop(tmp_path):
     path = tmp_path / "sharegpt.json"
     path.write_text(text[: text.rindex("cut off")], encoding="utf-8")
     prompts, stats = read_prompts(path, eval_prompts())
-    assert prompts == [Prompt("keep", "Hello there"), Prompt("sharegpt-7", "No id of its own")]
+    assert prompts == [Prompt("keep", "Hello there", "Hi"), Prompt("sharegpt-7", "No id of its own")]
     assert stats.as_dict() == {
         "read": 10,
         "complete": 9,
@@ -201,14 +201,38 @@ def test_sampled_records_do_not_depend_on_batching(tiny, tmp_path):
     assert len({tuple(r["response_ids"]) for r in outputs[0].values()}) == len(PROMPTS)
 
 
+def test_teacher_forced_records_are_the_sources_own_replies(tmp_path):
+    prompts = [
+        Prompt("a", "hello", "abc"),
+        Prompt("b", "no answer"),
+        Prompt("c", "q", "x" * 20),
+        Prompt("d", "long" * 10, "ok"),
+    ]
+    out = tmp_path / "tf.jsonl"
+    args = dict(encode=_encode, encode_reply=_encode, decode=_decode, out=out, stop_id=63, max_tokens=8)
+    stats = write_replies(prompts[:1], **args, max_prompt_tokens=16)
+    stats = write_replies(prompts, **args, max_prompt_tokens=16)
+    assert (stats.already_done, stats.no_reply, stats.too_long, stats.written) == (1, 1, 1, 1)
+    records = _records(out)
+    assert sorted(records) == ["a", "c"]
+    assert records["a"]["prompt_ids"] == _encode("hello")
+    assert (records["a"]["response_ids"], records["a"]["finish_reason"]) == ([*_encode("abc"), 63], "stop")
+    assert (records["c"]["response_ids"], records["c"]["finish_reason"]) == (_encode("x" * 8), "length")
+    assert records["c"]["response"] == _decode(_encode("x" * 8))
+
+
 def test_resuming_with_other_settings_or_a_foreign_file_is_refused(tmp_path):
     out = tmp_path / "d.jsonl"
     out.write_text('{"id": "a"}\n')
     settings = {"model": "m", "dtype": "float32", "temperature": 0.0, "max_tokens": 8, "seed": 0}
-    meta_path(out).write_text(json.dumps(settings))
+    meta_path(out).write_text(json.dumps(settings))  # as written before teacher-forced data existed
+    assert responses_of(out) == "target"
+    settings["responses"] = "target"
     check_meta(out, settings)
     with pytest.raises(DataError, match="temperature 0.0 -> 0.7"):
         check_meta(out, {**settings, "temperature": 0.7})
+    with pytest.raises(DataError, match="responses 'target' -> 'dataset'"):
+        check_meta(out, {**settings, "responses": "dataset"})
     assert done_ids(out) == {"a"}
     out.write_text('{"id": "a"}\n[1]\n')
     with pytest.raises(DataError, match="line 2 is not a tandem data record"):

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from scipy.stats import chisquare
 
 from tandem.drafters import (
@@ -17,21 +18,26 @@ from tandem.drafters import (
     SHIPPED,
     DraftConfig,
     DraftRequest,
+    check_drafter_name,
     default_drafter,
     load_drafter,
     make_drafter,
     new_draft_model,
     shipped_drafter,
+    split_spec,
 )
-from tandem.drafters.dspark import DSparkModel
+from tandem.drafters.dspark import DSparkDrafter, DSparkModel
 from tandem.drafters.neural import ALGORITHMS, DraftState, cat_kv
 from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest, ModelLoadError
 from tandem.eval.replay import build_cases, replay
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
-from tandem.train.features import build_store, draft_vocabulary
-from tandem.train.trainer import TrainSettings, train
+from tandem.train.features import FeatureStore, build_store, draft_vocabulary
+from tandem.train.prompts import DataError
+from tandem.train.trainer import TrainSettings, calibrate_confidence, train
+from tandem.tree import path_to
+from tandem.tree_search import Growth, TreeShape
 from tests.test_engine import exact_law
 from tests.tiny_models import build_tiny
 
@@ -154,13 +160,59 @@ def test_greedy_output_equals_plain_decoding(trained, target, algo, batch):
     assert sum(r.stats.accepted for r in spec) > 0, "the drafter never helped: the test would not see a bad accept"
 
 
+def _chain_drafter(trained, algo):
+    """The chain drafter without DSpark's confidence stop (full γ chains, as trees go)."""
+    model = trained[algo][0]
+    return DSparkDrafter(model, min_survival=0.0) if algo == "dspark" else ADAPTERS[algo](model)
+
+
 @pytest.mark.parametrize("algo", ALGORITHMS)
-def test_sampled_output_follows_the_target(trained, target, algo):
+def test_trees_branch_on_what_each_path_would_draft(trained, target, algo):
+    """A width-one tree is the chain. In a wider tree every node's best child is what the drafter
+    gives when it walks that node's path alone (for EAGLE-3 this checks the tree attention: keys
+    of other branches leaking in would change it), and the shape stays within its budget."""
+    model, prompts, params = trained[algo][0], _prompts(6, seed=31), SamplingParams(max_tokens=8)
+    gamma = model.config.block_size
+    chains = _drafts(_chain_drafter(trained, algo), target, prompts, params)
+    narrow = _drafts(ADAPTERS[algo](model, tree=TreeShape(1, gamma, gamma)), target, prompts, params)
+    assert [t.tokens.tolist() for t in narrow] == [t.tokens.tolist() for t in chains]
+    drafter = ADAPTERS[algo](model, tree=TreeShape(3, gamma, 8))
+    for i, tree in enumerate(_drafts(drafter, target, prompts, params)):
+        assert len(tree) - 1 <= 8 and int(tree.depths.max()) <= gamma and len(tree.children(0)) == 3
+        state, token_ids = drafter._states[i], torch.tensor(prompts[i] + [int(tree.tokens[0])])
+        for node in range(len(tree)):
+            if not tree.children(node):
+                continue
+            alone, logits_of = Growth([int(tree.tokens[0])]), drafter.children(state, token_ids)
+            for step in path_to(tree.parents, node)[1:]:
+                logits_of(alone, [len(alone.tokens) - 1])
+                alone.add(int(tree.tokens[step]), len(alone.tokens) - 1, 0.0)
+            best = model.vocab_map[logits_of(alone, [len(alone.tokens) - 1])[0].argmax()]
+            assert int(tree.tokens[tree.children(node)[0]]) == int(best)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_greedy_output_with_trees_equals_plain_decoding(trained, target, algo, batch):
+    prompts = _prompts(8, seed=13)
+    params = SamplingParams(max_tokens=30)
+    plain = Engine(target).generate([Request(p, params) for p in prompts])
+    engine = Engine(target, ADAPTERS[algo](trained[algo][0], tree=TreeShape(3, 4, 10)), max_draft_nodes=10)
+    spec = []
+    for i in range(0, len(prompts), batch):
+        spec += engine.generate([Request(p, params) for p in prompts[i : i + batch]])
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert sum(r.stats.accepted for r in spec) > 0
+
+
+@pytest.mark.parametrize("tree", [None, TreeShape(2, 3, 6)], ids=["chain", "tree"])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_sampled_output_follows_the_target(trained, target, algo, tree):
     """First three tokens of 2,000 seeded requests against the exact law of the target."""
     prompt = [5, 17, 33, 2, 9]
     params = SamplingParams(temperature=1.0, top_k=4, max_tokens=6, ignore_eos=True)
     n = 2000
-    engine = Engine(target, ADAPTERS[algo](trained[algo][0]), max_draft_nodes=6)
+    engine = Engine(target, ADAPTERS[algo](trained[algo][0], tree=tree), max_draft_nodes=6)
     results = engine.generate([Request(prompt, replace(params, seed=s)) for s in range(n)])
     triples = Counter(tuple(r.token_ids[:3]) for r in results)
     expected = exact_law(target, prompt, params, steps=3)
@@ -232,6 +284,30 @@ def test_target_probabilities_from_the_stored_normaliser(target, store):
     torch.testing.assert_close(rows, full, rtol=1e-4, atol=1e-6)
 
 
+def test_teacher_forced_labels_are_the_targets_greedy_tokens(target, tmp_path):
+    """Text the target did not write (random here) is labelled with the target's greedy token after
+    each position, which plain decoding from that prefix emits; the target's own text keeps its
+    next tokens as labels."""
+    rng = random.Random(5)
+    records = [(p, [rng.randrange(VOCAB) for _ in range(12)]) for p in _prompts(4, seed=5)]
+    layers = DraftConfig.for_target("dflash", target, "tiny").feature_layers
+    forced = build_store(target, records, layers, tmp_path / "f", progress=False, teacher_forced=True)
+    for i, (prompt, response) in enumerate(records):
+        ex, tokens = forced[i], prompt + response
+        positions = range(len(prompt) - 1, len(tokens) - 1)
+        plain = Engine(target).generate([Request(tokens[: p + 1], SamplingParams(max_tokens=1)) for p in positions])
+        assert ex.labels[len(prompt) - 1 : -1].tolist() == [r.token_ids[0] for r in plain]
+        assert ex.labels[len(prompt) - 1 : -1].tolist() != response  # random text is not the target's
+        own = FeatureStore(tmp_path / "f")[i]
+        assert torch.equal(own.labels[:-1], own.tokens[1:])
+
+    shard = next((tmp_path / "f").glob("shard-*.safetensors"))
+    save_file({k: v for k, v in load_file(str(shard)).items() if k != "greedy"}, str(shard))
+    FeatureStore(tmp_path / "f")  # caches made before greedy labels still train on the target's own text
+    with pytest.raises(DataError, match="predates teacher-forced labels"):
+        FeatureStore(tmp_path / "f", teacher_forced=True)
+
+
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_replayed_tau_equals_the_engines(trained, target, algo):
     """Greedy τ by replay (no target in the loop) is the τ of real decoding through the engine."""
@@ -275,6 +351,39 @@ def test_dspark_without_a_markov_head_trains_and_stays_exact(target, store):
     plain = Engine(target).generate([Request(p, params) for p in prompts])
     spec = Engine(target, ADAPTERS["dspark"](model), max_draft_nodes=8).generate([Request(p, params) for p in prompts])
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+
+
+@pytest.mark.parametrize("options", [{"markov": False}, {"min_survival": 0.0}, {"min_survival": 0.5}])
+def test_dspark_inference_ablations_stay_exact(trained, target, options):
+    """What ``bench/dspark_ablation.py`` switches (the Markov bias off, other stop thresholds)
+    changes the drafts, never the output."""
+    prompts = _prompts(4, seed=23)
+    params = SamplingParams(max_tokens=20)
+    plain = Engine(target).generate([Request(p, params) for p in prompts])
+    drafter = DSparkDrafter(trained["dspark"][0], **options)
+    spec = Engine(target, drafter, max_draft_nodes=8).generate([Request(p, params) for p in prompts])
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert sum(r.stats.drafted for r in spec) > 0
+
+
+def test_calibration_skips_held_out_sequences_shorter_than_a_block(target, tmp_path):
+    """Teacher-forced replies can be a few tokens long ("Hi!"): no block fits, nothing to fit."""
+    records = [(p, [1, 2]) for p in _prompts(3, seed=9)]
+    layers = DraftConfig.for_target("dspark", target, "tiny").feature_layers
+    short = build_store(target, records, layers, tmp_path, progress=False)
+    model = _new("dspark", target, short)
+    assert calibrate_confidence(model, target, short, [0, 1, 2], samples=4, seed=0) == [1.0] * 4
+
+
+def test_drafter_specs_with_tree_shapes():
+    assert split_spec("dspark:4,6,16") == ("dspark", TreeShape(4, 6, 16))
+    assert split_spec("dspark") == ("dspark", None)
+    assert split_spec("/runs/a:b/dflash") == ("/runs/a:b/dflash", None)
+    check_drafter_name("eagle3:2,3,6")
+    with pytest.raises(InvalidRequest, match="TOPK,DEPTH,BUDGET"):
+        check_drafter_name("dspark:4,6,x")
+    with pytest.raises(InvalidRequest, match="takes no tree shape"):
+        check_drafter_name("ngram:2,3,4")
 
 
 def test_the_default_drafter_is_the_one_recorded_fastest():

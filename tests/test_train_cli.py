@@ -86,10 +86,36 @@ def test_generate_with_a_drafter_folder_equals_plain_decoding(pipeline):
     assert spec["drafter"] == str(pipeline)
 
 
+def test_teacher_forced_data_needs_no_generation(tmp_path):
+    """``--responses dataset`` keeps ShareGPT's own replies (no target decoding), and training on
+    them is marked teacher-forced (labels: the target's greedy tokens)."""
+    pairs = [("Name a fruit.", "An apple."), ("Say hi.", "Hi there!"), ("Count to three.", "1, 2, 3.")]
+    convs = [
+        {"id": f"c{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        for i, (q, a) in enumerate(pairs)
+    ]
+    convs.append({"id": "lonely", "conversations": [{"from": "human", "value": "No answer here."}]})
+    source, data = tmp_path / "sharegpt.json", tmp_path / "tf.jsonl"
+    source.write_text(json.dumps(convs))
+    proc = _ok(_tandem("data", "--prompts", str(source), "--out", str(data), "--responses", "dataset"))
+    assert "wrote 3 records" in proc.stderr and "1 without a reply" in proc.stderr
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [r["response"] for r in records] == [a for _, a in pairs]
+    assert all(r["finish_reason"] == "stop" for r in records)
+    assert json.loads((tmp_path / "tf.meta.json").read_text())["responses"] == "dataset"
+
+    out = tmp_path / "dspark"
+    args = ["--algo", "dspark", "--data", str(data), "--out", str(out), "--steps", "1", "--records", "2"]
+    _ok(_tandem("train", *args, "--batch-size", "2", "--eval-limit", "0", "--draft-vocab", "256", "--block-size", "4"))
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["teacher_forced"] is True and summary["settings"]["records"] == 2
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["train", "--algo", "dspark", "--data", "/no/such.jsonl", "--out", "x"], "cannot read"),
+        (["train", "--algo", "dspark", "--data", "d", "--out", "x", "--records", "0"], "--records must be >= 1"),
         (["train", "--algo", "medusa", "--data", "d", "--out", "x"], "invalid choice"),
         (["train", "--algo", "dspark", "--data", "d", "--out", "x", "--steps", "0"], "--steps must be >= 1"),
         (["eval", "--drafter", "/no/such/drafter"], "unknown drafter"),

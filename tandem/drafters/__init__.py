@@ -13,6 +13,7 @@ from tandem.drafters.neural import ALGORITHMS, DraftConfig, DraftModel, NeuralDr
 from tandem.drafters.ngram import NgramDrafter
 from tandem.errors import InvalidRequest
 from tandem.models.decoder import Transformer
+from tandem.tree_search import TreeShape
 
 DRAFTERS = ("none", "ngram", "ngram-tree", *ALGORITHMS)
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "drafters"  # <model name>/<algo>/
@@ -24,10 +25,22 @@ def new_draft_model(cfg: DraftConfig, target: Transformer, vocab_map=None) -> Dr
     return MODELS[cfg.algo](cfg, target, vocab_map)
 
 
-def load_drafter(folder: str | Path, target: Transformer) -> NeuralDrafter:
-    """A trained drafter from its folder (``config.json`` + ``model.safetensors``)."""
+def load_drafter(folder: str | Path, target: Transformer, tree: TreeShape | None = None) -> NeuralDrafter:
+    """A trained drafter from its folder (``config.json`` + ``model.safetensors``); chains, or
+    trees of ``tree``'s shape."""
     cfg = read_config(folder)
-    return ADAPTERS[cfg.algo](load_weights(MODELS[cfg.algo], cfg, folder, target))
+    return ADAPTERS[cfg.algo](load_weights(MODELS[cfg.algo], cfg, folder, target), tree=tree)
+
+
+def split_spec(spec: str) -> tuple[str, TreeShape | None]:
+    """``NAME[:TOPK,DEPTH,BUDGET]`` -> the drafter name and its tree shape (``None``: chains)."""
+    name, sep, shape = spec.rpartition(":")
+    if not sep or "," not in shape:  # no shape (a folder's path may hold a ":" of its own)
+        return spec, None
+    try:
+        return name, TreeShape.parse(shape)
+    except ValueError as exc:
+        raise InvalidRequest(f"drafter {spec!r}: {exc}") from None
 
 
 def shipped_drafter(algo: str, model_name: str) -> Path | None:
@@ -44,15 +57,21 @@ def default_drafter(model_name: str) -> str:
     return json.loads(path.read_text(encoding="utf-8"))["drafter"]
 
 
-def check_drafter_name(name: str) -> None:
-    """Refuse an unknown drafter before any slow model load."""
+def check_drafter_name(spec: str) -> None:
+    """Refuse an unknown drafter (or a tree on one that cannot branch) before any slow model load."""
+    name, tree = split_spec(spec)
+    if tree is not None and name in ("none", "ngram", "ngram-tree"):
+        raise InvalidRequest(f"drafter {name!r} takes no tree shape; trees are for {', '.join(ALGORITHMS)}")
     if name not in DRAFTERS and not (Path(name) / "config.json").exists():
         raise InvalidRequest(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)} or a drafter folder")
 
 
-def make_drafter(name: str, target: Transformer | None = None, model_name: str = "") -> Drafter | None:
+def make_drafter(spec: str, target: Transformer | None = None, model_name: str = "") -> Drafter | None:
     """A drafter by name or folder; ``none`` means plain decoding. Trained ones (``eagle3``,
-    ``dflash``, ``dspark``) are the drafters shipped for ``model_name``, loaded next to ``target``."""
+    ``dflash``, ``dspark``) are the drafters shipped for ``model_name``, loaded next to ``target``;
+    ``NAME:TOPK,DEPTH,BUDGET`` makes them draft trees of that shape."""
+    check_drafter_name(spec)
+    name, tree = split_spec(spec)
     if name == "none":
         return None
     if name == "ngram":
@@ -60,13 +79,11 @@ def make_drafter(name: str, target: Transformer | None = None, model_name: str =
     if name == "ngram-tree":
         return NgramDrafter(depth=6, branches=3)
     folder = shipped_drafter(name, model_name) if name in ALGORITHMS else Path(name)
-    if name in ALGORITHMS and folder is None:
+    if folder is None:
         raise InvalidRequest(f"no {name} drafter is shipped for {model_name!r}; pass a drafter folder")
-    if folder is None or not (folder / "config.json").exists():
-        raise InvalidRequest(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)} or a drafter folder")
     if target is None:
         raise InvalidRequest(f"drafter {name!r} needs its target model")
-    return load_drafter(folder, target)
+    return load_drafter(folder, target, tree)
 
 
 __all__ = [
@@ -82,4 +99,5 @@ __all__ = [
     "load_drafter",
     "make_drafter",
     "new_draft_model",
+    "split_spec",
 ]

@@ -8,7 +8,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tandem.drafters.neural import KV, DraftConfig, DraftLayer, DraftModel, DraftState, NeuralDrafter, cat_kv
+from tandem.drafters.neural import (
+    KV,
+    ChildLogits,
+    DraftConfig,
+    DraftLayer,
+    DraftModel,
+    DraftState,
+    NeuralDrafter,
+    cat_kv,
+)
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
 
@@ -91,3 +100,8 @@ class DFlashDrafter(NeuralDrafter):
         logits, _ = self.block_logits(state, token_ids)
         picked = [self.pick(logits[k], params, state.generator) for k in range(depth)]
         return [t for t, _ in picked], self.stack_probs([q for _, q in picked])
+
+    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+        """Position k's logits whatever the parent: top-k per position, combined by the search."""
+        logits, _ = self.block_logits(state, token_ids)
+        return lambda growth, frontier: logits[growth.depths[frontier[0]]].expand(len(frontier), -1)

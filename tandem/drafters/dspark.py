@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
-from tandem.drafters.neural import DraftConfig, DraftState
+from tandem.drafters.neural import ChildLogits, DraftConfig, DraftState
+from tandem.tree_search import Growth, TreeShape
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
 
@@ -51,8 +52,10 @@ class DSparkDrafter(DFlashDrafter):
 
     model: DSparkModel
 
-    def __init__(self, model: DSparkModel, min_survival: float = 0.05, markov: bool = True) -> None:
-        super().__init__(model)
+    def __init__(
+        self, model: DSparkModel, min_survival: float = 0.05, markov: bool = True, tree: TreeShape | None = None
+    ) -> None:
+        super().__init__(model, tree)
         self.min_survival = min_survival
         self.markov = markov  # False: drop the transition bias (the ablation of the Markov head)
 
@@ -72,3 +75,16 @@ class DSparkDrafter(DFlashDrafter):
             tokens.append(previous)
             probs.append(q)
         return tokens, self.stack_probs(probs)
+
+    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+        """Depth k's base logits plus each parent's Markov bias: branching costs one rank-r matmul
+        per expanded node, no extra backbone pass."""
+        base, _ = self.block_logits(state, token_ids)
+
+        def logits(growth: Growth, frontier: list[int]) -> torch.Tensor:
+            row = base[growth.depths[frontier[0]]]
+            if not self.markov:
+                return row.expand(len(frontier), -1)
+            return row + self.model.transition(torch.tensor([growth.tokens[i] for i in frontier]))[1]
+
+        return logits

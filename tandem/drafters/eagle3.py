@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from tandem.drafters.neural import KV, DraftConfig, DraftLayer, DraftModel, DraftState, NeuralDrafter, cat_kv
+from tandem.drafters.neural import (
+    KV,
+    ChildLogits,
+    DraftConfig,
+    DraftLayer,
+    DraftModel,
+    DraftState,
+    NeuralDrafter,
+    cat_kv,
+)
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
+from tandem.tree_search import Growth
 
 
 class Eagle3Model(DraftModel):
@@ -100,3 +110,49 @@ class Eagle3Drafter(NeuralDrafter):
             hidden, kv = self.model.step(torch.tensor([[token]]), hidden, position, mask, past)
             past = cat_kv(past, kv)
         return tokens, self.stack_probs(probs)
+
+    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+        """One layer pass per depth over the frontier nodes not run yet (EAGLE-2): node ``c`` at
+        depth ``d`` reads its token and its parent's output at position ``length + d - 1`` and
+        attends to the context and to the steps of its own ancestors (tree attention)."""
+        context = state.cache[0]
+        outputs = {0: state.extra["last"][0, -1]}  # node -> the output that predicts its children
+        steps: list[int] = []  # nodes run so far, in the order of their keys/values below
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+
+        def logits(growth: Growth, frontier: list[int]) -> torch.Tensor:
+            new = [node for node in frontier if node not in outputs]
+            if new:
+                count, depth = len(new), growth.depths[new[0]]
+                past = [context[0].expand(count, -1, -1, -1), context[1].expand(count, -1, -1, -1)]
+                if steps:
+                    past[0] = torch.cat([past[0], torch.cat(keys, 2).expand(count, -1, -1, -1)], 2)
+                    past[1] = torch.cat([past[1], torch.cat(values, 2).expand(count, -1, -1, -1)], 2)
+                mask = torch.ones(count, 1, past[0].shape[2] + 1, dtype=torch.bool)
+                for row, node in enumerate(new):
+                    ancestors = set(_ancestors(growth.parents, node))
+                    for column, step in enumerate(steps):
+                        mask[row, 0, context[0].shape[2] + column] = step in ancestors
+                tokens = torch.tensor([[growth.tokens[node]] for node in new])
+                hidden = torch.stack([outputs[growth.parents[node]] for node in new])[:, None]
+                positions = torch.full((count, 1), state.length + depth - 1)
+                out, (k, v) = self.model.step(tokens, hidden, positions, mask, (past[0], past[1]))
+                for row, node in enumerate(new):
+                    outputs[node] = out[row, -1]
+                    steps.append(node)
+                    keys.append(k[row : row + 1])
+                    values.append(v[row : row + 1])
+            return self.model.draft_logits(torch.stack([outputs[node] for node in frontier]))
+
+        return logits
+
+
+def _ancestors(parents: list[int], node: int) -> list[int]:
+    """Strict ancestors of ``node`` below the root."""
+    found = []
+    node = parents[node]
+    while node > 0:
+        found.append(node)
+        node = parents[node]
+    return found

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,9 +23,12 @@ from tandem.errors import ModelLoadError
 from tandem.models.decoder import RMSNorm, Rotary, Transformer, apply_rotary
 from tandem.sampling import SamplingParams, sample, target_probs
 from tandem.tree import TokenTree, chain
+from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
 
 ALGORITHMS = ("eagle3", "dflash", "dspark")
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, T, head_dim]
+# (the growing tree, frontier node ids at one depth) -> draft-vocabulary logits of their children
+ChildLogits = Callable[[Growth, list[int]], torch.Tensor]
 
 
 def cat_kv(old: KV, new: KV) -> KV:
@@ -234,17 +237,19 @@ class DraftState:
 
 class NeuralDrafter(Drafter):
     """Adapter from a :class:`DraftModel` to the :class:`Drafter` interface: absorbs each
-    sequence's new target features into its context cache, then drafts a chain of up to γ tokens.
+    sequence's new target features into its context cache, then drafts a chain of up to γ tokens,
+    or with ``tree`` a dynamic tree (:mod:`tandem.tree_search`, at most γ deep).
 
     Greedy targets get the drafter's argmax chain (point masses: verification only needs the
     tokens); sampling targets get tokens sampled from the drafter's distribution, warped like the
     target's, with ``q`` attached so that rejection sampling stays exact.
     """
 
-    def __init__(self, model: DraftModel) -> None:
+    def __init__(self, model: DraftModel, tree: TreeShape | None = None) -> None:
         self.model = model.eval()
         self.name = model.config.algo
         self.feature_layers = tuple(model.config.feature_layers)
+        self.tree = None if tree is None else replace(tree, depth=min(tree.depth, model.config.block_size))
         self._states: dict[int, DraftState] = {}
 
     @torch.inference_mode()
@@ -271,9 +276,34 @@ class NeuralDrafter(Drafter):
         root = int(token_ids[-1])
         if request.max_nodes <= 0 or state.length != len(token_ids) - 1:
             return chain(root, [])
+        if self.tree is not None:
+            return self.draft_tree(state, token_ids, request.max_nodes, request.params)
         depth = min(self.model.config.block_size, request.max_nodes)
         tokens, probs = self.draft(state, token_ids, depth, request.params)
         return chain(root, tokens, probs)
+
+    def draft_tree(
+        self, state: DraftState, token_ids: torch.Tensor, max_nodes: int, params: SamplingParams
+    ) -> TokenTree:
+        """A tree of ``self.tree``'s shape: best-first top-k children for a greedy target, children
+        drawn without replacement (each with its own ``q``) for a sampling one."""
+        assert self.tree is not None
+        logits_of = self.children(state, token_ids)
+        root = int(token_ids[-1])
+        if params.greedy:
+
+            def best(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                logp, ids = torch.log_softmax(logits_of(growth, frontier), -1).topk(self.tree.topk, -1)
+                return logp, self.model.vocab_map[ids]
+
+            return greedy_tree(root, best, self.tree, max_nodes)
+
+        def drawn_from(growth: Growth, frontier: list[int]) -> torch.Tensor:
+            full = torch.full((len(frontier), self.model.config.target_vocab_size), float("-inf"))
+            full[:, self.model.vocab_map] = logits_of(growth, frontier).float()
+            return target_probs(full, params)
+
+        return sampled_tree(root, drawn_from, self.tree, max_nodes, state.generator)
 
     def pick(
         self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
@@ -303,3 +333,8 @@ class NeuralDrafter(Drafter):
         self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
     ) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``depth`` draft tokens after the anchor ``token_ids[-1]``, and their ``q`` rows."""
+
+    @abstractmethod
+    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+        """For a tree rooted at the anchor ``token_ids[-1]``: what gives the draft logits of the
+        children of frontier nodes (all at one depth)."""

@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--records", type=int, default=None, help="train on the first N records only (data ablations)")
     p.add_argument("--block-size", type=int, default=8, help="γ: draft tokens per round")
     p.add_argument("--layers", type=int, default=1, help="drafter layers (dflash/dspark)")
     p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
@@ -60,10 +61,11 @@ def run_train(args: argparse.Namespace) -> int:
     from tandem.drafters import DraftConfig, new_draft_model
     from tandem.target import load_target
     from tandem.train.features import build_store, draft_vocabulary, read_records
-    from tandem.train.trainer import TrainSettings, train
+    from tandem.train.regenerate import responses_of
+    from tandem.train.trainer import TrainSettings, split, train
 
-    for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "eval_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "eval_tokens", "records"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TandemError(f"--{name.replace('_', '-')} must be >= 1")
     if args.eval_every < 0 or args.eval_limit < 0 or args.markov_rank < 0:
         raise TandemError("--eval-every, --eval-limit and --markov-rank must be >= 0")
@@ -85,11 +87,14 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = DraftConfig.for_target(args.algo, target.model, str(args.model), **overrides)
     layers = "-".join(map(str, cfg.feature_layers))
     features = Path(args.features) if args.features else Path(f"{args.data}.features-{args.dtype}-{layers}")
-    store = build_store(target.model, records, cfg.feature_layers, features)
+    teacher_forced = responses_of(Path(args.data)) == "dataset"
+    store = build_store(target.model, records, cfg.feature_layers, features, teacher_forced=teacher_forced)
     torch.manual_seed(args.seed)
-    vocab = draft_vocabulary(store.token_counts(target.model.config.vocab_size), cfg.draft_vocab)
-    model = new_draft_model(cfg, target.model, vocab).float()
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)})
+    # With --records the draft vocabulary comes from those records only (a data ablation sees no more).
+    trained_on = split(store, settings.holdout, settings.records)[0] if settings.records else None
+    vocab = draft_vocabulary(store.token_counts(target.model.config.vocab_size, trained_on), cfg.draft_vocab)
+    model = new_draft_model(cfg, target.model, vocab).float()
     out = Path(args.out)
     evaluate = replay_check(target, cfg, features, args.eval_limit, args.eval_tokens) if args.eval_limit else None
     result = train(model, target.model, store, settings, checkpoint=out / "checkpoint.pt", evaluate=evaluate)
@@ -103,6 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
         "final_loss": round(sum(h["loss"] for h in last) / len(last), 4),
         "final_accuracy": round(sum(h["accuracy"] for h in last) / len(last), 4),
         "response_tokens_seen": result.tokens,
+        "teacher_forced": teacher_forced,
         "learning_curve": result.evals,
         "settings": asdict(settings),
         "config": asdict(cfg),

