@@ -14,9 +14,9 @@ from torch import nn
 
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.neural import ChildLogits, DraftConfig, DraftState
-from tandem.tree_search import Growth, TreeShape
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
+from tandem.tree_search import Growth, TreeShape
 
 
 class DSparkModel(DFlashModel):

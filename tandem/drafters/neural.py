@@ -299,9 +299,7 @@ class NeuralDrafter(Drafter):
             return greedy_tree(root, best, self.tree, max_nodes)
 
         def drawn_from(growth: Growth, frontier: list[int]) -> torch.Tensor:
-            full = torch.full((len(frontier), self.model.config.target_vocab_size), float("-inf"))
-            full[:, self.model.vocab_map] = logits_of(growth, frontier).float()
-            return target_probs(full, params)
+            return self.draft_probs(logits_of(growth, frontier), params)
 
         return sampled_tree(root, drawn_from, self.tree, max_nodes, state.generator)
 
@@ -312,10 +310,15 @@ class NeuralDrafter(Drafter):
         drawn from (``None`` for a greedy target: the argmax is a point mass)."""
         if params.greedy:
             return int(self.model.vocab_map[int(logits.argmax())]), None
-        full = torch.full((self.model.config.target_vocab_size,), float("-inf"))
-        full[self.model.vocab_map] = logits.float()
-        q = target_probs(full, params)
+        q = self.draft_probs(logits, params)
         return sample(q, generator), q
+
+    def draft_probs(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Draft-vocabulary ``logits`` ``[..., V_draft]`` -> ``q`` over the target vocabulary
+        ``[..., V]``, warped like the target's distribution (tokens outside the draft vocabulary: 0)."""
+        full = torch.full((*logits.shape[:-1], self.model.config.target_vocab_size), float("-inf"))
+        full[..., self.model.vocab_map] = logits.float()
+        return target_probs(full, params)
 
     @staticmethod
     def stack_probs(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
