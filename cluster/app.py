@@ -7,7 +7,6 @@ config files, as in the KubeRay manifests, name :func:`build` as their import pa
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -15,11 +14,12 @@ from ray.serve import Application
 
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.router import Router
-from tandem.drafters import shipped_drafter
-from tandem.drafters.neural import ALGORITHMS, read_config
+from tandem.drafters import check_drafter_name, trained_folder
+from tandem.drafters.neural import read_config
+from tandem.errors import InvalidRequest
 from tandem.models.catalog import resolve_model_path
 from tandem.models.loading import resolve_model_dir
-from workers.draft_worker import STATELESS, DraftSpec, DraftWorker
+from workers.draft_worker import DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
 
@@ -55,15 +55,17 @@ def build_app(config: ClusterConfig) -> Application:
 
 
 def drafter_feature_layers(config: ClusterConfig) -> tuple[int, ...]:
-    """The target layers the draft pool's drafter reads, from its config.json (n-gram reads none):
-    the target pool computes exactly these, without loading the drafter here."""
-    name = config.draft.drafter
-    if name in STATELESS or not config.has_draft_pool:
+    """The target layers the draft pool's drafter reads, from its config.json (untrained drafters
+    read none): the target pool computes exactly these, without loading the drafter here."""
+    if not config.has_draft_pool:
         return ()
-    folder = shipped_drafter(name, config.model) if name in ALGORITHMS else Path(name)
-    if folder is None or not (folder / "config.json").exists():
-        raise ConfigError(f"draft.drafter {name!r}: no such drafter for {config.model!r} (a name or a folder)")
-    return tuple(read_config(folder).feature_layers)
+    name = config.draft.drafter
+    try:
+        check_drafter_name(name)
+        folder = trained_folder(name, config.model)
+    except InvalidRequest as exc:
+        raise ConfigError(f"draft.drafter {name!r}: {exc}") from None
+    return () if folder is None else tuple(read_config(folder).feature_layers)
 
 
 def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> TargetSpec:
@@ -77,7 +79,9 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
         threads=pool.threads,
         device="cuda" if pool.num_gpus else "cpu",
     )
-    return TargetSpec(shard, pool.tp, pool.num_cpus, pool.num_gpus, pool.batch_wait_ms / 1000, config.worker_host)
+    return TargetSpec(
+        shard, pool.tp, pool.num_cpus, pool.num_gpus, pool.batch_wait_ms / 1000, config.worker_host, pool.schedule
+    )
 
 
 def _target_deployment(config: ClusterConfig) -> serve.Deployment:

@@ -68,7 +68,8 @@ class PoolConfig:
 @dataclass(frozen=True)
 class DraftConfig(PoolConfig):
     # "default": the fastest shipped for the model (tandem.drafters.default_drafter); a name (dspark,
-    # eagle3, dflash: shipped for the model; ngram, ngram-tree), a folder, or "none"
+    # eagle3, dflash: shipped for the model, trees by default, NAME:TOPK,DEPTH,BUDGET or NAME:chain;
+    # ngram, ngram-tree, suffix, hybrid), a folder, or "none"
     drafter: str = "default"
     max_draft_nodes: int = 16
     num_cpus: float = 0.25
@@ -77,6 +78,8 @@ class DraftConfig(PoolConfig):
 @dataclass(frozen=True)
 class TargetConfig(PoolConfig):
     tp: int = 1
+    # the draft scheduler: verify only the draft nodes that pay on this hardware (profiled once)
+    schedule: bool = True
 
 
 @dataclass(frozen=True)

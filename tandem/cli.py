@@ -1,5 +1,6 @@
 """``tandem`` command line: ``tandem generate "PROMPT"`` streams text from the embedded engine;
-``tandem data`` regenerates training responses with the target model."""
+``tandem data`` regenerates training responses with the target model; ``tandem profile`` measures
+what verification costs on this machine (the draft scheduler's input)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import importlib.metadata
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from tandem.errors import TandemError
 from tandem.eval import command as eval_command
 from tandem.train import command as train_command
+
+if TYPE_CHECKING:  # the model stack loads lazily: `tandem --help` stays fast
+    from tandem.drafters import Drafter
+    from tandem.models.decoder import Transformer
 
 EXIT_USAGE = 2
 
@@ -30,7 +36,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         help=f"{', '.join(DRAFTERS)} or a drafter folder; a trained one with :TOPK,DEPTH,BUDGET drafts trees "
         "(default: the drafter recorded fastest for the model, tandem/data/drafters/<model>/default.json)",
     )
-    p.add_argument("--max-draft", type=int, default=16, help="draft tree nodes per round")
+    add_draft_flags(p)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -42,9 +48,35 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_generate)
 
 
+def add_draft_flags(p: argparse.ArgumentParser) -> None:
+    """How drafts are shaped and scheduled (``tandem generate`` and ``tandem eval``)."""
+    p.add_argument("--max-draft", type=int, default=16, help="draft tree nodes per round")
+    p.add_argument("--tree", metavar="TOPK,DEPTH,BUDGET", help="tree shape of the trained drafters (default 4,6,16)")
+    p.add_argument("--chain", action="store_true", help="trained drafters draft chains instead of trees")
+    p.add_argument(
+        "--no-schedule",
+        dest="schedule",
+        action="store_false",
+        help="verify every drafted node (default: the draft scheduler keeps what pays on this machine, "
+        "from a pass-time profile measured once and cached)",
+    )
+
+
+def scheduled(drafter: Drafter | None, model: Transformer, model_name: str, schedule: bool) -> Drafter | None:
+    """``drafter`` behind the draft scheduler, with this machine's verification profile (measured
+    on first use); unchanged without a drafter or with ``--no-schedule``."""
+    if drafter is None or not schedule:
+        return drafter
+    from tandem.profile import load_or_measure
+    from tandem.scheduler import ScheduledDrafter
+
+    cost = load_or_measure(model, model_name, progress=lambda line: print(line, file=sys.stderr))
+    return ScheduledDrafter(drafter, cost)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     # Validate cheap things before the slow model load.
-    from tandem.drafters import check_drafter_name, default_drafter, make_drafter
+    from tandem.drafters import check_drafter_name, default_drafter, make_drafter, with_tree
     from tandem.engine import Engine, Request
     from tandem.sampling import SamplingParams
     from tandem.target import load_target
@@ -60,10 +92,11 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt.strip():
         raise TandemError("prompt is empty")
-    args.drafter = args.drafter or default_drafter(str(args.model))
+    args.drafter = with_tree(args.drafter or default_drafter(str(args.model)), args.tree, args.chain)
     check_drafter_name(args.drafter)
     target = load_target(args.model, args.dtype)
     drafter = make_drafter(args.drafter, target.model, str(args.model))
+    drafter = scheduled(drafter, target.model, str(args.model), args.schedule)
     tok = target.tokenizer
     prompt_ids = tok.encode(args.prompt, chat=not args.raw)
     engine = Engine(target.model, drafter, target.eos_token_ids, tok.decode, max_draft_nodes=args.max_draft)
@@ -90,6 +123,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "tokens_per_s": round(len(detok.ids) / elapsed, 2),
         "seconds": round(elapsed, 3),
         "drafter": args.drafter,
+        "scheduled": args.schedule and drafter is not None,
         "model": str(args.model),
         "dtype": args.dtype,
     }
@@ -177,11 +211,35 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_parser(sub: argparse._SubParsersAction) -> None:
+    from tandem.models.catalog import DEFAULT_MODEL, builtin_names
+
+    p = sub.add_parser("profile", help="measure the target's verification time by batch size and tree width")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--force", action="store_true", help="measure again even if this machine has a profile")
+    p.set_defaults(run=run_profile)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from tandem.profile import load_or_measure, profile_path
+    from tandem.target import load_target
+
+    target = load_target(args.model, args.dtype)
+    cost = load_or_measure(target.model, str(args.model), args.force, lambda line: print(line, file=sys.stderr))
+    print(f"verification pass, ms ({args.model}, {args.dtype}; {profile_path(str(args.model), target.model.dtype)})")
+    print("batch \\ width " + "".join(f"{w:>9}" for w in cost.widths))
+    for batch, row in zip(cost.batches, cost.seconds):
+        print(f"{batch:>13}  " + "".join(f"{s * 1000:9.1f}" for s in row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Lossless speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _data_parser(sub)
+    _profile_parser(sub)
     train_command.add_parser(sub)
     eval_command.add_parser(sub)
     # More verbs (`tandem serve`, `tandem client`) come from packages layered on top of this one.

@@ -17,11 +17,16 @@ import torch
 class TokenTree:
     """``tokens[i]`` drafted under ``parents[i]``; ``draft_probs[i]`` is the distribution ``q``
     node ``i`` was drawn from (given its earlier siblings). ``None`` means every node is a
-    deterministic proposal, i.e. ``q`` is a point mass on its token."""
+    deterministic proposal, i.e. ``q`` is a point mass on its token.
+
+    ``survival[i]`` is the drafter's prediction that node ``i`` gets accepted (its whole path
+    survives verification; root 1, never above the parent's). The draft scheduler ranks nodes by
+    it (:mod:`tandem.scheduler`); ``None``: the drafter makes no prediction."""
 
     tokens: torch.Tensor  # [N] int64
     parents: torch.Tensor  # [N] int64, parents[0] == -1
     draft_probs: torch.Tensor | None = None  # [N, V] float32, row 0 unused
+    survival: torch.Tensor | None = None  # [N] float32, survival[0] == 1
 
     def __post_init__(self) -> None:
         n = self.tokens.numel()
@@ -35,6 +40,8 @@ class TokenTree:
             raise ValueError("only the root may lack a parent")
         if self.draft_probs is not None and self.draft_probs.shape[0] != n:
             raise ValueError("draft_probs needs one row per node")
+        if self.survival is not None and self.survival.shape != (n,):
+            raise ValueError("survival needs one value per node")
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -49,14 +56,37 @@ class TokenTree:
     def path_tokens(self, nodes: Sequence[int]) -> list[int]:
         return [int(self.tokens[i]) for i in nodes]
 
+    def subtree(self, keep: Sequence[int]) -> TokenTree:
+        """The tree of the root and ``keep`` (closed under ancestors), ids renumbered in order."""
+        nodes = sorted({0, *(int(i) for i in keep)})
+        index = {node: i for i, node in enumerate(nodes)}
+        try:
+            parents = [-1] + [index[int(self.parents[n])] for n in nodes[1:]]
+        except KeyError:
+            raise ValueError("a subtree must keep every ancestor of its nodes") from None
+        rows = torch.tensor(nodes)
+        return TokenTree(
+            self.tokens[rows],
+            torch.tensor(parents, dtype=torch.long),
+            None if self.draft_probs is None else self.draft_probs[rows],
+            None if self.survival is None else self.survival[rows],
+        )
 
-def chain(root: int, draft: Sequence[int], draft_probs: torch.Tensor | None = None) -> TokenTree:
-    """A chain ``root -> draft[0] -> draft[1] ...``."""
+
+def chain(
+    root: int,
+    draft: Sequence[int],
+    draft_probs: torch.Tensor | None = None,
+    survival: Sequence[float] | None = None,
+) -> TokenTree:
+    """A chain ``root -> draft[0] -> draft[1] ...``; ``survival`` (one per draft token) is
+    the predicted probability that the chain survives up to that token."""
     n = len(draft) + 1
     return TokenTree(
         tokens=torch.tensor([root, *draft], dtype=torch.long),
         parents=torch.arange(-1, n - 1, dtype=torch.long),
         draft_probs=draft_probs,
+        survival=None if survival is None else torch.tensor([1.0, *survival], dtype=torch.float32),
     )
 
 

@@ -15,10 +15,18 @@ the frontier; DFlash: the same row for every parent).
   For the output to keep the target's law, whether a node exists may depend on anything drawn
   before it but never on its own token: so every drawn child is kept, the frontier (which nodes
   get children) is chosen by score, and drawing stops when the budget is spent.
+
+Every node also gets a predicted survival (the probability that verification accepts it, for the
+draft scheduler): its parent's times a factor known *before* the node's own token is drawn, so
+that cutting a sampled tree by it stays lossless. The factor is the drafter's confidence that the
+parent's best child survives when it has a confidence head (DSpark), else the highest draft
+probability among the children; a greedy tree's lesser children scale it by their probability
+relative to the best one (greedy output depends on no draft probability at all).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -61,13 +69,16 @@ class Growth:
     depths: list[int] = field(default_factory=lambda: [0])
     scores: list[float] = field(default_factory=lambda: [0.0])
     probs: list[torch.Tensor | None] = field(default_factory=lambda: [None])
+    survival: list[float] = field(default_factory=lambda: [1.0])
 
-    def add(self, token: int, parent: int, score: float, q: torch.Tensor | None = None) -> int:
+    def add(self, token: int, parent: int, score: float, factor: float, q: torch.Tensor | None = None) -> int:
+        """A child of ``parent``; its survival is the parent's times ``factor``."""
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
         self.scores.append(score)
         self.probs.append(q)
+        self.survival.append(self.survival[parent] * min(1.0, factor))
         return len(self.tokens) - 1
 
     def best(self, nodes: Sequence[int], k: int) -> list[int]:
@@ -76,23 +87,23 @@ class Growth:
 
     def tree(self, keep: Sequence[int] | None = None) -> TokenTree:
         """The :class:`TokenTree` of ``keep`` (default all; must be closed under ancestors)."""
-        nodes = sorted(range(len(self.tokens)) if keep is None else {0, *keep})
-        index = {node: i for i, node in enumerate(nodes)}
-        parents = [-1] + [index[self.parents[n]] for n in nodes[1:]]
         probs = None
-        if len(nodes) > 1 and self.probs[nodes[1]] is not None:
-            rows = [self.probs[n] for n in nodes[1:]]
-            probs = torch.stack([torch.zeros_like(rows[0]), *rows])
-        return TokenTree(
-            torch.tensor([self.tokens[n] for n in nodes], dtype=torch.long),
-            torch.tensor(parents, dtype=torch.long),
+        if len(self.tokens) > 1 and self.probs[1] is not None:
+            probs = torch.stack([torch.zeros_like(self.probs[1]), *self.probs[1:]])
+        whole = TokenTree(
+            torch.tensor(self.tokens, dtype=torch.long),
+            torch.tensor(self.parents, dtype=torch.long),
             probs,
+            torch.tensor(self.survival, dtype=torch.float32),
         )
+        return whole if keep is None else whole.subtree(keep)
 
 
-# (the growing tree, frontier node ids at one depth) -> what their children are drawn from
-GreedyExpand = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor]]  # log-probs, tokens [F, k]
-SampledExpand = Callable[[Growth, list[int]], torch.Tensor]  # q over the target vocabulary [F, V]
+# (the growing tree, frontier node ids at one depth) -> what their children are drawn from, and
+# per frontier node the confidence that its best child survives (None: use draft probabilities)
+Confidence = torch.Tensor | None  # [F]
+GreedyExpand = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor, Confidence]]  # log-probs, tokens [F, k]
+SampledExpand = Callable[[Growth, list[int]], tuple[torch.Tensor, Confidence]]  # q over the target vocabulary [F, V]
 
 
 def greedy_tree(root: int, expand: GreedyExpand, shape: TreeShape, max_nodes: int) -> TokenTree:
@@ -103,11 +114,13 @@ def greedy_tree(root: int, expand: GreedyExpand, shape: TreeShape, max_nodes: in
     budget = min(shape.budget, max_nodes)
     frontier = [0]
     for _ in range(min(shape.depth, budget)):
-        logp, tokens = expand(growth, frontier)
+        logp, tokens, confidence = expand(growth, frontier)
         children = []
         for row, parent in enumerate(frontier):
+            best = logp[row, 0].item()
             for lp, token in zip(logp[row, : shape.topk].tolist(), tokens[row, : shape.topk].tolist()):
-                children.append(growth.add(int(token), parent, growth.scores[parent] + lp))
+                factor = math.exp(lp) if confidence is None else float(confidence[row]) * math.exp(lp - best)
+                children.append(growth.add(int(token), parent, growth.scores[parent] + lp, factor))
         frontier = growth.best(children, shape.topk)
     return growth.tree(growth.best(range(1, len(growth.tokens)), budget))
 
@@ -122,17 +135,22 @@ def sampled_tree(
     budget = min(shape.budget, max_nodes)
     frontier = [0]
     while frontier and len(growth.tokens) - 1 < budget and growth.depths[frontier[0]] < shape.depth:
-        q = expand(growth, frontier)
+        q, confidence = expand(growth, frontier)
         children = []
         for row, parent in enumerate(frontier):
-            remaining = q[row].float()
+            remaining = q[row].float() / q[row].float().sum()
+            first = float(remaining.max())
             for _ in range(shape.topk):
-                if len(growth.tokens) - 1 >= budget or float(remaining.sum()) <= 0:
+                mass = float(remaining.sum())
+                if len(growth.tokens) - 1 >= budget or mass <= 0:
                     break
-                remaining = remaining / remaining.sum()
-                token = sample(remaining, generator)
-                score = growth.scores[parent] + float(torch.log(remaining[token]))
-                children.append(growth.add(token, parent, score, remaining))
+                # Known before the draw; not renormalised, so a later sibling never outranks an earlier one.
+                top = float(remaining.max())
+                factor = top if confidence is None else float(confidence[row]) * top / first
+                drawn_from = remaining / mass
+                token = sample(drawn_from, generator)
+                score = growth.scores[parent] + float(torch.log(drawn_from[token]))
+                children.append(growth.add(token, parent, score, factor, drawn_from))
                 remaining = remaining.clone()
                 remaining[token] = 0
         frontier = growth.best(children, shape.topk)

@@ -113,8 +113,17 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports
+    (10002-19999): the servers under test bind it seconds later, while Ray's processes keep
+    taking ephemeral ports, which made an OS-chosen port collide now and then."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")

@@ -31,6 +31,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         (["hi", "--max-tokens", "0"], "max_tokens must be > 0"),
         (["hi", "--model", "/no/such/model"], "does not exist"),
         (["hi", "--model", __file__], "neither a model folder nor a GGUF file"),
+        (["hi", "--drafter", "dspark", "--tree", "2,3,4", "--chain"], "--tree and --chain exclude each other"),
+        (["hi", "--drafter", "dspark:2,3,4", "--chain"], "already has a tree shape"),
+        (["hi", "--drafter", "suffix", "--tree", "2,3,4"], "takes no tree shape"),
+        (["hi", "--drafter", "dspark", "--tree", "2,3"], "three integers"),
     ],
 )
 def test_bad_input_gets_a_clear_error(args, message):

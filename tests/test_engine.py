@@ -151,20 +151,22 @@ def test_oracle_rounds_accept_long_paths(tiny_model):
 def test_sampling_through_the_engine_follows_the_target(tiny_model):
     """First three sampled tokens: engine + sampling tree drafter vs the exact target law."""
     model, _ = tiny_model
-    prompt = [5, 17, 33, 2, 9]
-    params = SamplingParams(temperature=1.0, top_k=4, max_tokens=6, ignore_eos=True)
-    n = 2000
-    engine = Engine(model, TableDrafter(64, seed=1), max_draft_nodes=6)
+    assert_follows_the_target(Engine(model, TableDrafter(64, seed=1), max_draft_nodes=6), [5, 17, 33, 2, 9], top_k=4)
+
+
+def assert_follows_the_target(engine: Engine, prompt: list[int], top_k: int, n: int = 2000) -> None:
+    """The first three tokens of ``n`` seeded requests (T = 1, top-k) against the exact law of the
+    engine's target (chi-square), and both the accept and the residual branches ran often."""
+    params = SamplingParams(temperature=1.0, top_k=top_k, max_tokens=6, ignore_eos=True)
     results = engine.generate([Request(prompt, replace(params, seed=s)) for s in range(n)])
     triples = Counter(tuple(r.token_ids[:3]) for r in results)
-    expected = exact_law(model, prompt, params, steps=3)
+    expected = exact_law(engine.model, prompt, params, steps=3)
     assert set(triples) <= set(expected), "sampled a sequence outside the target's support"
     total = sum(expected.values())
     observed = [triples[k] for k in expected]
     assert chisquare(observed, [expected[k] / total * n for k in expected]).pvalue > 1e-3
-    # Guards the test itself: both the accept and the residual branches must have run often.
     accepted, drafted = sum(r.stats.accepted for r in results), sum(r.stats.drafted for r in results)
-    assert n // 10 < accepted < drafted - n // 10
+    assert n // 10 < accepted < drafted - n // 10, "both accept and reject branches must run often"
 
 
 def exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> dict[tuple[int, ...], float]:

@@ -4,13 +4,14 @@ that follows the target's law exactly (chi-square on the first two tokens)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from tandem.tree import ancestor_mask
+from tandem.tree import ancestor_mask, path_to
 from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
 from tandem.verify import verify_sampling
 
@@ -24,9 +25,9 @@ def _markov(seed: int, sharp: float = 2.0) -> torch.Tensor:
 
 
 def _greedy_expand(law: torch.Tensor, topk: int):
-    def expand(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = torch.log(law[[growth.tokens[i] for i in frontier]])
-        return logp.topk(topk, -1)
+    def expand(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor, None]:
+        logp, tokens = torch.log(law[[growth.tokens[i] for i in frontier]]).topk(topk, -1)
+        return logp, tokens, None
 
     return expand
 
@@ -87,8 +88,12 @@ def test_shape_flag_errors(text, error):
     assert TreeShape.parse("2,3,9") == TreeShape(2, 3, 9)
 
 
-def _sampled_expand(law: torch.Tensor):
-    return lambda growth, frontier: law[[growth.tokens[i] for i in frontier]]
+def _sampled_expand(law: torch.Tensor, confidence: float | None = None):
+    def expand(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sure = None if confidence is None else torch.full((len(frontier),), confidence)
+        return law[[growth.tokens[i] for i in frontier]], sure
+
+    return expand
 
 
 @pytest.mark.parametrize("shape", [TreeShape(1, 3, 3), TreeShape(3, 3, 8), TreeShape(2, 4, 12)])
@@ -126,3 +131,51 @@ def test_sampled_trees_keep_the_targets_law(shape):
     exp = [expected[k] * n for k in keys]
     scale = sum(observed) / sum(exp)
     assert chisquare(observed, [e * scale for e in exp]).pvalue > 1e-3
+
+
+def _assert_survival_is_monotone(tree) -> None:
+    assert tree.survival is not None and float(tree.survival[0]) == 1.0
+    for node in range(1, len(tree)):
+        assert 0.0 < float(tree.survival[node]) <= float(tree.survival[tree.parents[node]])
+
+
+def test_greedy_survival_is_the_path_probability():
+    """Without a confidence head a greedy node survives with its path's draft probability."""
+    law = _markov(6)
+    tree = greedy_tree(1, _greedy_expand(law, 3), TreeShape(3, 4, 12), max_nodes=99)
+    _assert_survival_is_monotone(tree)
+    for node in range(1, len(tree)):
+        path = path_to(tree.parents, node)
+        expected = math.prod(float(law[tree.tokens[a], tree.tokens[b]]) for a, b in zip(path, path[1:]))
+        assert float(tree.survival[node]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_greedy_survival_with_a_confidence_head():
+    """The best child takes the parent's confidence; a lesser one that, scaled by its probability
+    relative to the best."""
+    law = _markov(7)
+
+    def expand(growth, frontier):
+        logp, tokens, _ = _greedy_expand(law, 2)(growth, frontier)
+        return logp, tokens, torch.full((len(frontier),), 0.6)
+
+    tree = greedy_tree(0, expand, TreeShape(2, 1, 2), max_nodes=9)
+    best, second = law[0].topk(2).values.tolist()
+    assert tree.survival.tolist() == pytest.approx([1.0, 0.6, 0.6 * second / best])
+
+
+@pytest.mark.parametrize("confidence", [None, 0.7])
+def test_sampled_survival_is_known_before_each_draw(confidence):
+    """A sampled node's survival depends only on what was drawn before it: rebuilding each node's
+    factor from its parent's distribution and its earlier siblings' tokens gives it back."""
+    law = _markov(8)
+    tree = sampled_tree(0, _sampled_expand(law, confidence), TreeShape(3, 3, 10), 99, torch.Generator().manual_seed(1))
+    _assert_survival_is_monotone(tree)
+    for node in range(1, len(tree)):
+        parent = int(tree.parents[node])
+        law_of_parent = law[int(tree.tokens[parent])]
+        q = law_of_parent.clone()
+        for sibling in (s for s in tree.children(parent) if s < node):
+            q[tree.tokens[sibling]] = 0
+        factor = float(q.max()) if confidence is None else confidence * float(q.max()) / float(law_of_parent.max())
+        assert float(tree.survival[node]) == pytest.approx(float(tree.survival[parent]) * min(1.0, factor), rel=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,11 @@ import pytest
 import torch
 
 from tandem.drafters import DraftRequest, NgramDrafter
+from tandem.engine import Engine, Request
+from tandem.models.loading import load_model
+from tandem.profile import profile_path
 from tandem.sampling import SamplingParams
+from tandem.scheduler import PassCost
 from tandem.tree import chain
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from tests.cluster_helpers import (
@@ -52,7 +57,7 @@ def test_target_worker_batches_sessions_and_refuses_when_full(tmp_path: Path) ->
     shard = ShardSpec(model, "float32", rows=2, max_model_len=64, feature_layers=(), threads=1)
 
     async def scenario() -> None:
-        async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.05, "127.0.0.1")) as worker:
+        async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.05, "127.0.0.1", False)) as worker:
             await _two_sessions_then_a_third(worker)
 
     asyncio.run(scenario())
@@ -76,6 +81,32 @@ async def _two_sessions_then_a_third(worker: TargetWorker) -> None:
     assert worker.live_sessions() == 0
     _, reopened = await _open_verify(worker.address, 2)  # the rows came back
     assert len(reopened.tokens) == 1
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatch, schedule: bool) -> None:
+    """The target's own greedy continuation, drafted with low predicted survival, on a machine
+    whose profile prices every draft token at a whole pass: the scheduler verifies none of it."""
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
+    model = str(tiny_target(tmp_path / "tiny"))
+    target = load_model(model, torch.float32)[0]
+    path = profile_path(model, torch.float32)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pass_seconds": PassCost((1,), (1, 4), ((1.0, 4.0),)).to_json()}))
+    greedy = Engine(target).generate([Request(PROMPTS[0], SamplingParams(max_tokens=4))])[0].token_ids
+    shard = ShardSpec(model, "float32", rows=1, max_model_len=64, feature_layers=(), threads=1)
+
+    async def scenario() -> list[int]:
+        async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", schedule)) as worker:
+            call, step = await _open_verify(worker.address, 0)
+            assert list(step.tokens) == greedy[:1]
+            tree = chain(greedy[0], greedy[1:3], survival=[0.5, 0.25])
+            await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree)))
+            reply = await call.read()
+            call.cancel()
+            return list(reply.tokens)
+
+    assert asyncio.run(scenario()) == (greedy[1:2] if schedule else greedy[1:4])
 
 
 def test_draft_worker_proposes_what_its_drafter_proposes() -> None:

@@ -16,15 +16,13 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from tandem.drafters import make_drafter
+from tandem.drafters import make_drafter, trained_folder
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.tree import TokenTree
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher
 from workers.server import WorkerServer
 from workers.wire import params_from_proto, tensor_from_proto, tree_to_proto
-
-STATELESS = ("ngram", "ngram-tree")  # drafters that need no target model next to them
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class DraftSpec:
 
 def build_drafter(spec: DraftSpec) -> Drafter:
     torch.set_num_threads(spec.threads)
-    if spec.drafter in STATELESS:
+    if trained_folder(spec.drafter, spec.model) is None:  # no target model needed next to it
         drafter = make_drafter(spec.drafter)
     else:
         from tandem.target import load_target

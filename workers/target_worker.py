@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from tandem.errors import InvalidRequest
+from tandem.scheduler import PassCost, schedule
 from tandem.tree import TokenTree
 from tandem.verifier import NoRoom, Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
@@ -22,8 +23,9 @@ from workers.server import WorkerServer
 from workers.tp import LocalRanks, Ranks, RayRanks, ShardSpec
 from workers.wire import params_from_proto, step_to_proto, tree_from_proto
 
-# A batch item: (row, None) asks for the row's prefill, (row, tree) for the tree's verification.
-Job = tuple[int, TokenTree | None]
+# A batch item: (row, None, _) asks for the row's prefill, (row, tree, greedy) for the tree's
+# verification (greedy: the session's target is greedy, which frees the scheduler's ranking).
+Job = tuple[int, TokenTree | None, bool]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class TargetSpec:
     num_gpus: float  # per rank
     batch_wait_s: float
     host: str
+    schedule: bool = True  # cut the batch's trees to the width that pays (tandem.scheduler)
 
 
 class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
@@ -42,6 +45,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             LocalRanks(spec.shard) if spec.tp == 1 else RayRanks(spec.shard, spec.tp, spec.num_cpus, spec.num_gpus)
         )
         self.capacity: int = await self.ranks.call("capacity")
+        self.cost: PassCost | None = await self.ranks.call("pass_cost", spec.shard.model) if spec.schedule else None
         self.batcher: Batcher[Job, tuple[Step, int]] = Batcher(self._run, spec.batch_wait_s, self.live_sessions)
         await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_VerifyServicer_to_server(self, server))
 
@@ -50,15 +54,17 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
 
     async def _run(self, jobs: list[Job]) -> list[tuple[Step, int]]:
         """One prefill pass for the new sessions, one verification pass for the others."""
-        prefill = [row for row, tree in jobs if tree is None]
-        verify = [(row, tree) for row, tree in jobs if tree is not None]
+        prefill = [row for row, tree, _ in jobs if tree is None]
+        verify = [(row, tree, greedy) for row, tree, greedy in jobs if tree is not None]
         done: dict[int, tuple[Step, int]] = {}
         if prefill:
             done.update(zip(prefill, await self.ranks.call("prefill", prefill)))
         if verify:
-            rows, trees = [row for row, _ in verify], [tree for _, tree in verify]
+            rows, trees = [row for row, _, _ in verify], [tree for _, tree, _ in verify]
+            if self.cost is not None:  # drafting ran elsewhere: only the pass's own cost counts
+                trees = schedule(trees, [greedy for _, _, greedy in verify], self.cost)
             done.update(zip(rows, await self.ranks.call("verify", rows, trees)))
-        return [done[row] for row, _ in jobs]
+        return [done[row] for row, _, _ in jobs]
 
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
@@ -73,13 +79,13 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             except NoRoom as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target replica is full: {exc}")
             try:
-                job: Job = (row, None)
+                job: Job = (row, None, params.greedy)
                 while True:
                     step, room = await self.batcher.submit(job)
                     yield step_to_proto(step, room, self.capacity, opening.want_features)
                     message = await anext(requests, None)
                     if message is None:
                         break
-                    job = (row, tree_from_proto(message.tree))
+                    job = (row, tree_from_proto(message.tree), params.greedy)
             finally:  # also on cancellation: the row must come back
                 await asyncio.shield(self.ranks.call("close", row))

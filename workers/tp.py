@@ -21,6 +21,8 @@ import torch.distributed as dist
 from tandem.models.catalog import resolve_model_path
 from tandem.models.loading import load_model
 from tandem.models.tp import apply_tp
+from tandem.profile import load_or_measure
+from tandem.scheduler import PassCost
 from tandem.target import DTYPES
 from tandem.tree import TokenTree
 from tandem.verifier import Step, Verifier
@@ -57,6 +59,12 @@ def _verify(verifier: Verifier, rows: list[int], trees: list[TokenTree]) -> list
     return [(step, verifier.room(row)) for step, row in zip(verifier.verify(rows, trees), rows)]
 
 
+def _pass_cost(verifier: Verifier, model_name: str) -> PassCost:
+    """This group's verification profile (every rank measures in step: the passes are collective)."""
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    return load_or_measure(verifier.model, f"{model_name}-tp{ranks}" if ranks > 1 else model_name)
+
+
 # What a replica asks of its ranks; prefill and verify also return each row's room for drafts.
 OPERATIONS = {
     "open": Verifier.open,
@@ -64,6 +72,7 @@ OPERATIONS = {
     "capacity": lambda verifier: verifier.capacity,
     "prefill": _prefill,
     "verify": _verify,
+    "pass_cost": _pass_cost,
 }
 
 

@@ -39,7 +39,10 @@ def tensor_from_proto(msg: worker_pb2.Tensor) -> torch.Tensor | None:
 
 def tree_to_proto(tree: TokenTree) -> worker_pb2.Tree:
     return worker_pb2.Tree(
-        tokens=tree.tokens.tolist(), parents=tree.parents.tolist(), draft_probs=tensor_to_proto(tree.draft_probs)
+        tokens=tree.tokens.tolist(),
+        parents=tree.parents.tolist(),
+        draft_probs=tensor_to_proto(tree.draft_probs),
+        survival=[] if tree.survival is None else tree.survival.tolist(),
     )
 
 
@@ -48,6 +51,7 @@ def tree_from_proto(msg: worker_pb2.Tree) -> TokenTree:
         tokens=torch.tensor(list(msg.tokens), dtype=torch.long),
         parents=torch.tensor(list(msg.parents), dtype=torch.long),
         draft_probs=tensor_from_proto(msg.draft_probs),
+        survival=torch.tensor(list(msg.survival), dtype=torch.float32) if msg.survival else None,
     )
 
 

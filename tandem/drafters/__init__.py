@@ -9,13 +9,17 @@ from tandem.drafters.base import Drafter, DraftRequest
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.dspark import DSparkDrafter, DSparkModel
 from tandem.drafters.eagle3 import Eagle3Drafter, Eagle3Model
+from tandem.drafters.hybrid import HybridDrafter
 from tandem.drafters.neural import ALGORITHMS, DraftConfig, DraftModel, NeuralDrafter, load_weights, read_config
 from tandem.drafters.ngram import NgramDrafter
+from tandem.drafters.suffix import SuffixDrafter
 from tandem.errors import InvalidRequest
 from tandem.models.decoder import Transformer
 from tandem.tree_search import TreeShape
 
-DRAFTERS = ("none", "ngram", "ngram-tree", *ALGORITHMS)
+DRAFTERS = ("none", "ngram", "ngram-tree", "suffix", "hybrid", *ALGORITHMS)
+CHAIN = "chain"  # NAME:chain: a trained drafter drafting chains instead of its default trees
+UNTRAINED = ("none", "ngram", "ngram-tree", "suffix")  # no target model needed, no tree shape taken
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "drafters"  # <model name>/<algo>/
 MODELS: dict[str, type[DraftModel]] = {"eagle3": Eagle3Model, "dflash": DFlashModel, "dspark": DSparkModel}
 ADAPTERS: dict[str, type[NeuralDrafter]] = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter, "dspark": DSparkDrafter}
@@ -32,9 +36,12 @@ def load_drafter(folder: str | Path, target: Transformer, tree: TreeShape | None
     return ADAPTERS[cfg.algo](load_weights(MODELS[cfg.algo], cfg, folder, target), tree=tree)
 
 
-def split_spec(spec: str) -> tuple[str, TreeShape | None]:
-    """``NAME[:TOPK,DEPTH,BUDGET]`` -> the drafter name and its tree shape (``None``: chains)."""
+def split_spec(spec: str) -> tuple[str, TreeShape | str | None]:
+    """``NAME[:TOPK,DEPTH,BUDGET|:chain]`` -> the drafter name and its tree shape (:data:`CHAIN`:
+    chains; ``None``: the drafter's default)."""
     name, sep, shape = spec.rpartition(":")
+    if sep and shape == CHAIN:
+        return name, CHAIN
     if not sep or "," not in shape:  # no shape (a folder's path may hold a ":" of its own)
         return spec, None
     try:
@@ -50,26 +57,61 @@ def shipped_drafter(algo: str, model_name: str) -> Path | None:
 
 def default_drafter(model_name: str) -> str:
     """The drafter the shipped results show fastest for the model: ``<model>/default.json`` beside
-    its shipped drafters (written with the results, see docs/results.md), else prompt lookup."""
+    its shipped drafters (written with the results, see docs/results.md), else the suffix drafter
+    (no training needed, and it beats prompt lookup in docs/results.md)."""
     path = SHIPPED / model_name / "default.json"
     if not path.is_file():
-        return "ngram"
+        return "suffix"
     return json.loads(path.read_text(encoding="utf-8"))["drafter"]
+
+
+def hybrid_part(name: str) -> str | None:
+    """The trained drafter in ``hybrid[:ALGO|FOLDER]`` (``dspark`` by default); ``None``: no hybrid."""
+    if name == "hybrid":
+        return "dspark"
+    return name.removeprefix("hybrid:") if name.startswith("hybrid:") else None
 
 
 def check_drafter_name(spec: str) -> None:
     """Refuse an unknown drafter (or a tree on one that cannot branch) before any slow model load."""
     name, tree = split_spec(spec)
-    if tree is not None and name in ("none", "ngram", "ngram-tree"):
-        raise InvalidRequest(f"drafter {name!r} takes no tree shape; trees are for {', '.join(ALGORITHMS)}")
-    if name not in DRAFTERS and not (Path(name) / "config.json").exists():
+    if tree not in (None, CHAIN) and name in UNTRAINED:
+        raise InvalidRequest(f"drafter {name!r} takes no tree shape; trees are for {', '.join(ALGORITHMS)} and hybrid")
+    inner = hybrid_part(name)
+    if inner is not None and inner not in ALGORITHMS and not (Path(inner) / "config.json").exists():
+        raise InvalidRequest(f"drafter {name!r}: a hybrid's second part is one of {', '.join(ALGORITHMS)} or a folder")
+    if inner is None and name not in DRAFTERS and not (Path(name) / "config.json").exists():
         raise InvalidRequest(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)} or a drafter folder")
+
+
+def with_tree(spec: str, tree: str | None = None, chain: bool = False) -> str:
+    """``spec`` with the ``--tree``/``--chain`` flags applied: ``--chain`` ends in ``:chain``."""
+    if tree and chain:
+        raise InvalidRequest("--tree and --chain exclude each other")
+    if (tree or chain) and split_spec(spec)[1] is not None:
+        raise InvalidRequest(f"drafter {spec!r} already has a tree shape; drop --tree/--chain")
+    return f"{spec}:{tree}" if tree else f"{spec}:chain" if chain else spec
+
+
+def trained_folder(spec: str, model_name: str) -> Path | None:
+    """The folder of the trained drafter that ``spec`` uses (a hybrid's trained part); ``None``
+    for the untrained ones."""
+    name, _ = split_spec(spec)
+    if name in UNTRAINED:
+        return None
+    trained = hybrid_part(name) or name
+    folder = shipped_drafter(trained, model_name) if trained in ALGORITHMS else Path(trained)
+    if folder is None:
+        raise InvalidRequest(f"no {trained} drafter is shipped for {model_name!r}; pass a drafter folder")
+    return folder
 
 
 def make_drafter(spec: str, target: Transformer | None = None, model_name: str = "") -> Drafter | None:
     """A drafter by name or folder; ``none`` means plain decoding. Trained ones (``eagle3``,
     ``dflash``, ``dspark``) are the drafters shipped for ``model_name``, loaded next to ``target``;
-    ``NAME:TOPK,DEPTH,BUDGET`` makes them draft trees of that shape."""
+    they draft dynamic trees (:class:`TreeShape`'s default shape), of another shape with
+    ``NAME:TOPK,DEPTH,BUDGET``, chains with ``NAME:chain``. ``hybrid[:ALGO|FOLDER]`` pairs the
+    suffix drafter with a trained one (shipped ``dspark`` by default; a tree shape is its)."""
     check_drafter_name(spec)
     name, tree = split_spec(spec)
     if name == "none":
@@ -78,12 +120,14 @@ def make_drafter(spec: str, target: Transformer | None = None, model_name: str =
         return NgramDrafter(depth=8, branches=1)
     if name == "ngram-tree":
         return NgramDrafter(depth=6, branches=3)
-    folder = shipped_drafter(name, model_name) if name in ALGORITHMS else Path(name)
-    if folder is None:
-        raise InvalidRequest(f"no {name} drafter is shipped for {model_name!r}; pass a drafter folder")
+    if name == "suffix":
+        return SuffixDrafter()
+    folder = trained_folder(spec, model_name)
+    inner = hybrid_part(name)
     if target is None:
         raise InvalidRequest(f"drafter {name!r} needs its target model")
-    return load_drafter(folder, target, tree)
+    neural = load_drafter(folder, target, None if tree == CHAIN else tree or TreeShape())
+    return neural if inner is None else HybridDrafter(SuffixDrafter(), neural)
 
 
 __all__ = [
@@ -92,12 +136,17 @@ __all__ = [
     "DraftModel",
     "DraftRequest",
     "Drafter",
+    "HybridDrafter",
     "NeuralDrafter",
     "NgramDrafter",
+    "SuffixDrafter",
+    "UNTRAINED",
     "check_drafter_name",
     "default_drafter",
     "load_drafter",
     "make_drafter",
     "new_draft_model",
     "split_spec",
+    "trained_folder",
+    "with_tree",
 ]

@@ -20,6 +20,7 @@ from tandem.drafters.neural import (
 )
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
+from tandem.tree import TokenTree
 
 
 class DFlashModel(DraftModel):
@@ -94,14 +95,11 @@ class DFlashDrafter(NeuralDrafter):
         hidden = self.model.block_hidden(token_ids[-1:], start, state.cache, visible, state.extra["before"])[0]
         return self.model.draft_logits(hidden), hidden
 
-    def draft(
-        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
-    ) -> tuple[list[int], torch.Tensor | None]:
+    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
         logits, _ = self.block_logits(state, token_ids)
-        picked = [self.pick(logits[k], params, state.generator) for k in range(depth)]
-        return [t for t, _ in picked], self.stack_probs([q for _, q in picked])
+        return self.chain_of(int(token_ids[-1]), [self.pick(logits[k], params, state.generator) for k in range(depth)])
 
     def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
         """Position k's logits whatever the parent: top-k per position, combined by the search."""
         logits, _ = self.block_logits(state, token_ids)
-        return lambda growth, frontier: logits[growth.depths[frontier[0]]].expand(len(frontier), -1)
+        return lambda growth, frontier: (logits[growth.depths[frontier[0]]].expand(len(frontier), -1), None)

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
-from tandem.drafters.neural import ChildLogits, DraftConfig, DraftState
+from tandem.drafters.neural import ChildLogits, DraftConfig, DraftState, Pick
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
+from tandem.tree import TokenTree
 from tandem.tree_search import Growth, TreeShape
 
 
@@ -40,10 +41,11 @@ class DSparkModel(DFlashModel):
         """Uncalibrated confidence logits (``σ`` of them estimates survival of the position)."""
         return self.confidence(torch.cat([self.norm(hidden), code], -1)).squeeze(-1).float()
 
-    def calibrated(self, logits: torch.Tensor, position: int) -> float:
+    def calibrated(self, logits: torch.Tensor, position: int) -> torch.Tensor:
+        """Predicted survival of block position ``position`` (temperature-scaled confidence)."""
         temps = self.config.confidence_temperature
         t = temps[min(position, len(temps) - 1)] if temps else 1.0
-        return float(torch.sigmoid(logits / t))
+        return torch.sigmoid(logits / t)
 
 
 class DSparkDrafter(DFlashDrafter):
@@ -59,32 +61,32 @@ class DSparkDrafter(DFlashDrafter):
         self.min_survival = min_survival
         self.markov = markov  # False: drop the transition bias (the ablation of the Markov head)
 
-    def draft(
-        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
-    ) -> tuple[list[int], torch.Tensor | None]:
+    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
         base, hidden = self.block_logits(state, token_ids)
-        tokens: list[int] = []
-        probs: list[torch.Tensor | None] = []
+        picks: list[Pick] = []
+        confidences: list[float] = []
         previous, survival = int(token_ids[-1]), 1.0
         for k in range(depth):
             code, bias = self.model.transition(torch.tensor(previous))
-            survival *= self.model.calibrated(self.model.confidence_logits(hidden[k], code), k)
-            if tokens and survival < self.min_survival:
+            confidence = float(self.model.calibrated(self.model.confidence_logits(hidden[k], code), k))
+            survival *= confidence
+            if picks and survival < self.min_survival:
                 break
-            previous, q = self.pick(base[k] + bias if self.markov else base[k], params, state.generator)
-            tokens.append(previous)
-            probs.append(q)
-        return tokens, self.stack_probs(probs)
+            picks.append(self.pick(base[k] + bias if self.markov else base[k], params, state.generator))
+            confidences.append(confidence)
+            previous = picks[-1].token
+        return self.chain_of(int(token_ids[-1]), picks, confidences)
 
     def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
         """Depth k's base logits plus each parent's Markov bias: branching costs one rank-r matmul
-        per expanded node, no extra backbone pass."""
-        base, _ = self.block_logits(state, token_ids)
+        per expanded node, no extra backbone pass; the confidence head scores each parent's best
+        child from the same transition code."""
+        base, hidden = self.block_logits(state, token_ids)
 
-        def logits(growth: Growth, frontier: list[int]) -> torch.Tensor:
-            row = base[growth.depths[frontier[0]]]
-            if not self.markov:
-                return row.expand(len(frontier), -1)
-            return row + self.model.transition(torch.tensor([growth.tokens[i] for i in frontier]))[1]
+        def logits(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            k = growth.depths[frontier[0]]
+            code, bias = self.model.transition(torch.tensor([growth.tokens[i] for i in frontier]))
+            confidence = self.model.calibrated(self.model.confidence_logits(hidden[k].expand(len(frontier), -1), code), k)
+            return (base[k] + bias if self.markov else base[k].expand(len(frontier), -1)), confidence
 
         return logits

@@ -16,10 +16,12 @@ from tandem.drafters.neural import (
     DraftModel,
     DraftState,
     NeuralDrafter,
+    Pick,
     cat_kv,
 )
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
+from tandem.tree import TokenTree
 from tandem.tree_search import Growth
 
 
@@ -92,24 +94,19 @@ class Eagle3Drafter(NeuralDrafter):
         state.length += n
         state.extra["last"] = out[:, -1:]  # predicts the token after the anchor
 
-    def draft(
-        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
-    ) -> tuple[list[int], torch.Tensor | None]:
+    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
         hidden = state.extra["last"]
         past = state.cache[0]
-        tokens: list[int] = []
-        probs: list[torch.Tensor | None] = []
+        picks: list[Pick] = []
         for t in range(depth):
-            token, q = self.pick(self.model.draft_logits(hidden[0, -1]), params, state.generator)
-            tokens.append(token)
-            probs.append(q)
+            picks.append(self.pick(self.model.draft_logits(hidden[0, -1]), params, state.generator))
             if t + 1 == depth:
                 break
             position = torch.tensor([[state.length + t]])
             mask = torch.ones(1, 1, past[0].shape[2] + 1, dtype=torch.bool)
-            hidden, kv = self.model.step(torch.tensor([[token]]), hidden, position, mask, past)
+            hidden, kv = self.model.step(torch.tensor([[picks[-1].token]]), hidden, position, mask, past)
             past = cat_kv(past, kv)
-        return tokens, self.stack_probs(probs)
+        return self.chain_of(int(token_ids[-1]), picks)
 
     def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
         """One layer pass per depth over the frontier nodes not run yet (EAGLE-2): node ``c`` at
@@ -143,7 +140,7 @@ class Eagle3Drafter(NeuralDrafter):
                     steps.append(node)
                     keys.append(k[row : row + 1])
                     values.append(v[row : row + 1])
-            return self.model.draft_logits(torch.stack([outputs[node] for node in frontier]))
+            return self.model.draft_logits(torch.stack([outputs[node] for node in frontier])), None
 
         return logits
 

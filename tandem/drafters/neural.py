@@ -6,12 +6,14 @@ layer that can attend to extra keys/values, save/load as a Hugging Face style fo
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,19 @@ from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
 
 ALGORITHMS = ("eagle3", "dflash", "dspark")
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, T, head_dim]
-# (the growing tree, frontier node ids at one depth) -> draft-vocabulary logits of their children
-ChildLogits = Callable[[Growth, list[int]], torch.Tensor]
+# (the growing tree, frontier node ids at one depth) -> draft-vocabulary logits of their children,
+# and per frontier node the confidence that its best child survives (None: no confidence head)
+ChildLogits = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class Pick(NamedTuple):
+    """One drafted token: its target id, the full-vocabulary ``q`` it was drawn from (``None`` for
+    a greedy target: a point mass), and the highest probability of that distribution (known before
+    the draw: the drafter's own estimate that the position survives)."""
+
+    token: int
+    q: torch.Tensor | None
+    top: float
 
 
 def cat_kv(old: KV, new: KV) -> KV:
@@ -259,28 +272,34 @@ class NeuralDrafter(Drafter):
     def release(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
 
-    def _propose_one(self, request: DraftRequest) -> TokenTree:
+    @torch.inference_mode()
+    def absorb(self, request: DraftRequest) -> DraftState:
+        """Take the request's new target features into the sequence's context cache, without
+        drafting (a hybrid drafter that answers from elsewhere this round still calls it)."""
         state = self._states.get(request.seq_id)
         if state is None:
             seed = (request.params.seed or 0) ^ 0x5DEECE66D
             state = DraftState([], 0, torch.Generator().manual_seed(seed))
             self._states[request.seq_id] = state
-        token_ids = torch.as_tensor(list(request.token_ids), dtype=torch.long)
         if request.features is not None and len(request.features):
+            token_ids = torch.as_tensor(list(request.token_ids), dtype=torch.long)
             start = len(token_ids) - 1 - len(request.features)
             if start != state.length:  # features out of step with what we hold: start over
                 state.cache, state.length = [], 0
                 if start != 0:
-                    return chain(int(token_ids[-1]), [])
+                    return state  # cannot draft until a whole context arrives
             self.extend(state, token_ids, request.features.to(self.model.fc.weight.dtype))
+        return state
+
+    def _propose_one(self, request: DraftRequest) -> TokenTree:
+        state = self.absorb(request)
+        token_ids = torch.as_tensor(list(request.token_ids), dtype=torch.long)
         root = int(token_ids[-1])
         if request.max_nodes <= 0 or state.length != len(token_ids) - 1:
             return chain(root, [])
         if self.tree is not None:
             return self.draft_tree(state, token_ids, request.max_nodes, request.params)
-        depth = min(self.model.config.block_size, request.max_nodes)
-        tokens, probs = self.draft(state, token_ids, depth, request.params)
-        return chain(root, tokens, probs)
+        return self.draft(state, token_ids, min(self.model.config.block_size, request.max_nodes), request.params)
 
     def draft_tree(
         self, state: DraftState, token_ids: torch.Tensor, max_nodes: int, params: SamplingParams
@@ -292,26 +311,26 @@ class NeuralDrafter(Drafter):
         root = int(token_ids[-1])
         if params.greedy:
 
-            def best(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-                logp, ids = torch.log_softmax(logits_of(growth, frontier), -1).topk(self.tree.topk, -1)
-                return logp, self.model.vocab_map[ids]
+            def best(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                logits, confidence = logits_of(growth, frontier)
+                logp, ids = torch.log_softmax(logits, -1).topk(self.tree.topk, -1)
+                return logp, self.model.vocab_map[ids], confidence
 
             return greedy_tree(root, best, self.tree, max_nodes)
 
-        def drawn_from(growth: Growth, frontier: list[int]) -> torch.Tensor:
-            return self.draft_probs(logits_of(growth, frontier), params)
+        def drawn_from(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            logits, confidence = logits_of(growth, frontier)
+            return self.draft_probs(logits, params), confidence
 
         return sampled_tree(root, drawn_from, self.tree, max_nodes, state.generator)
 
-    def pick(
-        self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-    ) -> tuple[int, torch.Tensor | None]:
-        """A target token id from draft-vocabulary ``logits``, and the full-vocabulary ``q`` it was
-        drawn from (``None`` for a greedy target: the argmax is a point mass)."""
+    def pick(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Pick:
+        """A target token id from draft-vocabulary ``logits`` (see :class:`Pick`)."""
         if params.greedy:
-            return int(self.model.vocab_map[int(logits.argmax())]), None
+            probs = torch.softmax(logits.float(), -1)
+            return Pick(int(self.model.vocab_map[int(probs.argmax())]), None, float(probs.max()))
         q = self.draft_probs(logits, params)
-        return sample(q, generator), q
+        return Pick(sample(q, generator), q, float(q.max()))
 
     def draft_probs(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """Draft-vocabulary ``logits`` ``[..., V_draft]`` -> ``q`` over the target vocabulary
@@ -321,21 +340,22 @@ class NeuralDrafter(Drafter):
         return target_probs(full, params)
 
     @staticmethod
-    def stack_probs(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """Draft probabilities for :class:`TokenTree`: a zero row for the root, then one per node."""
-        if not probs or probs[0] is None:
-            return None
-        return torch.stack([torch.zeros_like(probs[0]), *probs])
+    def chain_of(root: int, picks: Sequence[Pick], factors: Sequence[float] | None = None) -> TokenTree:
+        """The chain of ``picks`` below ``root``; position k survives with the product of
+        ``factors[:k + 1]`` (default: each pick's top probability)."""
+        probs = None
+        if picks and picks[0].q is not None:
+            probs = torch.stack([torch.zeros_like(picks[0].q), *(p.q for p in picks)])
+        survival = list(itertools.accumulate(factors or [p.top for p in picks], operator.mul))
+        return chain(root, [p.token for p in picks], probs, survival)
 
     @abstractmethod
     def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
         """Add context positions ``state.length ...`` for the new ``features`` to ``state``."""
 
     @abstractmethod
-    def draft(
-        self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams
-    ) -> tuple[list[int], torch.Tensor | None]:
-        """Up to ``depth`` draft tokens after the anchor ``token_ids[-1]``, and their ``q`` rows."""
+    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
+        """A chain of up to ``depth`` draft tokens after the anchor ``token_ids[-1]`` (:meth:`chain_of`)."""
 
     @abstractmethod
     def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:

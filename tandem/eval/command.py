@@ -12,6 +12,7 @@ from tandem.errors import TandemError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tandem.cli import add_draft_flags
     from tandem.eval.benchmarks import BENCHMARKS
     from tandem.models.catalog import DEFAULT_MODEL, builtin_names
 
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=10, help="prompts per benchmark")
     p.add_argument("--temperature", type=float, nargs="+", default=[0.0], help="one or more; 0 = greedy")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-draft", type=int, default=16, help="draft tree nodes per round")
+    add_draft_flags(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from tandem.drafters import check_drafter_name, make_drafter
+    from tandem.cli import scheduled
+    from tandem.drafters import check_drafter_name, make_drafter, with_tree
     from tandem.eval.benchmarks import load_benchmarks, read_turns_file
     from tandem.eval.report import write_results
     from tandem.eval.run import evaluate
@@ -56,10 +58,14 @@ def run_eval(args: argparse.Namespace) -> int:
         prompts = load_benchmarks([b.strip() for b in args.benchmarks.split(",") if b.strip()], args.limit)
     if not prompts:
         raise TandemError("no prompts to evaluate")
-    for name in args.drafter:
-        check_drafter_name(name)
+    specs = {name: with_tree(name, args.tree, args.chain) for name in args.drafter}
+    for spec in specs.values():
+        check_drafter_name(spec)
     target = load_target(args.model, args.dtype)
-    drafters = {name: make_drafter(name, target.model, str(args.model)) for name in args.drafter}
+    drafters = {
+        name: scheduled(make_drafter(spec, target.model, str(args.model)), target.model, str(args.model), args.schedule)
+        for name, spec in specs.items()
+    }
     encoded = [(p, target.tokenizer.encode(p.text, chat=target.tokenizer.has_chat_template)) for p in prompts]
     results = evaluate(
         target.model,
@@ -78,6 +84,8 @@ def run_eval(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "limit": args.limit,
         "drafters": args.drafter,
+        "tree": "chain" if args.chain else args.tree or "default",
+        "scheduled": args.schedule,
     }
     title = f"{args.model}, {args.dtype}, {args.max_tokens} tokens"
     table, written = write_results(results, meta, Path(args.out), title)

@@ -1,0 +1,111 @@
+"""``tandem profile``: what one verification pass costs on this machine, by batch size and tree
+width, for the draft scheduler (:mod:`tandem.scheduler`).
+
+Measured once per model, dtype and machine through the real :class:`Verifier` (masks, sampling
+and cache commits included) and kept in the cache folder; ``tandem generate`` and ``tandem serve``
+measure on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from tandem.models.decoder import Transformer
+from tandem.models.loading import cache_root
+from tandem.sampling import SamplingParams
+from tandem.scheduler import PassCost
+from tandem.tree import chain
+from tandem.verifier import Verifier
+
+BATCHES = (1, 2, 4, 8)
+WIDTHS = (1, 2, 3, 5, 9, 17)  # anchor + 0, 1, 2, 4, 8, 16 draft tokens
+PROMPT_TOKENS = 64
+
+
+def machine_id() -> str:
+    """What the timings depend on besides the model: processor, accelerator, threads."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    accelerator = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{cpu}|{accelerator}|threads={torch.get_num_threads()}"
+
+
+def profile_path(model_name: str, dtype: torch.dtype) -> Path:
+    key = hashlib.sha256(f"{model_name}|{dtype}|{machine_id()}".encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
+    return cache_root() / "profiles" / f"{safe}-{str(dtype).removeprefix('torch.')}-{key}.json"
+
+
+def measure(
+    model: Transformer,
+    batches: Sequence[int] = BATCHES,
+    widths: Sequence[int] = WIDTHS,
+    repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> PassCost:
+    """Median seconds of :meth:`Verifier.verify` for every batch size and width (chains of random
+    draft tokens under greedy verification, after one warm-up pass each)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    seconds = []
+    for batch in batches:
+        capacity = PROMPT_TOKENS + len(widths) * (repeats + 1) * max(widths) + 1
+        verifier = Verifier(model, batch, capacity)
+        prompts = torch.randint(vocab, (batch, PROMPT_TOKENS), generator=g).tolist()
+        rows = [verifier.open(p, SamplingParams(), seed=0) for p in prompts]
+        anchors = [step.tokens[-1] for step in verifier.prefill(rows)]
+        row_seconds = []
+        for width in widths:
+            times = []
+            for i in range(repeats + 1):
+                drafts = torch.randint(vocab, (batch, width - 1), generator=g).tolist()
+                trees = [chain(a, d) for a, d in zip(anchors, drafts)]
+                start = time.perf_counter()
+                steps = verifier.verify(rows, trees)
+                if i:
+                    times.append(time.perf_counter() - start)
+                anchors = [step.tokens[-1] for step in steps]
+            row_seconds.append(statistics.median(times))
+            if progress:
+                progress(f"batch {batch} width {width}: {row_seconds[-1] * 1000:.1f} ms")
+        seconds.append(tuple(row_seconds))
+    return PassCost(tuple(batches), tuple(widths), tuple(seconds))
+
+
+def load_or_measure(
+    model: Transformer, model_name: str, force: bool = False, progress: Callable[[str], None] | None = None
+) -> PassCost:
+    """The cached profile of ``model`` on this machine, measured and stored when missing."""
+    path = profile_path(model_name, model.dtype)
+    if path.is_file() and not force:
+        try:
+            return PassCost.from_json(json.loads(path.read_text(encoding="utf-8"))["pass_seconds"])
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable or from an older layout: measure again
+    if progress:
+        progress(f"profiling verification on this machine (once, stored in {path})")
+    with torch.inference_mode():
+        cost = measure(model, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": str(model_name),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "machine": machine_id(),
+        "pass_seconds": cost.to_json(),
+    }
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return cost

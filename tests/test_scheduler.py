@@ -1,0 +1,116 @@
+"""The draft scheduler alone: the pass-cost profile, which nodes it keeps and why that stays
+lossless (greedy: ranked by survival; sampling: a prefix in draw order, grown only while it
+pays), and the profile measured on a real (tiny) model and cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tandem import profile
+from tandem.models.loading import load_model
+from tandem.scheduler import PassCost, best_width, schedule
+from tandem.tree import TokenTree, chain
+from tests.tiny_models import build_tiny
+
+
+def _linear(overhead: float, per_token: float, batches=(1, 4), widths=(1, 2, 4, 8, 16)) -> PassCost:
+    """A pass costs ``overhead + per_token * batch * width`` seconds."""
+    return PassCost(batches, widths, tuple(tuple(overhead + per_token * b * w for w in widths) for b in batches))
+
+
+def _tree(survival: list[float], parents: list[int]) -> TokenTree:
+    n = len(parents)
+    return TokenTree(torch.arange(n), torch.tensor(parents), survival=torch.tensor(survival))
+
+
+def test_pass_cost_interpolates_the_measured_values():
+    cost = PassCost((1, 4), (1, 3, 5), ((1.0, 3.0, 2.0), (4.0, 6.0, 8.0)))
+    assert cost(1, 2) == pytest.approx(2.0)
+    assert cost(1, 4) == pytest.approx(2.5)  # a measured dip is kept: wider can be cheaper
+    assert cost(2, 1) == pytest.approx(2.0)  # between batch 1 and 4
+    assert cost(8, 5) > cost(4, 5)  # extrapolated past the largest batch measured
+    assert PassCost.from_json(json.loads(json.dumps(cost.to_json()))) == cost
+    with pytest.raises(ValueError, match="width 1"):
+        PassCost((1,), (2, 4), ((1.0, 2.0),))
+    with pytest.raises(ValueError, match="one row"):
+        PassCost((1, 2), (1, 2), ((1.0, 2.0),))
+
+
+def test_free_verification_keeps_everything_and_token_priced_keeps_nothing():
+    tree = chain(5, [1, 2, 3, 4], survival=[0.9, 0.8, 0.5, 0.1])
+    assert len(schedule([tree], [True], _linear(1.0, 0.0))[0]) == 5
+    # Every token costs a whole pass: nothing beats plain decoding.
+    assert len(schedule([tree], [True], _linear(0.0, 1.0))[0]) == 1
+
+
+def test_expensive_verification_admits_fewer_nodes():
+    trees = [chain(5, [1, 2, 3, 4, 6, 7], survival=[0.95, 0.9, 0.8, 0.6, 0.4, 0.2])] * 4
+    kept = [
+        sum(len(t) - 1 for t in schedule(trees, [True] * 4, _linear(1.0, per_token)))
+        for per_token in (0.0, 0.005, 0.02, 0.08, 5.0)
+    ]
+    assert kept == sorted(kept, reverse=True) and kept[0] == 24 and kept[-1] == 0
+    assert len(set(kept)) >= 3, kept
+
+
+def test_greedy_keeps_the_best_nodes_closed_under_ancestors():
+    # root -> 1 (0.9) -> 3 (0.7); root -> 2 (0.3) -> 4 (0.25); 1 -> 5 (0.2)
+    tree = _tree([1.0, 0.9, 0.3, 0.7, 0.25, 0.2], [-1, 0, 0, 1, 2, 1])
+    cost = PassCost((1,), (1, 2, 3, 4, 5, 6), ((1.0, 1.0, 1.0, 2.0, 2.0, 2.0),))
+    out = schedule([tree], [True], cost)[0]
+    assert out.tokens.tolist() == [0, 1, 3] and out.parents.tolist() == [-1, 0, 1]
+    assert out.survival.tolist() == pytest.approx([1.0, 0.9, 0.7])
+
+
+def test_sampling_keeps_a_prefix_in_draw_order():
+    """The same tree under sampling: nodes kept in id order (node 2 before the better node 3),
+    since a node's fate may not depend on anything drawn after it."""
+    tree = _tree([1.0, 0.9, 0.3, 0.7, 0.25, 0.2], [-1, 0, 0, 1, 2, 1])
+    tree.draft_probs = torch.softmax(torch.randn(6, 7), -1)
+    cost = PassCost((1,), (1, 2, 3, 4, 5, 6), ((1.0, 1.0, 1.0, 2.0, 2.0, 2.0),))
+    out = schedule([tree], [False], cost)[0]
+    assert out.tokens.tolist() == [0, 1, 2]
+    assert torch.equal(out.draft_probs, tree.draft_probs[:3])
+
+
+def test_sampling_stops_at_the_first_width_that_does_not_pay():
+    """Greedy takes the best width overall; sampling stops growing where the value first falls."""
+    gains = [[0.1, 0.9, 0.9, 0.9]]
+    cost = _linear(1.0, 0.3, batches=(1,), widths=(1, 2, 3, 4, 5))
+    assert best_width(gains, 1, 1, cost, 0.0, greedy=True) == 5
+    assert best_width(gains, 1, 1, cost, 0.0, greedy=False) == 1
+
+
+def test_trees_without_survival_are_verified_whole_and_set_the_width():
+    scored = chain(5, [1, 2, 3], survival=[0.99, 0.98, 0.97])
+    bare = chain(5, [9, 8])
+    out = schedule([scored, bare], [True, True], _linear(0.0, 1.0))
+    assert len(out[1]) == 3 and len(out[0]) == 3  # width 3 is paid for anyway: fill it
+    assert schedule([bare], [True], _linear(0.0, 1.0))[0] is bare
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    build_tiny("llama", folder)
+    return load_model(folder, torch.float32)[0]
+
+
+def test_profile_is_measured_once_and_cached(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    cost = profile.measure(tiny, batches=(1, 2), widths=(1, 3, 9), repeats=1)
+    assert cost.batches == (1, 2) and cost.widths == (1, 3, 9)
+    assert all(s > 0 for row in cost.seconds for s in row)
+    first = profile.load_or_measure(tiny, "tiny-llama")
+    path = profile.profile_path("tiny-llama", tiny.dtype)
+    assert path.is_file() and str(tmp_path) in str(path)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a cached profile must not be measured again")
+
+    monkeypatch.setattr(profile, "measure", no_measuring)
+    assert profile.load_or_measure(tiny, "tiny-llama") == first
+    assert json.loads(path.read_text())["machine"] == profile.machine_id()
