@@ -9,15 +9,10 @@ import importlib.metadata
 import json
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from tandem.errors import TandemError
 from tandem.eval import command as eval_command
 from tandem.train import command as train_command
-
-if TYPE_CHECKING:  # the model stack loads lazily: `tandem --help` stays fast
-    from tandem.drafters import Drafter
-    from tandem.models.decoder import Transformer
 
 EXIT_USAGE = 2
 
@@ -48,6 +43,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_generate)
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def add_draft_flags(p: argparse.ArgumentParser) -> None:
     """How drafts are shaped and scheduled (``tandem generate`` and ``tandem eval``)."""
     p.add_argument("--max-draft", type=int, default=16, help="draft tree nodes per round")
@@ -62,22 +61,11 @@ def add_draft_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def scheduled(drafter: Drafter | None, model: Transformer, model_name: str, schedule: bool) -> Drafter | None:
-    """``drafter`` behind the draft scheduler, with this machine's verification profile (measured
-    on first use); unchanged without a drafter or with ``--no-schedule``."""
-    if drafter is None or not schedule:
-        return drafter
-    from tandem.profile import load_or_measure
-    from tandem.scheduler import ScheduledDrafter
-
-    cost = load_or_measure(model, model_name, progress=lambda line: print(line, file=sys.stderr))
-    return ScheduledDrafter(drafter, cost)
-
-
 def run_generate(args: argparse.Namespace) -> int:
     # Validate cheap things before the slow model load.
     from tandem.drafters import check_drafter_name, default_drafter, make_drafter, with_tree
     from tandem.engine import Engine, Request
+    from tandem.profile import scheduled_drafter
     from tandem.sampling import SamplingParams
     from tandem.target import load_target
     from tandem.tokenizer import Detokenizer
@@ -96,7 +84,8 @@ def run_generate(args: argparse.Namespace) -> int:
     check_drafter_name(args.drafter)
     target = load_target(args.model, args.dtype)
     drafter = make_drafter(args.drafter, target.model, str(args.model))
-    drafter = scheduled(drafter, target.model, str(args.model), args.schedule)
+    if args.schedule:
+        drafter = scheduled_drafter(drafter, target.model, str(args.model), _stderr)
     tok = target.tokenizer
     prompt_ids = tok.encode(args.prompt, chat=not args.raw)
     engine = Engine(target.model, drafter, target.eos_token_ids, tok.decode, max_draft_nodes=args.max_draft)
@@ -226,7 +215,7 @@ def run_profile(args: argparse.Namespace) -> int:
     from tandem.target import load_target
 
     target = load_target(args.model, args.dtype)
-    cost = load_or_measure(target.model, str(args.model), args.force, lambda line: print(line, file=sys.stderr))
+    cost = load_or_measure(target.model, str(args.model), args.force, _stderr)
     print(f"verification pass, ms ({args.model}, {args.dtype}; {profile_path(str(args.model), target.model.dtype)})")
     print("batch \\ width " + "".join(f"{w:>9}" for w in cost.widths))
     for batch, row in zip(cost.batches, cost.seconds):

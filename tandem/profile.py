@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from tandem.drafters.base import Drafter
 from tandem.models.decoder import Transformer
 from tandem.models.loading import cache_root
 from tandem.sampling import SamplingParams
-from tandem.scheduler import PassCost
+from tandem.scheduler import PassCost, ScheduledDrafter
 from tandem.tree import chain
 from tandem.verifier import Verifier
 
@@ -109,3 +110,11 @@ def load_or_measure(
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return cost
+
+
+def scheduled_drafter(
+    drafter: Drafter | None, model: Transformer, model_name: str, progress: Callable[[str], None] | None = None
+) -> Drafter | None:
+    """``drafter`` behind the draft scheduler with this machine's profile (measured on first use);
+    ``None`` (plain decoding) stays ``None``."""
+    return None if drafter is None else ScheduledDrafter(drafter, load_or_measure(model, model_name, progress=progress))

@@ -86,7 +86,8 @@ class DSparkDrafter(DFlashDrafter):
         def logits(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             k = growth.depths[frontier[0]]
             code, bias = self.model.transition(torch.tensor([growth.tokens[i] for i in frontier]))
-            confidence = self.model.calibrated(self.model.confidence_logits(hidden[k].expand(len(frontier), -1), code), k)
+            rows = hidden[k].expand(len(frontier), -1)
+            confidence = self.model.calibrated(self.model.confidence_logits(rows, code), k)
             return (base[k] + bias if self.markov else base[k].expand(len(frontier), -1)), confidence
 
         return logits

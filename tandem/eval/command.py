@@ -37,14 +37,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_eval)
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from tandem.cli import scheduled
     from tandem.drafters import check_drafter_name, make_drafter, with_tree
     from tandem.eval.benchmarks import load_benchmarks, read_turns_file
     from tandem.eval.report import write_results
     from tandem.eval.run import evaluate
+    from tandem.profile import scheduled_drafter
     from tandem.target import load_target
 
     if args.limit < 1 or args.max_tokens < 1:
@@ -62,10 +66,9 @@ def run_eval(args: argparse.Namespace) -> int:
     for spec in specs.values():
         check_drafter_name(spec)
     target = load_target(args.model, args.dtype)
-    drafters = {
-        name: scheduled(make_drafter(spec, target.model, str(args.model)), target.model, str(args.model), args.schedule)
-        for name, spec in specs.items()
-    }
+    drafters = {name: make_drafter(spec, target.model, str(args.model)) for name, spec in specs.items()}
+    if args.schedule:
+        drafters = {n: scheduled_drafter(d, target.model, str(args.model), _stderr) for n, d in drafters.items()}
     encoded = [(p, target.tokenizer.encode(p.text, chat=target.tokenizer.has_chat_template)) for p in prompts]
     results = evaluate(
         target.model,
