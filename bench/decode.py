@@ -7,6 +7,7 @@ within one run, which is why HF greedy is measured here rather than quoted.
 
     python bench/decode.py                      # 8 prompts each of humaneval, mbpp, mt-bench
     python bench/decode.py --limit 2 --max-tokens 32 --skip-hf   # a quick smoke run
+    python bench/decode.py --device cuda --drafters dspark eagle3 dflash suffix   # shipped drafters too
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ class Run:
 class TandemRunner:
     """Our engine with one drafter; timing comes from the stream so prefill can be told apart."""
 
-    def __init__(self, target: Target, drafter: str) -> None:
+    def __init__(self, target: Target, drafter: str, model_name: str) -> None:
         self.engine = Engine(
-            target.model, make_drafter(drafter), target.eos_token_ids, target.tokenizer.decode, MAX_DRAFT_NODES
+            target.model,
+            make_drafter(drafter, target.model, model_name),
+            target.eos_token_ids,
+            target.tokenizer.decode,
+            MAX_DRAFT_NODES,
         )
 
     def run(self, prompt_ids: list[int], max_tokens: int) -> Run:
@@ -107,7 +112,7 @@ class HFRunner:
         config = GenerationConfig(
             do_sample=False, max_new_tokens=max_tokens, eos_token_id=self.eos, pad_token_id=self.eos[0], **self.extra
         )
-        inputs = torch.tensor([prompt_ids])
+        inputs = torch.tensor([prompt_ids], device=self.model.device)
         passes = 0
 
         def count(*_: object) -> None:
@@ -119,6 +124,7 @@ class HFRunner:
             start = time.perf_counter()
             with torch.inference_mode():
                 out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+            out = out.cpu()  # waits for the device: the time below covers the whole generation
             seconds = time.perf_counter() - start
         finally:
             hook.remove()
@@ -141,14 +147,16 @@ def load_prompts(target: Target, benchmarks: Sequence[str], limit: int) -> list[
     return prompts
 
 
-def measure_bandwidth(repeats: int = 10) -> dict[str, float]:
-    """DRAM read bandwidth as torch sees it with the current thread count: best and median of x.sum()."""
-    x = torch.ones(BANDWIDTH_MIB * 2**20 // 4, dtype=torch.float32)  # written once so every page is real
-    x.sum()
+def measure_bandwidth(device: torch.device, repeats: int = 10) -> dict[str, float]:
+    """Memory read bandwidth of ``device`` as torch sees it (on a CPU, with the current thread
+    count): best and median of x.sum(), each waited for."""
+    size = BANDWIDTH_MIB * 2**20 // 4 * (16 if device.type == "cuda" else 1)  # beyond a GPU's L2 too
+    x = torch.ones(size, dtype=torch.float32, device=device)  # written once so every page is real
+    x.sum().item()
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        x.sum()
+        x.sum().item()
         rates.append(x.nbytes / (time.perf_counter() - start))
     return {"best_gb_s": max(rates) / 1e9, "median_gb_s": statistics.median(rates) / 1e9, "tensor_mib": BANDWIDTH_MIB}
 
@@ -327,11 +335,12 @@ def build_runners(target: Target, args: argparse.Namespace) -> dict[str, Callabl
     runners: dict[str, Callable[[list[int], int], Run]] = {}
     for key, (_, drafter, _extra) in METHODS.items():
         if drafter is not None:
-            runners[key] = TandemRunner(target, drafter).run
+            runners[key] = TandemRunner(target, drafter, str(args.model)).run
     if not args.skip_hf:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(target.folder, dtype=DTYPES[args.dtype]).eval()
+        model = AutoModelForCausalLM.from_pretrained(target.folder, dtype=DTYPES[args.dtype])
+        model = model.to(target.model.device).eval()
         for key, (_, drafter, extra) in METHODS.items():
             if drafter is None:
                 # Same stop set as our engine (the tokenizer's eos plus the config's), so lengths compare.
@@ -349,7 +358,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every method")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the PNG chart goes beside it")
     p.add_argument("--skip-hf", action="store_true", help="only our engine (no HF baselines, no × HF column)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--drafters", nargs="*", default=[], help="more drafters for our engine (e.g. the shipped dspark)")
     args = p.parse_args(argv)
+    for name in args.drafters:
+        METHODS[name] = (f"tandem {name}", name, {})
     if args.max_tokens < 2 or args.limit < 1 or args.threads < 1:
         p.error("--max-tokens must be >= 2, --limit and --threads >= 1")
     return args
@@ -360,11 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 150)  # logs get the full table, not 80 columns
     info = machine_info(torch.get_num_threads(), args.dtype)
-    target = load_target(args.model, args.dtype)
+    target = load_target(args.model, args.dtype, args.device)
     prompts = load_prompts(target, args.benchmarks, args.limit)
     runners = build_runners(target, args)
 
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth(target.model.device)
     for key, run in runners.items():
         console.print(f"warming up {METHODS[key][0]}", style="dim")
         run(prompts[0].ids, min(WARMUP_TOKENS, args.max_tokens))
@@ -391,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {
             "model": str(args.model),
             "model_folder": str(target.folder),
+            "device": str(target.model.device),
             "benchmarks": args.benchmarks,
             "limit": args.limit,
             "max_tokens": args.max_tokens,

@@ -1,4 +1,5 @@
-"""The Serve application: Router (ingress) -> Draft pool and Target pool, built from a config.
+"""The Serve application: Router (ingress: gRPC itself, HTTP through Serve's proxy) -> Draft pool
+and Target pool, built from a config.
 
 ``tandem serve`` calls :func:`start` (a local Ray on the loopback, or ``ray.address``); Serve
 config files, as in the KubeRay manifests, name :func:`build` as their import path.
@@ -6,6 +7,7 @@ config files, as in the KubeRay manifests, name :func:`build` as their import pa
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -25,6 +27,7 @@ from workers.tp import ShardSpec
 
 APP_NAME = "tandem"
 RELAY_CPUS = 0.05  # a tp > 1 replica only relays calls to its rank actors
+ROUTER_STOP_S = 5.0  # beyond the grace period: the router's own drain and gRPC server stop
 
 
 def build_app(config: ClusterConfig) -> Application:
@@ -41,14 +44,18 @@ def build_app(config: ClusterConfig) -> Application:
             batch_wait_s=pool.batch_wait_ms / 1000,
             threads=pool.threads,
             host=config.worker_host,
+            device=pool.torch_device,
         )
         options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
-        draft = serve.deployment(DraftWorker, name="Draft", ray_actor_options=options, **pool.serve_options())
+        pool_options = pool.serve_options(config.grace_period_s)
+        draft = serve.deployment(DraftWorker, name="Draft", ray_actor_options=options, **pool_options)
         draft = draft.bind(spec)
     router = serve.deployment(
-        Router,
+        serve.ingress()(Router),  # its HTTP app is built in the replica (Router.__serve_build_asgi_app__)
         name="Router",
-        num_replicas=1,  # it owns the public address
+        num_replicas=1,  # it owns the public gRPC address
+        max_ongoing_requests=config.router.max_ongoing_requests,
+        graceful_shutdown_timeout_s=config.grace_period_s + ROUTER_STOP_S,
         ray_actor_options={"num_cpus": config.router.num_cpus, "resources": dict(config.router.resources)},
     )
     return router.bind(config, draft, target)
@@ -77,7 +84,7 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
         max_model_len=config.max_model_len,
         feature_layers=feature_layers,
         threads=pool.threads,
-        device="cuda" if pool.num_gpus else "cpu",
+        device=pool.torch_device,
     )
     return TargetSpec(
         shard, pool.tp, pool.num_cpus, pool.num_gpus, pool.batch_wait_ms / 1000, config.worker_host, pool.schedule
@@ -95,7 +102,7 @@ def _target_deployment(config: ClusterConfig) -> serve.Deployment:
             "placement_group_bundles": [{"CPU": RELAY_CPUS}] + [rank] * pool.tp,
             "placement_group_strategy": "STRICT_PACK",
         }
-    return serve.deployment(TargetWorker, name="Target", **options, **pool.serve_options())
+    return serve.deployment(TargetWorker, name="Target", **options, **pool.serve_options(config.grace_period_s))
 
 
 def build(args: dict[str, Any]) -> Application:
@@ -104,20 +111,29 @@ def build(args: dict[str, Any]) -> Application:
     return build_app(load_config(args.pop("config", None), **args))
 
 
-def start(config: ClusterConfig) -> None:
-    """Start (or join) Ray and run the application; returns once every replica is up."""
+def connect(config: ClusterConfig) -> None:
+    """Start (or join) Ray: ``ray.address``, or a local cluster on the loopback."""
     import ray
 
-    # This box's Ray needs both to start a local cluster; harmless elsewhere.
+    if ray.is_initialized():
+        return
+    if config.ray.address:  # an existing cluster keeps its own settings, authentication included
+        ray.init(address=config.ray.address)
+        return
+    # A private cluster on the loopback: this box's Ray needs both to start one.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not ray.is_initialized():
-        if config.ray.address:
-            ray.init(address=config.ray.address)
-        else:
-            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def start(config: ClusterConfig) -> None:
+    """Run the application (connecting to Ray first if needed); returns once every replica is up."""
+    connect(config)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Tandem prints its own lines
     # Convert a GGUF model once here, rather than in every replica at the same time.
     resolve_model_dir(resolve_model_path(config.model))
-    serve.start(proxy_location="Disabled")
-    # Serve logs every call at INFO; a session is one call per pool, so that is noise here.
-    serve.run(build_app(config), name=APP_NAME, route_prefix=None, logging_config={"log_level": "WARNING"})
+    host, port = config.http_host_port
+    # Serve logs every call (and every replica change) at INFO: noise next to Tandem's own lines.
+    quiet = {"log_level": "WARNING"}
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port}, logging_config=quiet)
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=quiet)

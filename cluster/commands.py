@@ -1,18 +1,20 @@
-"""``tandem serve`` and ``tandem client``: registered with the ``tandem`` command through the
-``tandem.commands`` entry point group, so the core CLI never imports the cluster."""
+"""``tandem serve``, ``tandem drain`` and ``tandem client``: registered with the ``tandem`` command
+through the ``tandem.commands`` entry point group, so the core CLI never imports the cluster."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="start a local Ray cluster serving the gRPC API (Ctrl-C stops it)")
+    p = sub.add_parser(
+        "serve", help="start a local Ray cluster serving the gRPC and OpenAI APIs (SIGTERM or Ctrl-C drains it)"
+    )
     p.add_argument("--config", help="cluster YAML (default: all defaults, see configs/local.yaml)")
     p.add_argument("--address", help="public gRPC address (default: the config's, 127.0.0.1:50051)")
+    p.add_argument("--http-address", help="OpenAI API, /health and /metrics (default: the config's, 127.0.0.1:8000)")
     p.add_argument("--model", help="target model (default: the config's)")
     p.set_defaults(run=run_serve)
 
@@ -20,20 +22,66 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from cluster.config import load_config
 
-    config = load_config(args.config, address=args.address, model=args.model)
+    config = load_config(args.config, address=args.address, http_address=args.http_address, model=args.model)
+    if not config.ray.address:  # everything runs here: say now, not in a replica's traceback, when a port is taken
+        for key in ("address", "http_address"):
+            _check_free(key, getattr(config, key))
     import ray
     from ray import serve
 
-    from cluster.app import start
+    from cluster.app import connect, start
+    from cluster.lifecycle import children_ignore_interrupts, drain, wait_for_stop_signal
 
-    start(config)
-    print(f"tandem: serving gRPC on {config.address}", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        with children_ignore_interrupts():
+            connect(config)
+        start(config)
+        print(f"tandem: serving gRPC on {config.address}", flush=True)
+        print(f"tandem: OpenAI API on http://{config.http_address}/v1 (metrics: /metrics)", flush=True)
+        name = wait_for_stop_signal()
+        left = drain(config.grace_period_s)
+    except KeyboardInterrupt:  # Ctrl-C before the application was up: nothing to drain
+        print("tandem: interrupted while starting", file=sys.stderr)
+        return 130
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if config.ray.address:  # a cluster that outlives us: take the application off it
+            serve.shutdown()
+        ray.shutdown()  # a local cluster goes with every replica on it
+    cut = f", {left} stream(s) cut after the {config.grace_period_s:g} s grace period" if left else ""
+    print(f"tandem: {name}: drained and stopped{cut}", flush=True)
+    return 0
+
+
+def _check_free(key: str, address: str) -> None:
+    import socket
+
+    from cluster.config import ConfigError
+
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{key} {address}: cannot listen there ({exc})") from None
+
+
+def add_drain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("drain", help="drain a running cluster's router (e.g. a Kubernetes preStop hook)")
+    p.add_argument("--address", default="auto", help="Ray address (default: auto, the local node's cluster)")
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds live streams get to finish")
+    p.set_defaults(run=run_drain)
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.lifecycle import drain
+
+    ray.init(address=args.address, logging_level="WARNING", log_to_driver=False)
+    left = drain(args.grace_period)
+    print(f"tandem: drained{f', {left} stream(s) still live' if left else ''}", flush=True)
+    return 0
 
 
 def add_client(sub: argparse._SubParsersAction) -> None:

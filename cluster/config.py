@@ -18,6 +18,7 @@ from tandem.errors import TandemError
 from tandem.models.catalog import DEFAULT_MODEL
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:8000"
 
 
 class ConfigError(TandemError):
@@ -35,6 +36,7 @@ class RouterConfig:
     num_cpus: float = 0.1
     draft_timeout_s: float = 5.0  # a drafter silent this long is dropped: the session goes on target-only
     resources: dict[str, float] = field(default_factory=dict)  # e.g. pin the router to the head node
+    max_ongoing_requests: int = 1024  # HTTP requests in flight through Serve's proxy (gRPC ones are not capped)
 
 
 @dataclass(frozen=True)
@@ -42,21 +44,39 @@ class PoolConfig:
     """Serve settings shared by both worker pools."""
 
     num_cpus: float = 0.5  # per replica (target: per TP rank); torch gets this many threads, at least 1
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # per replica (target: per TP rank: 0 or 1, one GPU per NCCL rank)
+    device: str = "auto"  # where its tensors live: auto (cuda when num_gpus > 0), cpu or cuda
     max_ongoing_requests: int = 16  # live sessions per replica (target: its KV cache rows)
     max_queued_requests: int = -1  # sessions waiting for a replica before RESOURCE_EXHAUSTED; -1: no cap
     batch_wait_ms: float = 2.0  # continuous batching window
     num_replicas: int = 1  # without autoscaling_config
     autoscaling_config: dict[str, Any] | None = None  # Serve's AutoscalingConfig, as is
 
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.num_gpus < 0:
+            raise ConfigError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        if self.device == "cuda" and not self.num_gpus:
+            raise ConfigError("device cuda needs num_gpus > 0: Ray gives a replica only the GPUs it asks for")
+        if self.device == "cpu" and self.num_gpus:
+            raise ConfigError("device cpu with num_gpus > 0 would hold GPUs it never uses")
+
     @property
     def threads(self) -> int:
         return max(1, int(self.num_cpus))
 
-    def serve_options(self) -> dict[str, Any]:
+    @property
+    def torch_device(self) -> str:
+        """``cuda`` (the replica's own GPU: Ray exposes it as device 0) or ``cpu``."""
+        return "cuda" if self.num_gpus else "cpu"
+
+    def serve_options(self, grace_period_s: float) -> dict[str, Any]:
+        """Serve's deployment options; a replica being stopped lets its sessions finish first."""
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": grace_period_s,
         }
         if self.autoscaling_config:
             options["autoscaling_config"] = self.autoscaling_config
@@ -85,6 +105,8 @@ class TargetConfig(PoolConfig):
 @dataclass(frozen=True)
 class ClusterConfig:
     address: str = DEFAULT_ADDRESS  # the public gRPC API
+    http_address: str = DEFAULT_HTTP_ADDRESS  # Serve's HTTP proxy: the OpenAI API, /health, /metrics
+    grace_period_s: float = 30.0  # on shutdown or scale-down, live sessions get this long to finish
     model: str = DEFAULT_MODEL
     dtype: str = "bfloat16"
     max_model_len: int = 2048  # tokens per session (prompt + output); sizes the KV cache rows
@@ -99,8 +121,23 @@ class ClusterConfig:
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.target.tp < 1 or self.max_model_len < 2 or self.draft.max_draft_nodes < 0:
             raise ConfigError("need target.tp >= 1, max_model_len >= 2 and draft.max_draft_nodes >= 0")
+        if self.target.num_gpus not in (0, 1):
+            raise ConfigError(
+                f"target.num_gpus is per tensor-parallel rank and must be 0 or 1 (one GPU per NCCL rank), "
+                f"got {self.target.num_gpus}; use target.tp for more GPUs per replica"
+            )
+        if self.grace_period_s < 0:
+            raise ConfigError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
+        host, _, port = self.http_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"http_address must be HOST:PORT, got {self.http_address!r}")
         if self.draft.drafter == "default":  # frozen: resolved once, here
             object.__setattr__(self, "draft", dataclasses.replace(self.draft, drafter=default_drafter(self.model)))
+
+    @property
+    def http_host_port(self) -> tuple[str, int]:
+        host, _, port = self.http_address.rpartition(":")
+        return host, int(port)
 
     @property
     def has_draft_pool(self) -> bool:

@@ -1,17 +1,18 @@
-"""The ingress: Tandem's public gRPC API (Generate, Abort, health, reflection), served by the
-router's Serve replica on the configured address.
+"""The ingress: the router's Serve replica serves Tandem's public gRPC API (Generate, Abort, health,
+reflection) on the configured address itself, and the OpenAI-compatible HTTP API and ``/metrics``
+(cluster/openai_api.py) through Serve's HTTP proxy. Both run requests through one
+:class:`~cluster.frontend.Frontend`.
 
-It turns a request into token ids and sampling params (INVALID_ARGUMENT with a message when it
-cannot), runs a :class:`~cluster.session.Session` and streams its tokens and text. Client cancel,
-deadline or disconnect cancels the handler, and with it the session's worker streams.
+A gRPC request becomes token ids and sampling params (INVALID_ARGUMENT with a message when it
+cannot), then a session whose tokens and text are streamed out. Client cancel, deadline or
+disconnect cancels the handler, and with it the session's worker streams. Draining (shutdown,
+rollout, scale-down) turns health to NOT_SERVING, refuses new requests and lets live ones finish.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,13 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.config import ClusterConfig
-from cluster.session import Pools, Session
+from cluster.frontend import Frontend, Refused
+from cluster.session import Session
 from tandem.errors import InvalidRequest
-from tandem.models.catalog import resolve_model_path
-from tandem.models.config import ModelConfig
-from tandem.models.loading import resolve_model_dir
-from tandem.sequence import with_seed
-from tandem.tokenizer import Detokenizer, Tokenizer
 from tandem_proto.v1 import api_pb2, api_pb2_grpc
 from workers.wire import CHANNEL_OPTIONS, params_from_proto
 
@@ -35,23 +32,9 @@ SERVICE = api_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
 
 class Router(api_pb2_grpc.TandemServicer):
     async def __init__(self, config: ClusterConfig, draft: object | None, target: object) -> None:
-        folder = resolve_model_dir(resolve_model_path(config.model))
-        model = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-        has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-        self.tokenizer = Tokenizer(folder) if has_tokenizer else None
-        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
-        self.drafter = config.draft.drafter
-        self.pools = Pools(
-            target=target,
-            draft=draft,
-            channel=self._channel,
-            eos_token_ids=tuple(dict.fromkeys(tokenizer_eos + model.eos_token_ids)),
-            decode=self.tokenizer.decode if self.tokenizer else None,
-            max_draft_nodes=config.draft.max_draft_nodes,
-            draft_timeout_s=config.router.draft_timeout_s,
-        )
-        self.sessions: dict[str, Session] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.frontend = Frontend(config, draft, target, self._channel)
+        self.grace_period_s = config.grace_period_s
         self._server = grpc.aio.server()
         api_pb2_grpc.add_TandemServicer_to_server(self, self._server)
         self._health = health.aio.HealthServicer()
@@ -60,53 +43,64 @@ class Router(api_pb2_grpc.TandemServicer):
         if not self._server.add_insecure_port(config.address):
             raise RuntimeError(f"cannot listen on {config.address}")
         await self._server.start()
-        for service in ("", SERVICE):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("Tandem gRPC API on %s", config.address)
 
+    def __serve_build_asgi_app__(self) -> object:
+        """Serve's late-bound ingress hook: the HTTP app, built around this replica's frontend."""
+        from cluster.openai_api import build_http_app
+
+        return build_http_app(self.frontend)
+
     async def live_sessions(self) -> int:
-        return len(self.sessions)
+        return len(self.frontend.sessions)
+
+    async def drain(self, grace_s: float | None = None) -> int:
+        """Stop taking requests (health NOT_SERVING) and give the live ones up to ``grace_s``
+        (default: the config's grace period) to finish; returns how many are still running."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await self.frontend.drain(self.grace_period_s if grace_s is None else grace_s)
+
+    async def __del__(self) -> None:
+        """Serve stops this replica (rollout, scale-down, shutdown): drain first."""
+        left = await self.drain()
+        if left:
+            log.warning("stopping with %d live sessions after the %.0f s grace period", left, self.grace_period_s)
+        await self._server.stop(grace=1.0)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return self._channels[address]
 
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE):
+            await self._health.set(service, status)
+
     async def Generate(  # noqa: N802 - the gRPC method name
         self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self.sessions:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
+        frontend = self.frontend
         try:
-            params = with_seed(params_from_proto(request.params))
-            session = Session(self.pools, request_id, self._prompt_ids(request), params, self._use_drafter(request))
-            if params.stop and self.tokenizer is None:
-                raise InvalidRequest("stop strings need a tokenizer; this model has none")
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None
-        self.sessions[request_id] = session
-        # Cancel, deadline or disconnect: free the workers now, not when the generators are collected.
-        context.add_done_callback(lambda _: session.close())
-        try:
-            async with contextlib.aclosing(session.run()) as steps:
-                async for token_ids, finish_reason in steps:
-                    text = detokenizer.push(token_ids, final=finish_reason is not None) if detokenizer else ""
-                    delta = api_pb2.Delta(token_ids=token_ids, text=text)
-                    yield api_pb2.GenerateResponse(request_id=request_id, delta=delta)
-            yield api_pb2.GenerateResponse(request_id=request_id, finished=_finished(session))
-        except grpc.aio.AioRpcError as exc:  # a worker refused (bad prompt, full) or failed
-            await context.abort(exc.code(), exc.details())
-        except Exception as exc:  # Serve could not place the session, or a worker went away
-            await context.abort(*_failure_status(exc))
-        finally:
-            self.sessions.pop(request_id, None)
+            try:
+                params = params_from_proto(request.params)
+                session = frontend.open(self._prompt_ids(request), params, request.drafter, request.request_id)
+            except InvalidRequest as exc:
+                raise frontend.refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            # Cancel, deadline or disconnect: free the workers now, not when the generators are collected.
+            context.add_done_callback(lambda _: session.close())
+            async with contextlib.aclosing(frontend.stream(session)) as chunks:
+                async for chunk in chunks:
+                    delta = api_pb2.Delta(token_ids=chunk.token_ids, text=chunk.text)
+                    yield api_pb2.GenerateResponse(request_id=session.session_id, delta=delta)
+            yield api_pb2.GenerateResponse(request_id=session.session_id, finished=_finished(session))
+        except Refused as exc:
+            await context.abort(exc.code, exc.message)
 
     async def Abort(  # noqa: N802 - the gRPC method name
         self, request: api_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.AbortResponse:
-        session = self.sessions.get(request.request_id)
+        session = self.frontend.sessions.get(request.request_id)
         if session is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no running request {request.request_id!r}")
         session.abort()
@@ -114,22 +108,13 @@ class Router(api_pb2_grpc.TandemServicer):
 
     def _prompt_ids(self, request: api_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
-        if kind == "token_ids":
-            return list(request.token_ids.ids)
         if kind is None:
             raise InvalidRequest("prompt is empty")
-        if self.tokenizer is None:
-            raise InvalidRequest("this model has no tokenizer: send token_ids")
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
         if kind == "text":
-            return self.tokenizer.encode(request.text, chat=False)
-        return self.tokenizer.encode([{"role": m.role, "content": m.content} for m in request.chat.messages], chat=True)
-
-    def _use_drafter(self, request: api_pb2.GenerateRequest) -> bool:
-        served = ["none"] + ([self.drafter] if self.pools.draft is not None else [])
-        name = request.drafter or served[-1]
-        if name not in served:
-            raise InvalidRequest(f"unknown drafter {name!r}; this cluster serves {', '.join(served)}")
-        return name != "none"
+            return self.frontend.encode(request.text)
+        return self.frontend.encode([{"role": m.role, "content": m.content} for m in request.chat.messages], chat=True)
 
 
 def _finished(session: Session) -> api_pb2.Finished:
@@ -145,12 +130,3 @@ def _finished(session: Session) -> api_pb2.Finished:
         drafter_lost=session.drafter_lost,
     )
     return api_pb2.Finished(finish_reason=state.finish_reason, usage=usage)
-
-
-def _failure_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(exc, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cluster is full: {exc}"
-    log.exception("session failed")
-    return grpc.StatusCode.UNAVAILABLE, f"the cluster could not serve the request: {exc}"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 
+from cluster.metrics import Metrics
 from tandem.drafters.base import DraftRequest
 from tandem.sampling import SamplingParams
 from tandem.sequence import SequenceState
@@ -37,19 +39,27 @@ class Pools:
     decode: Callable[[list[int]], str] | None
     max_draft_nodes: int
     draft_timeout_s: float
+    metrics: Metrics
 
 
 class Link:
     """A session's place on one pool: the Serve call holding it and the gRPC stream to the replica."""
 
-    def __init__(self, handle: object, stub: type, channel: Callable[[str], grpc.aio.Channel]) -> None:
-        self._handle, self._stub, self._channel = handle, stub, channel
+    def __init__(self, pool: str, handle: object, stub: type, pools: Pools) -> None:
+        self._handle, self._stub, self._channel = handle, stub, pools.channel
+        self._running = pools.metrics.running.labels(pool)
+        self._waiting = pools.metrics.waiting.labels(pool)
         self._placement = None
         self._call = None
+        self._placed = False
 
     async def place(self, session_id: str) -> None:
+        """Wait for a replica (Serve queues the call while every replica is full), then connect."""
         self._placement = self._handle.options(stream=True).session.remote(session_id)
-        address = await self._placement.__anext__()
+        with self._waiting.track_inprogress():
+            address = await self._placement.__anext__()
+        self._placed = True
+        self._running.inc()
         self._call = self._stub(self._channel(address)).Session()
 
     async def send(self, message: object) -> None:
@@ -71,6 +81,9 @@ class Link:
             self._call.cancel()
         if self._placement is not None:
             self._placement.cancel()
+        if self._placed:
+            self._placed = False
+            self._running.dec()
 
 
 class Session:
@@ -83,12 +96,13 @@ class Session:
         self.params = params  # seed resolved: the target and the drafter share it
         self.state: SequenceState | None = None
         self.drafter_lost = False
-        self._target = Link(pools.target, worker_pb2_grpc.VerifyStub, pools.channel)
-        self._draft_link = Link(pools.draft, worker_pb2_grpc.DraftStub, pools.channel) if use_drafter else None
+        self._target = Link("target", pools.target, worker_pb2_grpc.VerifyStub, pools)
+        self._draft_link = Link("draft", pools.draft, worker_pb2_grpc.DraftStub, pools) if use_drafter else None
         self._draft: Link | None = None  # the draft link once it works
         self._draft_sent = 0  # tokens the drafter has seen
         self._placing: asyncio.Task | None = None
         self._aborted = False
+        self._holds_row = False
 
     def abort(self) -> None:
         """Stop after the round in flight; the stream ends with finish reason "abort"."""
@@ -98,6 +112,9 @@ class Session:
         """Free the session's state on both pools (idempotent)."""
         if self._placing is not None:
             self._placing.cancel()
+        if self._holds_row:
+            self._holds_row = False
+            self.pools.metrics.kv_rows.dec()
         for link in (self._target, self._draft_link):
             if link is not None:
                 link.close()
@@ -116,20 +133,29 @@ class Session:
                 want_features=draft is not None,
             )
             reply = await target.ask(worker_pb2.VerifyIn(open=opening))
+            self._holds_row = True
+            pools.metrics.kv_rows.inc()
             state = self.state = SequenceState.start(
                 0, self.prompt_ids, self.params, pools.eos_token_ids, reply.capacity, pools.decode
             )
             yield state.advance(step_from_proto(reply)), state.finish_reason
             if self._placing is not None and state.finish_reason is None:
                 await self._placing
+            last_verdict = time.perf_counter()
             while state.finish_reason is None:
                 if self._aborted:
                     state.finish_reason = "abort"
                     yield [], state.finish_reason
                     return
-                tree = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
+                tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
+                asked = time.perf_counter()
                 reply = await target.ask(worker_pb2.VerifyIn(tree=tree_to_proto(tree)))
+                verified = time.perf_counter()
                 state.record_round(len(tree) - 1, reply.accepted)
+                # Router time: the consumer's since the last verdict, plus this round's own work.
+                router_s = asked - last_verdict - (draft_s or 0.0)
+                pools.metrics.record_round(len(tree) - 1, reply.accepted, draft_s, verified - asked, router_s)
+                last_verdict = verified
                 yield state.advance(step_from_proto(reply)), state.finish_reason
         finally:
             self.close()
@@ -144,11 +170,13 @@ class Session:
             draft.close()
             self._lose_drafter(exc)
 
-    async def _propose(self, request: DraftRequest) -> TokenTree:
-        """The drafter's tree, or the bare anchor (plain decoding) without a drafter or budget."""
+    async def _propose(self, request: DraftRequest) -> tuple[TokenTree, float | None]:
+        """The drafter's tree, or the bare anchor (plain decoding) without a drafter or budget;
+        and the seconds the drafter took (None: not asked)."""
         anchor = chain(request.token_ids[-1], [])
         if self._draft is None or request.max_nodes == 0:
-            return anchor
+            return anchor, None
+        started = time.perf_counter()
         step = worker_pb2.DraftStep(
             new_token_ids=request.token_ids[self._draft_sent :],
             features=tensor_to_proto(request.features),
@@ -158,9 +186,9 @@ class Session:
             reply = await asyncio.wait_for(self._draft.ask(worker_pb2.DraftIn(step=step)), self.pools.draft_timeout_s)
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError) as exc:
             self._lose_drafter(exc)
-            return anchor
+            return anchor, time.perf_counter() - started
         self._draft_sent = len(request.token_ids)
-        return tree_from_proto(reply.tree)
+        return tree_from_proto(reply.tree), time.perf_counter() - started
 
     def _lose_drafter(self, exc: BaseException) -> None:
         log.warning("session %s: drafter lost (%s); going on target-only", self.session_id, exc)

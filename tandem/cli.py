@@ -12,6 +12,7 @@ import time
 
 from tandem.errors import TandemError
 from tandem.eval import command as eval_command
+from tandem.flags import add_device_flag, add_draft_flags
 from tandem.train import command as train_command
 
 EXIT_USAGE = 2
@@ -39,26 +40,13 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(run=run_generate)
 
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
-
-
-def add_draft_flags(p: argparse.ArgumentParser) -> None:
-    """How drafts are shaped and scheduled (``tandem generate`` and ``tandem eval``)."""
-    p.add_argument("--max-draft", type=int, default=16, help="draft tree nodes per round")
-    p.add_argument("--tree", metavar="TOPK,DEPTH,BUDGET", help="tree shape of the trained drafters (default 4,6,16)")
-    p.add_argument("--chain", action="store_true", help="trained drafters draft chains instead of trees")
-    p.add_argument(
-        "--no-schedule",
-        dest="schedule",
-        action="store_false",
-        help="verify every drafted node (default: the draft scheduler keeps what pays on this machine, "
-        "from a pass-time profile measured once and cached)",
-    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -82,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise TandemError("prompt is empty")
     args.drafter = with_tree(args.drafter or default_drafter(str(args.model)), args.tree, args.chain)
     check_drafter_name(args.drafter)
-    target = load_target(args.model, args.dtype)
+    target = load_target(args.model, args.dtype, args.device)
     drafter = make_drafter(args.drafter, target.model, str(args.model))
     if args.schedule:
         drafter = scheduled_drafter(drafter, target.model, str(args.model), _stderr)
@@ -139,6 +127,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="regenerated.jsonl", help="output jsonl; an existing one is resumed")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    add_device_flag(p)
     p.add_argument(
         "--drafter",
         default="ngram",
@@ -181,6 +170,7 @@ def run_data(args: argparse.Namespace) -> int:
         out=Path(args.out),
         model=args.model,
         dtype=args.dtype,
+        device=args.device,
         drafter=args.drafter,
         params=params,
         batch_size=args.batch_size,
@@ -206,6 +196,7 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure the target's verification time by batch size and tree width")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    add_device_flag(p)
     p.add_argument("--force", action="store_true", help="measure again even if this machine has a profile")
     p.set_defaults(run=run_profile)
 
@@ -214,9 +205,10 @@ def run_profile(args: argparse.Namespace) -> int:
     from tandem.profile import load_or_measure, profile_path
     from tandem.target import load_target
 
-    target = load_target(args.model, args.dtype)
+    target = load_target(args.model, args.dtype, args.device)
     cost = load_or_measure(target.model, str(args.model), args.force, _stderr)
-    print(f"verification pass, ms ({args.model}, {args.dtype}; {profile_path(str(args.model), target.model.dtype)})")
+    path = profile_path(str(args.model), target.model.dtype, target.model.device)
+    print(f"verification pass, ms ({args.model}, {args.dtype}; {path})")
     print("batch \\ width " + "".join(f"{w:>9}" for w in cost.widths))
     for batch, row in zip(cost.batches, cost.seconds):
         print(f"{batch:>13}  " + "".join(f"{s * 1000:9.1f}" for s in row))

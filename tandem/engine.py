@@ -11,14 +11,12 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from tandem.drafters.base import Drafter
 from tandem.errors import InvalidRequest
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
 from tandem.sequence import SequenceState, Stats
-from tandem.tree import TokenTree
+from tandem.tree import TokenTree, chain
 from tandem.verifier import Step, Verifier
 
 
@@ -123,7 +121,7 @@ class Engine:
 
     def _draft(self, live: list[_Sequence], verifier: Verifier) -> list[TokenTree]:
         if self.drafter is None:
-            return [TokenTree(torch.tensor([s.state.token_ids[-1]]), torch.tensor([-1])) for s in live]
+            return [chain(s.state.token_ids[-1], []) for s in live]
         return self.drafter.propose([s.state.draft_request(self.max_draft_nodes, verifier.room(s.row)) for s in live])
 
     def _advance(self, seq: _Sequence, step: Step, verifier: Verifier) -> Delta:

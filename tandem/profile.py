@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tandem.devices import HOST
 from tandem.drafters.base import Drafter
 from tandem.models.decoder import Transformer
 from tandem.models.loading import cache_root
@@ -32,19 +33,19 @@ WIDTHS = (1, 2, 3, 5, 9, 17)  # anchor + 0, 1, 2, 4, 8, 16 draft tokens
 PROMPT_TOKENS = 64
 
 
-def machine_id() -> str:
-    """What the timings depend on besides the model: processor, accelerator, threads."""
+def machine_id(device: torch.device = HOST) -> str:
+    """What the timings depend on besides the model: processor, the device it runs on, threads."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
         cpu = names[0] if names else cpu
-    accelerator = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return f"{cpu}|{accelerator}|threads={torch.get_num_threads()}"
 
 
-def profile_path(model_name: str, dtype: torch.dtype) -> Path:
-    key = hashlib.sha256(f"{model_name}|{dtype}|{machine_id()}".encode()).hexdigest()[:16]
+def profile_path(model_name: str, dtype: torch.dtype, device: torch.device = HOST) -> Path:
+    key = hashlib.sha256(f"{model_name}|{dtype}|{machine_id(device)}".encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
     return cache_root() / "profiles" / f"{safe}-{str(dtype).removeprefix('torch.')}-{key}.json"
 
@@ -58,20 +59,20 @@ def measure(
 ) -> PassCost:
     """Median seconds of :meth:`Verifier.verify` for every batch size and width (chains of random
     draft tokens under greedy verification, after one warm-up pass each)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=HOST).manual_seed(0)
     vocab = model.config.vocab_size
     seconds = []
     for batch in batches:
         capacity = PROMPT_TOKENS + len(widths) * (repeats + 1) * max(widths) + 1
         verifier = Verifier(model, batch, capacity)
-        prompts = torch.randint(vocab, (batch, PROMPT_TOKENS), generator=g).tolist()
+        prompts = torch.randint(vocab, (batch, PROMPT_TOKENS), generator=g, device=HOST).tolist()
         rows = [verifier.open(p, SamplingParams(), seed=0) for p in prompts]
         anchors = [step.tokens[-1] for step in verifier.prefill(rows)]
         row_seconds = []
         for width in widths:
             times = []
             for i in range(repeats + 1):
-                drafts = torch.randint(vocab, (batch, width - 1), generator=g).tolist()
+                drafts = torch.randint(vocab, (batch, width - 1), generator=g, device=HOST).tolist()
                 trees = [chain(a, d) for a, d in zip(anchors, drafts)]
                 start = time.perf_counter()
                 steps = verifier.verify(rows, trees)
@@ -89,7 +90,7 @@ def load_or_measure(
     model: Transformer, model_name: str, force: bool = False, progress: Callable[[str], None] | None = None
 ) -> PassCost:
     """The cached profile of ``model`` on this machine, measured and stored when missing."""
-    path = profile_path(model_name, model.dtype)
+    path = profile_path(model_name, model.dtype, model.device)
     if path.is_file() and not force:
         try:
             return PassCost.from_json(json.loads(path.read_text(encoding="utf-8"))["pass_seconds"])
@@ -103,7 +104,7 @@ def load_or_measure(
     record = {
         "model": str(model_name),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "machine": machine_id(),
+        "machine": machine_id(model.device),
         "pass_seconds": cost.to_json(),
     }
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

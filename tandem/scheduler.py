@@ -76,10 +76,10 @@ def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
 def ranked_gains(tree: TokenTree, greedy: bool) -> tuple[list[int], list[float]]:
     """The tree's draft nodes in the order the scheduler admits them, and their survival."""
     assert tree.survival is not None
-    survival = tree.survival.tolist()
+    survival = tree.survival
     nodes = list(range(1, len(tree)))
     if greedy:
-        depths = tree.depths.tolist()
+        depths = tree.depths
         nodes.sort(key=lambda i: (-survival[i], depths[i], i))
     return nodes, [survival[i] for i in nodes]
 

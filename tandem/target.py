@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tandem.devices import resolve_device
 from tandem.models.catalog import DEFAULT_MODEL, resolve_model_path
 from tandem.models.decoder import Transformer
 from tandem.models.loading import load_model
@@ -26,8 +27,11 @@ class Target:
         return tuple(dict.fromkeys(self.tokenizer.eos_token_ids + self.model.config.eos_token_ids))
 
 
-def load_target(name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16") -> Target:
-    """Load a built-in model by name, a Hugging Face folder or a .gguf file."""
+def load_target(
+    name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu"
+) -> Target:
+    """Load a built-in model by name, a Hugging Face folder or a .gguf file, onto ``device``
+    (``auto``: CUDA when present)."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model, folder = load_model(resolve_model_path(name_or_path), dtype)
+    model, folder = load_model(resolve_model_path(name_or_path), dtype, resolve_device(device))
     return Target(model, Tokenizer(folder), folder)

@@ -21,55 +21,62 @@ class TokenTree:
 
     ``survival[i]`` is the drafter's prediction that node ``i`` gets accepted (its whole path
     survives verification; root 1, never above the parent's). The draft scheduler ranks nodes by
-    it (:mod:`tandem.scheduler`); ``None``: the drafter makes no prediction."""
+    it (:mod:`tandem.scheduler`); ``None``: the drafter makes no prediction.
 
-    tokens: torch.Tensor  # [N] int64
-    parents: torch.Tensor  # [N] int64, parents[0] == -1
+    The shape (tokens, parents, survival) is host metadata, plain Python; ``draft_probs`` is a
+    tensor on the drafter's device (:mod:`tandem.devices`)."""
+
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]  # parents[0] == -1
     draft_probs: torch.Tensor | None = None  # [N, V] float32, row 0 unused
-    survival: torch.Tensor | None = None  # [N] float32, survival[0] == 1
+    survival: tuple[float, ...] | None = None  # survival[0] == 1
 
     def __post_init__(self) -> None:
-        n = self.tokens.numel()
-        if self.parents.numel() != n or n == 0:
+        self.tokens = tuple(int(t) for t in self.tokens)
+        self.parents = tuple(int(p) for p in self.parents)
+        if self.survival is not None:
+            self.survival = tuple(float(s) for s in self.survival)
+        n = len(self.tokens)
+        if len(self.parents) != n or n == 0:
             raise ValueError("a tree needs a root and one parent per node")
-        if self.parents[0].item() != -1:
+        if self.parents[0] != -1:
             raise ValueError("node 0 must be the root (parent -1)")
-        if n > 1 and not bool((self.parents[1:] < torch.arange(1, n)).all()):
-            raise ValueError("nodes must be in topological order: parents[i] < i")
-        if n > 1 and not bool((self.parents[1:] >= 0).all()):
-            raise ValueError("only the root may lack a parent")
+        if any(not 0 <= p < i for i, p in enumerate(self.parents[1:], 1)):
+            raise ValueError("nodes must be in topological order (parents[i] < i) and only the root may lack a parent")
         if self.draft_probs is not None and self.draft_probs.shape[0] != n:
             raise ValueError("draft_probs needs one row per node")
-        if self.survival is not None and self.survival.shape != (n,):
+        if self.survival is not None and len(self.survival) != n:
             raise ValueError("survival needs one value per node")
 
     def __len__(self) -> int:
-        return self.tokens.numel()
+        return len(self.tokens)
 
     @property
-    def depths(self) -> torch.Tensor:
+    def depths(self) -> list[int]:
         return tree_depths(self.parents)
 
     def children(self, node: int) -> list[int]:
-        return (self.parents == node).nonzero().flatten().tolist()
+        return [i for i, p in enumerate(self.parents) if p == node]
 
     def path_tokens(self, nodes: Sequence[int]) -> list[int]:
-        return [int(self.tokens[i]) for i in nodes]
+        return [self.tokens[i] for i in nodes]
 
     def subtree(self, keep: Sequence[int]) -> TokenTree:
         """The tree of the root and ``keep`` (closed under ancestors), ids renumbered in order."""
         nodes = sorted({0, *(int(i) for i in keep)})
         index = {node: i for i, node in enumerate(nodes)}
         try:
-            parents = [-1] + [index[int(self.parents[n])] for n in nodes[1:]]
+            parents = [-1] + [index[self.parents[n]] for n in nodes[1:]]
         except KeyError:
             raise ValueError("a subtree must keep every ancestor of its nodes") from None
-        rows = torch.tensor(nodes)
+        probs = None
+        if self.draft_probs is not None:
+            probs = self.draft_probs[torch.tensor(nodes, device=self.draft_probs.device)]
         return TokenTree(
-            self.tokens[rows],
-            torch.tensor(parents, dtype=torch.long),
-            None if self.draft_probs is None else self.draft_probs[rows],
-            None if self.survival is None else self.survival[rows],
+            tuple(self.tokens[n] for n in nodes),
+            tuple(parents),
+            probs,
+            None if self.survival is None else tuple(self.survival[n] for n in nodes),
         )
 
 
@@ -83,10 +90,10 @@ def chain(
     the predicted probability that the chain survives up to that token."""
     n = len(draft) + 1
     return TokenTree(
-        tokens=torch.tensor([root, *draft], dtype=torch.long),
-        parents=torch.arange(-1, n - 1, dtype=torch.long),
+        tokens=(root, *draft),
+        parents=tuple(range(-1, n - 1)),
         draft_probs=draft_probs,
-        survival=None if survival is None else torch.tensor([1.0, *survival], dtype=torch.float32),
+        survival=None if survival is None else (1.0, *survival),
     )
 
 
@@ -109,31 +116,40 @@ def from_paths(root: int, paths: Sequence[Sequence[int]], max_nodes: int | None 
                 tokens.append(int(tok))
                 parents.append(node)
             node = index[key]
-    return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+    return TokenTree(tuple(tokens), tuple(parents))
 
 
-def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+def tree_depths(parents: Sequence[int]) -> list[int]:
     """Depth of every node (root 0); linear in N because parents precede children."""
-    depths = torch.zeros(parents.numel(), dtype=torch.long)
-    for i in range(1, parents.numel()):
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
         depths[i] = depths[parents[i]] + 1
     return depths
 
 
-def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
-    """``mask[i, j]`` is True iff node ``j`` is ``i`` or one of its ancestors: what ``i`` attends to
-    among the tree nodes."""
-    n = parents.numel()
-    mask = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        mask[i] |= mask[parents[i]]
-    return mask
+def ancestor_rows(parents: Sequence[int], width: int | None = None) -> list[list[bool]]:
+    """``rows[i][j]`` is True iff node ``j`` is ``i`` or one of its ancestors: what ``i`` attends
+    to among the tree nodes (host metadata; :func:`ancestor_mask` is the tensor). Padded to
+    ``width`` when given: padding positions see only themselves."""
+    width = len(parents) if width is None else width
+    rows: list[list[bool]] = []
+    for i in range(width):
+        parent = parents[i] if i < len(parents) else -1
+        row = list(rows[parent]) if parent >= 0 else [False] * width
+        row[i] = True
+        rows.append(row)
+    return rows
 
 
-def path_to(parents: torch.Tensor, node: int) -> list[int]:
+def ancestor_mask(parents: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """:func:`ancestor_rows` as a bool tensor ``[N, N]`` on ``device``."""
+    return torch.tensor(ancestor_rows(parents), dtype=torch.bool, device=device)
+
+
+def path_to(parents: Sequence[int], node: int) -> list[int]:
     """Node ids from the root down to ``node``."""
     path = []
     while node >= 0:
         path.append(node)
-        node = int(parents[node])
+        node = parents[node]
     return path[::-1]

@@ -22,6 +22,9 @@ that cutting a sampled tree by it stays lossless. The factor is the drafter's co
 parent's best child survives when it has a confidence head (DSpark), else the highest draft
 probability among the children; a greedy tree's lesser children scale it by their probability
 relative to the best one (greedy output depends on no draft probability at all).
+
+Distributions stay on the drafter's device; each depth brings back to the host, in one transfer
+(:func:`tandem.devices.to_host`), only the few numbers the search decides on.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.sampling import sample
+from tandem.devices import to_host
 from tandem.tree import TokenTree
 
 
@@ -90,12 +93,7 @@ class Growth:
         probs = None
         if len(self.tokens) > 1 and self.probs[1] is not None:
             probs = torch.stack([torch.zeros_like(self.probs[1]), *self.probs[1:]])
-        whole = TokenTree(
-            torch.tensor(self.tokens, dtype=torch.long),
-            torch.tensor(self.parents, dtype=torch.long),
-            probs,
-            torch.tensor(self.survival, dtype=torch.float32),
-        )
+        whole = TokenTree(tuple(self.tokens), tuple(self.parents), probs, tuple(self.survival))
         return whole if keep is None else whole.subtree(keep)
 
 
@@ -115,12 +113,13 @@ def greedy_tree(root: int, expand: GreedyExpand, shape: TreeShape, max_nodes: in
     frontier = [0]
     for _ in range(min(shape.depth, budget)):
         logp, tokens, confidence = expand(growth, frontier)
+        logp, tokens, *conf = to_host(logp[:, : shape.topk], tokens[:, : shape.topk], *_present(confidence))
         children = []
         for row, parent in enumerate(frontier):
-            best = logp[row, 0].item()
-            for lp, token in zip(logp[row, : shape.topk].tolist(), tokens[row, : shape.topk].tolist()):
-                factor = math.exp(lp) if confidence is None else float(confidence[row]) * math.exp(lp - best)
-                children.append(growth.add(int(token), parent, growth.scores[parent] + lp, factor))
+            row_logp = logp[row].tolist()
+            for lp, token in zip(row_logp, tokens[row].tolist()):
+                factor = math.exp(lp) if not conf else float(conf[0][row]) * math.exp(lp - row_logp[0])
+                children.append(growth.add(token, parent, growth.scores[parent] + lp, factor))
         frontier = growth.best(children, shape.topk)
     return growth.tree(growth.best(range(1, len(growth.tokens)), budget))
 
@@ -130,28 +129,60 @@ def sampled_tree(
 ) -> TokenTree:
     """Tree for a sampling target: up to ``shape.topk`` children drawn without replacement from
     each of the ``shape.topk`` best frontier nodes per depth, every draw kept with the
-    distribution it was drawn from, until ``max_nodes`` / ``shape.budget`` nodes exist."""
+    distribution it was drawn from, until ``max_nodes`` / ``shape.budget`` nodes exist.
+
+    The draws of a depth happen at once on the device (:func:`draw_without_replacement`); how
+    many each frontier node gets depends only on the budget left, never on a token."""
     growth = Growth([root])
     budget = min(shape.budget, max_nodes)
     frontier = [0]
     while frontier and len(growth.tokens) - 1 < budget and growth.depths[frontier[0]] < shape.depth:
         q, confidence = expand(growth, frontier)
+        left = budget - (len(growth.tokens) - 1)
+        counts = [max(0, min(shape.topk, left - shape.topk * row)) for row in range(len(frontier))]
+        draws = draw_without_replacement(q.float(), shape.topk, generator)
+        tokens, drawn_p, top, *conf = to_host(draws.tokens, draws.token_probs, draws.top, *_present(confidence))
         children = []
         for row, parent in enumerate(frontier):
-            remaining = q[row].float() / q[row].float().sum()
-            first = float(remaining.max())
-            for _ in range(shape.topk):
-                mass = float(remaining.sum())
-                if len(growth.tokens) - 1 >= budget or mass <= 0:
+            row_top = top[row].tolist()
+            mass = 1.0
+            for j, (token, p) in enumerate(zip(tokens[row].tolist()[: counts[row]], drawn_p[row].tolist())):
+                if p <= 0:  # fewer than topk tokens have mass: the rest were never drawable
                     break
                 # Known before the draw; not renormalised, so a later sibling never outranks an earlier one.
-                top = float(remaining.max())
-                factor = top if confidence is None else float(confidence[row]) * top / first
-                drawn_from = remaining / mass
-                token = sample(drawn_from, generator)
-                score = growth.scores[parent] + float(torch.log(drawn_from[token]))
-                children.append(growth.add(token, parent, score, factor, drawn_from))
-                remaining = remaining.clone()
-                remaining[token] = 0
+                factor = row_top[j] if not conf else float(conf[0][row]) * row_top[j] / row_top[0]
+                score = growth.scores[parent] + math.log(p / mass)
+                children.append(growth.add(token, parent, score, factor, draws.drawn_from[row, j]))
+                mass -= p
         frontier = growth.best(children, shape.topk)
     return growth.tree()
+
+
+@dataclass(frozen=True)
+class Draws:
+    """``k`` draws without replacement per row of ``q`` ``[F, V]``, all on ``q``'s device."""
+
+    tokens: torch.Tensor  # [F, k] in draw order
+    token_probs: torch.Tensor  # [F, k]: q of each drawn token (0: the row had no mass left)
+    drawn_from: torch.Tensor  # [F, k, V]: the renormalised remainder each token was drawn from
+    top: torch.Tensor  # [F, k]: the highest probability left before each draw (not renormalised)
+
+
+def draw_without_replacement(q: torch.Tensor, k: int, generator: torch.Generator) -> Draws:
+    """Gumbel-top-k: the ``k`` largest of ``log q + Gumbel noise`` are, in order, distributed as
+    ``k`` sequential draws, each from what is left of ``q`` renormalised."""
+    k = min(k, q.shape[-1])
+    uniform = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float64)
+    keys = q.double().log() - (-uniform.clamp_min(1e-300).log()).log()
+    tokens = keys.topk(k, -1).indices
+    token_probs = q.gather(-1, tokens)
+    drawn = torch.nn.functional.one_hot(tokens, q.shape[-1]).to(q.dtype)  # [F, k, V]
+    before = drawn.cumsum(1) - drawn  # the tokens drawn before draw j
+    remaining = q[:, None, :] * (1 - before)
+    mass = remaining.sum(-1, keepdim=True)
+    drawn_from = remaining / mass.clamp_min(torch.finfo(q.dtype).tiny)
+    return Draws(tokens, token_probs, drawn_from, remaining.amax(-1))
+
+
+def _present(confidence: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return () if confidence is None else (confidence,)

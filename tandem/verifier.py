@@ -8,16 +8,17 @@ taken by :meth:`Verifier.open` and given back by :meth:`Verifier.close`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from tandem.devices import HOST, host_tensor
 from tandem.errors import InvalidRequest, TandemError
 from tandem.models.decoder import Transformer
-from tandem.sampling import SamplingParams, sample, target_probs
-from tandem.tree import TokenTree, ancestor_mask, tree_depths
-from tandem.verify import verify_batch
+from tandem.sampling import SamplingParams
+from tandem.tree import TokenTree, ancestor_rows, chain, tree_depths
+from tandem.verify import Verdict, verify_batch
 
 
 class NoRoom(TandemError):
@@ -30,25 +31,35 @@ class Step:
 
     tokens: list[int]  # accepted draft tokens, then the bonus token (after prefill: the first token)
     accepted: int  # accepted draft tokens
-    features: torch.Tensor | None  # [n, F]: target features of the n tokens this pass verified
+    features: torch.Tensor | None  # [n, F] on the target's device: features of the n tokens this pass verified
 
 
 @dataclass
 class _Slot:
     params: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator  # on the host, where verification walks (tandem.verify)
     prompt_ids: list[int]
 
 
 class Verifier:
     """``rows`` sequences of up to ``capacity`` tokens each on one target model."""
 
-    def __init__(self, model: Transformer, rows: int, capacity: int, feature_layers: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        rows: int,
+        capacity: int,
+        feature_layers: Sequence[int] = (),
+        agree: Callable[[list[Verdict]], list[Verdict]] | None = None,
+    ) -> None:
+        """``agree``: what a tensor-parallel group commits, given this rank's verdicts
+        (:func:`tandem.models.tp.rank0_verdicts`); alone, a verifier commits its own."""
         layers = model.config.num_layers
         if any(not 0 <= i < layers for i in feature_layers):
             raise ValueError(f"feature layers {list(feature_layers)} outside the target's {layers} layers")
         self.model = model
         self.feature_layers = tuple(feature_layers)
+        self.agree = agree
         self.cache = model.new_cache(rows, capacity)
         self.passes = 0
         self._slots: dict[int, _Slot] = {}
@@ -78,7 +89,7 @@ class Verifier:
             raise NoRoom(f"all {self.cache.num_rows} sequences are in use")
         row = min(set(range(self.cache.num_rows)) - self._slots.keys())
         self.cache.reset(row)
-        self._slots[row] = _Slot(params, torch.Generator().manual_seed(seed), list(prompt_ids))
+        self._slots[row] = _Slot(params, torch.Generator(device=HOST).manual_seed(seed), list(prompt_ids))
         return row
 
     def close(self, row: int) -> None:
@@ -86,49 +97,65 @@ class Verifier:
 
     def room(self, row: int) -> int:
         """Draft nodes that still fit below the anchor in ``row``."""
-        return self.capacity - int(self.cache.lengths[row]) - 1
+        return self.capacity - self.cache.lengths[row] - 1
 
     def prefill(self, rows: Sequence[int]) -> list[Step]:
-        """One pass over the rows' prompts (padded); the last prompt position gives the first token."""
+        """One pass over the rows' prompts (padded); the last prompt position gives the first token
+        (the bonus of a root-only tree, through the same verification as every round)."""
         prompts = [self._slots[r].prompt_ids for r in rows]
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
-        tokens = torch.zeros(len(rows), longest, dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            tokens[b, : len(prompt)] = torch.tensor(prompt)
-        depths = torch.arange(longest).expand(len(rows), -1)
-        causal = torch.ones(longest, longest, dtype=torch.bool).tril().expand(len(rows), -1, -1)
-        last = torch.tensor(lengths)[:, None] - 1
+        device = self.model.device
+        tokens = host_tensor([p + [0] * (longest - len(p)) for p in prompts], torch.long, device)
+        depths = torch.arange(longest, device=device).expand(len(rows), -1)
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril().expand(len(rows), -1, -1)
+        last = host_tensor([[n - 1] for n in lengths], torch.long, device)
         logits, features = self._pass(tokens, depths, causal, rows, last)
-        steps = []
-        for b, (row, n) in enumerate(zip(rows, lengths)):
+        verdicts = self._verdicts(rows, [chain(p[-1], []) for p in prompts], logits)
+        for row, n in zip(rows, lengths):  # only now: a pass that raised changed nothing
             self.cache.commit(row, range(n))
-            slot = self._slots[row]
-            first = sample(target_probs(logits[b, 0], slot.params), slot.generator)
-            steps.append(Step([first], 0, None if features is None else features[b, :n]))
-        return steps
+        return [
+            Step([verdict.bonus_token], 0, None if features is None else features[b, :n])
+            for b, (n, verdict) in enumerate(zip(lengths, verdicts))
+        ]
 
     def verify(self, rows: Sequence[int], trees: Sequence[TokenTree]) -> list[Step]:
-        """One pass over every row's tree (rooted at its anchor), then exact verification."""
+        """One pass over every row's tree (rooted at its anchor), then exact verification.
+
+        Trees are padded to the widest; a row too near its context end to hold that padding is
+        verified in a pass of its own, so it never fails the others."""
         width = max(len(t) for t in trees)
-        batch = len(trees)
-        tokens = torch.zeros(batch, width, dtype=torch.long)
-        depths = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1)  # padding sees itself only
-        for b, tree in enumerate(trees):
-            n = len(tree)
-            tokens[b, :n] = tree.tokens
-            depths[b, :n] = tree_depths(tree.parents)
-            mask[b, :n, :n] = ancestor_mask(tree.parents)
-        logits, features = self._pass(tokens, depths, mask, rows)
-        slots = [self._slots[r] for r in rows]
-        verdicts = verify_batch(trees, logits, [s.params for s in slots], [s.generator for s in slots])
+        fits = [self.cache.lengths[row] + width <= self.capacity for row in rows]
+        if not all(fits) and len(rows) > 1:
+            together = [i for i, ok in enumerate(fits) if ok]
+            steps = dict(zip(together, self.verify([rows[i] for i in together], [trees[i] for i in together])))
+            steps.update({i: self.verify([rows[i]], [trees[i]])[0] for i, ok in enumerate(fits) if not ok})
+            return [steps[i] for i in range(len(rows))]
+        tokens, depths, mask = [], [], []
+        for tree in trees:
+            pad = width - len(tree)
+            tokens.append([*tree.tokens, *[0] * pad])
+            depths.append([*tree_depths(tree.parents), *[0] * pad])
+            mask.append(ancestor_rows(tree.parents, width))
+        device = self.model.device
+        logits, features = self._pass(
+            host_tensor(tokens, torch.long, device),
+            host_tensor(depths, torch.long, device),
+            host_tensor(mask, torch.bool, device),
+            rows,
+        )
+        verdicts = self._verdicts(rows, trees, logits)
         steps = []
         for b, (row, tree, verdict) in enumerate(zip(rows, trees, verdicts)):
             self.cache.commit(row, verdict.accepted_nodes)
             kept = None if features is None else features[b, list(verdict.accepted_nodes)]
             steps.append(Step(verdict.emitted(tree), verdict.accepted_drafts, kept))
         return steps
+
+    def _verdicts(self, rows: Sequence[int], trees: Sequence[TokenTree], logits: torch.Tensor) -> list[Verdict]:
+        slots = [self._slots[r] for r in rows]
+        verdicts = verify_batch(trees, logits, [s.params for s in slots], [s.generator for s in slots])
+        return verdicts if self.agree is None else self.agree(verdicts)
 
     def _pass(
         self,
@@ -139,5 +166,4 @@ class Verifier:
         logit_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.passes += 1
-        row_ids = torch.tensor(list(rows))
-        return self.model.forward_features(tokens, depths, mask, self.cache, row_ids, self.feature_layers, logit_index)
+        return self.model.forward_features(tokens, depths, mask, self.cache, rows, self.feature_layers, logit_index)

@@ -51,9 +51,10 @@ def config_for(model: Path, port: int, **sections: Any) -> ClusterConfig:
         "dtype": "float32",
         "max_model_len": 4096,
         "address": f"127.0.0.1:{port}",
+        "http_address": f"127.0.0.1:{free_port()}",  # never the default 8000: tests run side by side
         "ray": {"num_cpus": 4},
         "router": {"num_cpus": 0.1, "draft_timeout_s": 10.0},
-        "draft": {"num_cpus": 0.1, "max_ongoing_requests": 8},
+        "draft": {"num_cpus": 0.1, "max_ongoing_requests": 8, "drafter": "ngram"},
         "target": {"num_cpus": 0.2, "max_ongoing_requests": 8},
     }
     for name, values in sections.items():

@@ -14,6 +14,16 @@ from tandem.target import Target, load_target
 torch.set_num_threads(int(os.environ.get("TANDEM_TEST_THREADS", "2")))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run where CUDA is (scripts/gpu-check.sh) and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def default_target() -> Target:
     """SmolLM2-135M-Instruct in float32 (exactness tests run in fp32, see DESIGN.md)."""

@@ -35,6 +35,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         (["hi", "--drafter", "dspark:2,3,4", "--chain"], "already has a tree shape"),
         (["hi", "--drafter", "suffix", "--tree", "2,3,4"], "takes no tree shape"),
         (["hi", "--drafter", "dspark", "--tree", "2,3"], "three integers"),
+        (["hi", "--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_input_gets_a_clear_error(args, message):

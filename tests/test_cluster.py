@@ -138,3 +138,21 @@ def test_killed_draft_replica_leaves_the_output_unchanged(channel: grpc.Channel,
         finished = response.finished if response.HasField("finished") else finished
     assert token_ids == expected
     assert finished.usage.drafter_lost and finished.usage.completion_tokens == max_tokens
+
+
+def test_joining_a_cluster_leaves_its_authentication_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a private loopback cluster gets Ray's authentication turned off; joining ``ray.address``
+    keeps the cluster's own setting (an authenticated cluster is what we cannot start here)."""
+    import os
+
+    import ray
+
+    from cluster.app import connect
+    from cluster.config import load_config
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    joined: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: joined.update(kw, auth=os.environ.get("RAY_AUTH_MODE")))
+    connect(load_config(None, ray={"address": "10.0.0.1:6379"}))
+    assert joined == {"address": "10.0.0.1:6379", "auth": None}

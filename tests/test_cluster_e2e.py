@@ -42,8 +42,11 @@ PROMPTS = ["Write a haiku about caches.", "What is 2 + 2?", "List three prime nu
 def address(default_target: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`tandem serve` on configs/local-tp2.yaml, in float32 and on a free port."""
     config = yaml.safe_load((ROOT / "configs" / "local-tp2.yaml").read_text())
-    config.update(address=f"127.0.0.1:{free_port()}", dtype="float32", max_model_len=512)
-    config["target"].update(num_cpus=0.5, max_ongoing_requests=4)
+    config.update(address=f"127.0.0.1:{free_port()}", http_address=f"127.0.0.1:{free_port()}")
+    config.update(dtype="float32", max_model_len=512)
+    config["target"].update(
+        num_cpus=0.5, max_ongoing_requests=4, schedule=False
+    )  # counts equal the unscheduled engine's
     path = tmp_path_factory.mktemp("e2e") / "tp2.yaml"
     path.write_text(yaml.safe_dump(config))
     server = subprocess.Popen(

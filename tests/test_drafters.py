@@ -33,7 +33,7 @@ from tandem.eval.replay import build_cases, replay
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
 from tandem.scheduler import PassCost, ScheduledDrafter
-from tandem.train.features import FeatureStore, build_store, draft_vocabulary
+from tandem.train.features import FeatureStore, build_store, draft_vocabulary, sequence_features
 from tandem.train.prompts import DataError
 from tandem.train.trainer import TrainSettings, calibrate_confidence, train
 from tandem.tree import path_to
@@ -99,18 +99,9 @@ def _drafts(drafter, target, prompts, params):
     engine = Engine(target)
     trees = []
     for i, prompt in enumerate(prompts):
-        cache = target.new_cache(1, len(prompt) + 1)
-        layers = drafter.feature_layers
-        _, feats = target.forward_features(
-            torch.tensor([prompt]),
-            torch.arange(len(prompt))[None],
-            torch.ones(len(prompt), len(prompt), dtype=torch.bool).tril()[None],
-            cache,
-            torch.tensor([0]),
-            layers,
-        )
+        feats = sequence_features(target, prompt, drafter.feature_layers)
         first = engine.generate([Request(prompt, replace(params, max_tokens=1))])[0].token_ids
-        request = DraftRequest(i, [*prompt, *first], 8, params, feats[0])
+        request = DraftRequest(i, [*prompt, *first], 8, params, feats)
         trees.append(drafter.propose([request])[0])
     return trees
 
@@ -123,7 +114,7 @@ def test_checkpoint_round_trip_gives_identical_drafts(trained, target, algo):
         before = _drafts(ADAPTERS[algo](model), target, prompts, params)
         after = _drafts(load_drafter(folder, target), target, prompts, params)
         for a, b in zip(before, after):
-            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+            assert (a.tokens, a.parents) == (b.tokens, b.parents)
             assert (a.draft_probs is None) == (b.draft_probs is None)
             if a.draft_probs is not None:
                 assert torch.equal(a.draft_probs, b.draft_probs)
@@ -175,11 +166,11 @@ def test_trees_branch_on_what_each_path_would_draft(trained, target, algo):
     gamma = model.config.block_size
     chains = _drafts(_chain_drafter(trained, algo), target, prompts, params)
     narrow = _drafts(ADAPTERS[algo](model, tree=TreeShape(1, gamma, gamma)), target, prompts, params)
-    assert [t.tokens.tolist() for t in narrow] == [t.tokens.tolist() for t in chains]
+    assert [t.tokens for t in narrow] == [t.tokens for t in chains]
     drafter = ADAPTERS[algo](model, tree=TreeShape(3, gamma, 8))
     for i, tree in enumerate(_drafts(drafter, target, prompts, params)):
-        assert len(tree) - 1 <= 8 and int(tree.depths.max()) <= gamma and len(tree.children(0)) == 3
-        state, token_ids = drafter._states[i], torch.tensor(prompts[i] + [int(tree.tokens[0])])
+        assert len(tree) - 1 <= 8 and max(tree.depths) <= gamma and len(tree.children(0)) == 3
+        state, token_ids = drafter._states[i], prompts[i] + [tree.tokens[0]]
         for node in range(len(tree)):
             if not tree.children(node):
                 continue

@@ -19,7 +19,8 @@ from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams, target_probs
-from tandem.tree import TokenTree, from_paths
+from tandem.tree import TokenTree, chain, from_paths
+from tandem.verifier import Verifier
 from tests.tiny_models import FAMILIES, build_tiny
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "tandem" / "data" / "prompts"
@@ -351,3 +352,20 @@ def test_drafter_state_is_released_once_per_sequence(llama):
     next(stream)
     stream.close()
     assert len(drafter.released) == 9 and len(set(drafter.released)) == 9
+
+
+def test_a_row_near_its_context_end_does_not_fail_its_batch(tiny_model):
+    """Capacity 32: a 29-token prompt (room for 2 drafts) batched with a 3-token one drafting 16
+    nodes; the padding to 17 would overflow the first row, which is verified in its own pass.
+    Each row gets exactly what it gets alone."""
+    model, _ = tiny_model
+    prompts, drafts = [list(range(1, 30)), [5, 6, 7]], [[9], list(range(10, 26))]
+
+    def steps(rows_of: list[int]) -> list:
+        verifier = Verifier(model, len(rows_of), 32)
+        rows = [verifier.open(prompts[i], SamplingParams(), 0) for i in rows_of]
+        anchors = [s.tokens[-1] for s in verifier.prefill(rows)]
+        return verifier.verify(rows, [chain(a, drafts[i]) for a, i in zip(anchors, rows_of)])
+
+    together = steps([0, 1])
+    assert [s.tokens for s in together] == [steps([0])[0].tokens, steps([1])[0].tokens]

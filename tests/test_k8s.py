@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,45 @@ def test_pods_offer_what_the_deployments_ask(path: Path) -> None:
     cluster = manifest["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]
     head_ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    assert 50051 in head_ports  # the head service exposes the router's gRPC port
+    assert {50051, 8000} <= head_ports  # the router's gRPC port and Serve's HTTP proxy
     assert set(config.router.resources) <= set(_ray_resources(head))  # the router lands on the head
     workers = [_ray_resources(group) for group in cluster["workerGroupSpecs"]]
     target = config.target
     assert any(w["CPU"] >= target.tp * target.num_cpus and w["GPU"] >= target.tp * target.num_gpus for w in workers)
     assert any(w["CPU"] >= config.draft.num_cpus for w in workers)
+
+
+def test_the_image_pins_torch_for_cpu_and_gpu() -> None:
+    """Every build of the image installs the torch version the project is tested with: the GPU
+    build changes only the wheel index, never the version (an unpinned torch drifts)."""
+    dockerfile = (ROOT / "k8s" / "Dockerfile").read_text()
+    pins = re.findall(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M)
+    assert pins == ["2.13.0"]
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line and "torch" in line]
+    assert installs and all('"torch==${TORCH_VERSION}"' in line for line in installs)
+    assert "--build-arg TORCH=" not in dockerfile
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)
+def test_probes_service_and_drain_match_the_config(path: Path) -> None:
+    """Readiness is the router's /health (503 while draining), liveness its gRPC health; the serve
+    Service carries both APIs; the preStop drain and the pods' grace period cover grace_period_s."""
+    from cluster.app import ROUTER_STOP_S
+
+    manifest = yaml.safe_load(path.read_text())
+    config = _tandem_config(manifest)
+    serve_config = _serve_config(manifest)
+    assert serve_config["proxy_location"] == "HeadOnly" and serve_config["http_options"]["port"] == 8000
+    assert serve_config["applications"][0]["route_prefix"] == "/"
+    service_ports = {p["port"] for p in manifest["spec"]["serveService"]["spec"]["ports"]}
+    assert service_ports == {8000, int(config.address.rsplit(":", 1)[1])}
+    cluster = manifest["spec"]["rayClusterConfig"]
+    [head] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert head["livenessProbe"]["grpc"] == {"port": 50051}
+    drain = head["lifecycle"]["preStop"]["exec"]["command"]
+    assert drain[:2] == ["tandem", "drain"] and float(drain[drain.index("--grace-period") + 1]) == config.grace_period_s
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        assert pod["template"]["spec"]["terminationGracePeriodSeconds"] >= config.grace_period_s + ROUTER_STOP_S
+    assert manifest["spec"]["rayClusterDeletionDelaySeconds"] >= config.grace_period_s + ROUTER_STOP_S

@@ -93,13 +93,13 @@ def test_logit_index_picks_positions(tiny: tuple[str, PreTrainedModel, Path], ti
     _, hf, _ = tiny
     ids = _random_ids(SEQ_LEN, seed=3)
     picks = [0, 17, SEQ_LEN - 1]
-    par = torch.arange(-1, SEQ_LEN - 1)
+    par = list(range(-1, SEQ_LEN - 1))
     ours = tiny_ours(
         torch.tensor([ids]),
-        tree_depths(par)[None],
-        ancestor_mask(par)[None],
+        torch.tensor([tree_depths(par)]),
+        ancestor_mask(par, "cpu")[None],
         tiny_ours.new_cache(1, 64),
-        torch.tensor([0]),
+        [0],
         torch.tensor([picks]),
     )[0]
     assert ours.shape == (len(picks), VOCAB)
@@ -125,7 +125,7 @@ def test_incremental_decoding_matches_hf(
         _close(ours, ref[at : at + size], f"tokens {at}..{at + size - 1}")
         cache.commit(row, range(size))
         at += size
-    assert int(cache.lengths[row]) == SEQ_LEN and int(cache.lengths[0]) == 0
+    assert cache.lengths[row] == SEQ_LEN and cache.lengths[0] == 0
 
 
 def _prefilled(model: Transformer, prefix: Sequence[int], rows: int = 1, row: int = 0) -> KVCache:
@@ -145,7 +145,7 @@ def test_tree_pass_matches_hf_paths(
     tree = _random_ids(len(tree_parents), seed=6)
     cache = _prefilled(tiny_ours, prefix)
     ours = tiny_ours.block_logits(tree, cache, 0, parents=tree_parents)
-    parents = torch.tensor(tree_parents)
+    parents = tree_parents
     paths = [prefix + [tree[i] for i in path_to(parents, node)] for node in range(len(tree_parents))]
     # One HF call for all root-to-node paths: right padding cannot affect earlier causal positions.
     width = max(map(len, paths))
@@ -160,14 +160,14 @@ def test_commit_accepted_path_then_continue(tiny: tuple[str, PreTrainedModel, Pa
     _, hf, _ = tiny
     seq = _random_ids(20, seed=7)
     cache = _prefilled(tiny_ours, seq)
-    parents = torch.tensor(TREE_PARENTS)
+    parents = TREE_PARENTS
     for round_, accepted in enumerate([6, 5]):  # paths [0, 1, 4, 6] and [0, 2, 5]
         tree = _random_ids(len(TREE_PARENTS), seed=8 + round_)
         tiny_ours.block_logits(tree, cache, 0, parents=TREE_PARENTS)
         kept = path_to(parents, accepted)
         cache.commit(0, kept)
         seq = seq + [tree[i] for i in kept]
-        assert int(cache.lengths[0]) == len(seq)
+        assert cache.lengths[0] == len(seq)
     follow = _random_ids(3, seed=10)
     ours = tiny_ours.block_logits(follow, cache, 0)
     _close(ours, _hf_logits(hf, seq + follow)[-len(follow) :], "after compaction")
@@ -178,21 +178,21 @@ def test_batched_rows_with_different_lengths(tiny: tuple[str, PreTrainedModel, P
     row's own logits (as HF and as a single-row run)."""
     _, hf, _ = tiny
     lengths = [12, 25, 18]
-    rows = torch.tensor([2, 0, 3])  # not a contiguous range: the gathered cache read path
+    rows = [2, 0, 3]  # not a contiguous range: the gathered cache read path
     prompts = [_random_ids(n, seed=20 + i) for i, n in enumerate(lengths)]
     follows = [_random_ids(3, seed=30 + i) for i in range(len(lengths))]
     width = max(lengths)
-    chain = ancestor_mask(torch.arange(-1, width - 1))
+    chain = ancestor_mask(range(-1, width - 1), "cpu")
     # Padding is a causal continuation of each prompt: real tokens cannot see it, it is not committed.
     tokens = torch.tensor([p + [VOCAB - 1] * (width - len(p)) for p in prompts])
     depths = torch.arange(width).expand(len(lengths), width)
     last = torch.tensor([[n - 1] for n in lengths])
     cache = tiny_ours.new_cache(4, 64)
     first = tiny_ours(tokens, depths, chain.expand(len(lengths), width, width), cache, rows, last)
-    for i, row in enumerate(rows.tolist()):
+    for i, row in enumerate(rows):
         cache.commit(row, range(lengths[i]))
     # Now the rows' prefixes differ, and slots past the shorter ones hold stale padding.
-    block = ancestor_mask(torch.arange(-1, 2)).expand(len(lengths), 3, 3)
+    block = ancestor_mask(range(-1, 2), "cpu").expand(len(lengths), 3, 3)
     second = tiny_ours(torch.tensor(follows), torch.arange(3).expand(len(lengths), 3), block, cache, rows)
     for i in range(len(lengths)):
         ref = _hf_logits(hf, prompts[i] + follows[i])

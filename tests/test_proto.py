@@ -37,7 +37,7 @@ def test_trees_and_steps_round_trip() -> None:
     probs = torch.softmax(torch.randn(4, 10), -1)
     tree = TokenTree(torch.tensor([5, 1, 2, 3]), torch.tensor([-1, 0, 0, 1]), probs)
     back = tree_from_proto(tree_to_proto(tree))
-    assert torch.equal(back.tokens, tree.tokens) and torch.equal(back.parents, tree.parents)
+    assert (back.tokens, back.parents) == (tree.tokens, tree.parents)
     assert torch.equal(back.draft_probs, probs)
     assert tree_from_proto(tree_to_proto(TokenTree(torch.tensor([5]), torch.tensor([-1])))).draft_probs is None
     step = Step([4, 9], 1, torch.randn(2, 6).bfloat16())
@@ -70,7 +70,7 @@ def test_config_rejects_unknown_keys_and_fills_defaults(tmp_path) -> None:
     config = load_config(path, address="127.0.0.1:1")
     assert config.target.tp == 2 and config.target.threads == 1 and not config.has_draft_pool
     assert config.address == "127.0.0.1:1" and config.model == "smollm2-135m-instruct"
-    assert config.target.serve_options()["num_replicas"] == 1
+    assert config.target.serve_options(config.grace_period_s)["num_replicas"] == 1
     path.write_text("target: {tpp: 2}\n")
     with pytest.raises(ConfigError, match="unknown keys in config.target: tpp"):
         load_config(path)

@@ -94,15 +94,15 @@ def test_hand_made_continuations_and_counts():
     first, at most alpha × 2 nodes."""
     drafter = SuffixDrafter(alpha=4.0, history=0)
     tree = drafter.propose([DraftRequest(0, [1, 2, 3, 1, 2, 4, 1, 2], 16)])[0]
-    assert tree.tokens.tolist() == [2, 3, 4, 1, 1, 2, 2, 4, 1]
-    assert tree.parents.tolist() == [-1, 0, 0, 1, 2, 3, 4, 5, 7]
-    assert torch.allclose(tree.survival, torch.tensor([1.0] + [1 / 3] * 8))
+    assert tree.tokens == (2, 3, 4, 1, 1, 2, 2, 4, 1)
+    assert tree.parents == (-1, 0, 0, 1, 2, 3, 4, 5, 7)
+    assert tree.survival == pytest.approx([1.0] + [1 / 3] * 8)
     trie = drafter._states[0].trie
     assert trie.find([1, 2]) is not None and trie.count[trie.find([1, 2])[0]] == 3
     assert trie.find([2, 4, 1, 2]) == (trie.find([2, 4])[0], 2)  # read on from a leaf's text
     assert trie.find([2, 4, 2]) is None
     lone = SuffixDrafter(history=0).propose([DraftRequest(0, [1, 2, 3, 4], 16)])[0]
-    assert len(lone) == 1 and lone.survival.tolist() == [1.0]  # nothing repeats: no guess
+    assert len(lone) == 1 and lone.survival == (1.0,)  # nothing repeats: no guess
 
 
 def _check_tree(tree: TokenTree, text: list[int], drafter: SuffixDrafter, max_nodes: int) -> None:
@@ -110,14 +110,14 @@ def _check_tree(tree: TokenTree, text: list[int], drafter: SuffixDrafter, max_no
     count(child) / count(parent) telescopes to count(match + path) / count(match)."""
     m = _longest_match(text, drafter.max_match)
     n = len(tree) - 1
-    assert tree.survival is not None and tree.draft_probs is None and float(tree.survival[0]) == 1.0
+    assert tree.survival is not None and tree.draft_probs is None and tree.survival[0] == 1.0
     assert n <= max_nodes and n <= int(drafter.alpha * m)
     if n == 0:
         return
-    assert int(tree.depths.max()) <= drafter.max_depth - m
+    assert max(tree.depths) <= drafter.max_depth - m
     surv, parents = tree.survival, tree.parents
-    assert bool((surv[1:] >= drafter.min_prob - 1e-6).all()) and bool((surv <= 1.0).all())
-    assert bool((surv[1:] <= surv[parents[1:]] + 1e-6).all()), "estimates must not grow along a path"
+    assert all(s >= drafter.min_prob - 1e-6 for s in surv[1:]) and all(s <= 1.0 for s in surv)
+    assert all(surv[i] <= surv[parents[i]] + 1e-6 for i in range(1, n + 1)), "estimates must not grow along a path"
     match = text[-m:]
     for node in range(1, len(tree)):
         path = tree.path_tokens(path_to(parents, node)[1:])
@@ -140,8 +140,8 @@ def test_trees_follow_counts_and_budgets_across_rounds():
             tree = drafter.propose([DraftRequest(trial, text[:k], budget)])[0]
             _check_tree(tree, text[:k], drafter, budget)
             fresh = _fresh_like(drafter).propose([DraftRequest(trial, text[:k], budget)])[0]
-            assert torch.equal(tree.tokens, fresh.tokens) and torch.equal(tree.parents, fresh.parents)
-            assert torch.equal(tree.survival, fresh.survival)
+            assert (tree.tokens, tree.parents) == (fresh.tokens, fresh.parents)
+            assert tree.survival == fresh.survival
             k += rng.randint(1, 5)
         state = drafter._states[trial]
         assert _substrings(state.trie) == _brute([state.cursor.text], 12)
@@ -163,7 +163,7 @@ def test_release_forgets_and_feeds_recent_outputs():
     drafter.release(0)  # twice: nothing left to forget
     assert drafter._states == {}
     tree = drafter.propose([DraftRequest(1, [3, 8, 9], 16)])[0]
-    assert tree.tokens.tolist() == [9, 10, 11, 12] and torch.allclose(tree.survival[1:], torch.tensor(0.5))
+    assert tree.tokens == (9, 10, 11, 12) and tree.survival[1:] == pytest.approx([0.5] * 3)
     assert len(drafter.propose([DraftRequest(2, [3, 51, 52], 16)])[0]) == 1  # prompts are not shared
     for seq in range(3, 12):
         drafter.propose([DraftRequest(seq, [seq, 1, 2, 3], 4)])

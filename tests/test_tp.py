@@ -1,4 +1,5 @@
-"""Tensor parallelism on a real torch.distributed group (gloo, 2 processes on this CPU)."""
+"""Tensor parallelism on a real torch.distributed group (gloo, 2 processes on this CPU; NCCL on
+two GPUs where a machine has them)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from tandem.drafters import NgramDrafter
 from tandem.engine import Engine, Request
 from tandem.models.config import ModelConfig
 from tandem.models.loading import load_model
-from tandem.models.tp import apply_tp, check_tp_size
+from tandem.models.tp import apply_tp, check_tp_size, rank0_verdicts
 from tandem.sampling import SamplingParams
+from tandem.tree import chain
+from tandem.verifier import Verifier
 from tests.tiny_models import build_tiny, tiny_config
 
 PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35], [27, 18, 28], [1, 1, 2, 3, 5, 8, 13, 21, 34, 55]]
@@ -44,14 +47,18 @@ def _outputs(model) -> list[list[int]]:
     return [r.token_ids for r in engine.generate([Request(p, SamplingParams(max_tokens=16)) for p in PROMPTS])]
 
 
-def _rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, folder: str, out: str, device: str = "cpu") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
     try:
-        model, _ = load_model(folder, torch.float32)
+        model, _ = load_model(folder, torch.float32, device)
         apply_tp(model, dist.group.WORLD)
-        torch.save({"logits": _tree_logits(model), "outputs": _outputs(model)}, f"{out}/rank{rank}.pt")
+        logits = _tree_logits(model).cpu()
+        torch.save({"logits": logits, "outputs": _outputs(model)}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -74,6 +81,57 @@ def test_tp2_matches_tp1(family: str, overrides: dict, tmp_path: Path) -> None:
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-5, rtol=1e-5)
+        assert result["outputs"] == reference["outputs"]
+
+
+def _sampled_tokens(verifier: Verifier, seed: int, rounds: int = 8) -> list[int]:
+    """Plain sampled decoding through the verifier: each token depends on its generator's draws."""
+    params = SamplingParams(temperature=1.0, max_tokens=rounds + 1)
+    row = verifier.open(PROMPTS[0], params, seed)
+    tokens = [verifier.prefill([row])[0].tokens[-1]]
+    for _ in range(rounds):
+        tokens += verifier.verify([row], [chain(tokens[-1], [])])[0].tokens
+    return tokens
+
+
+def _agreeing_rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, _ = load_model(folder, torch.float32)
+        apply_tp(model, dist.group.WORLD)
+        verifier = Verifier(model, 1, 64, agree=rank0_verdicts(dist.group.WORLD))
+        torch.save(_sampled_tokens(verifier, seed=100 + rank), f"{out}/rank{rank}.pt")  # each rank its own draws
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_commit_rank0s_verdicts(tmp_path: Path) -> None:
+    """Ranks that would sample differently (here: different seeds) still emit and commit rank 0's
+    tokens: the verdict is broadcast, never assumed."""
+    folder = tmp_path / "model"
+    build_tiny("llama", folder, vocab=64)
+    model, _ = load_model(folder, torch.float32)
+    alone = _sampled_tokens(Verifier(model, 1, 64), seed=100)
+    assert alone != _sampled_tokens(Verifier(model, 1, 64), seed=101)  # the seeds do draw differently
+    args = (2, _free_port(), str(folder), str(tmp_path))
+    mp.start_processes(_agreeing_rank_main, args=args, nprocs=2, start_method="spawn")
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [alone, alone]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tp2_over_nccl_matches_tp1_on_one_gpu(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    build_tiny("llama", folder, vocab=64, **UNEVEN)
+    model, _ = load_model(folder, torch.float32, "cuda:0")
+    reference = {"logits": _tree_logits(model).cpu(), "outputs": _outputs(model)}
+    args = (2, _free_port(), str(folder), str(tmp_path), "cuda")
+    mp.start_processes(_rank_main, args=args, nprocs=2, start_method="spawn")
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
         assert result["outputs"] == reference["outputs"]
 
 

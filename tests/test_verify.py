@@ -15,16 +15,9 @@ from tandem.verify import verify_batch, verify_greedy, verify_sampling
 V = 6
 
 
-def _logits_favouring(tokens: list[int]) -> torch.Tensor:
-    """Logits per node whose argmax is ``tokens[i]``."""
-    logits = torch.zeros(len(tokens), V)
-    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 5.0
-    return logits
-
-
 def test_greedy_accepts_the_matching_prefix_of_a_chain():
     tree = chain(0, [1, 2, 3, 4])
-    verdict = verify_greedy(tree, _logits_favouring([1, 2, 5, 0, 0]))
+    verdict = verify_greedy(tree, [1, 2, 5, 0, 0])
     assert verdict.accepted_nodes == (0, 1, 2)
     assert verdict.bonus_token == 5
     assert verdict.emitted(tree) == [1, 2, 5]
@@ -32,22 +25,21 @@ def test_greedy_accepts_the_matching_prefix_of_a_chain():
 
 def test_greedy_full_acceptance_takes_the_bonus_from_the_last_node():
     tree = chain(0, [1, 2])
-    verdict = verify_greedy(tree, _logits_favouring([1, 2, 3]))
+    verdict = verify_greedy(tree, [1, 2, 3])
     assert verdict.emitted(tree) == [1, 2, 3]
 
 
 def test_greedy_follows_the_branch_that_matches_deepest():
     # root 0 -> {1 -> 2, 3 -> 4 -> 5}; the target wants 3, 4, then 1.
     tree = TokenTree(torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([-1, 0, 1, 0, 3, 4]))
-    logits = _logits_favouring([3, 0, 0, 4, 1, 0])
-    verdict = verify_greedy(tree, logits)
+    verdict = verify_greedy(tree, [3, 0, 0, 4, 1, 0])
     assert verdict.accepted_nodes == (0, 3, 4)
     assert verdict.emitted(tree) == [3, 4, 1]
 
 
 def test_root_only_tree_is_plain_decoding():
     tree = chain(2, [])
-    assert verify_greedy(tree, _logits_favouring([4])).emitted(tree) == [4]
+    assert verify_greedy(tree, [4]).emitted(tree) == [4]
 
 
 @pytest.mark.parametrize(
@@ -150,7 +142,7 @@ def _rounds_until_two_tokens(target, make_tree, seed: int = 1234) -> torch.Tenso
         out: list[int] = []
         while len(out) < 2:
             tree = make_tree(out[-1] if out else 0, g)
-            out += verify_sampling(tree, target[tree.tokens], g).emitted(tree)
+            out += verify_sampling(tree, target[list(tree.tokens)], g).emitted(tree)
         counts[out[0], out[1]] += 1
     return counts
 
@@ -205,7 +197,7 @@ def test_deterministic_proposals_are_exact_with_point_mass_q():
     g = torch.Generator().manual_seed(3)
     counts = torch.zeros(V)
     tree = TokenTree(torch.tensor([0, 2, 3, 4]), torch.tensor([-1, 0, 0, 0]))
-    p = target[tree.tokens]
+    p = target[list(tree.tokens)]
     for _ in range(6000):
         counts[verify_sampling(tree, p, g).emitted(tree)[0]] += 1
     keep = target[0] > 0

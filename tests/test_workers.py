@@ -27,6 +27,7 @@ from tests.cluster_helpers import (
     one_torch_thread,  # noqa: F401 - autouse
     tiny_target,
 )
+from workers.batching import Batcher
 from workers.draft_worker import DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
@@ -69,11 +70,11 @@ async def _two_sessions_then_a_third(worker: TargetWorker) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as full:
         await _open_verify(worker.address, 2)
     assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    batches = worker.batcher.batches
+    batches = worker.verifies.batches
     for call, step in ((first, step0), (second, step1)):
         await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(step.tokens[-1], [1, 2]))))
     replies = await asyncio.gather(first.read(), second.read())
-    assert worker.batcher.batches == batches + 1  # both trees in one verification pass
+    assert worker.verifies.batches == batches + 1  # both trees in one verification pass
     assert all(1 <= len(r.tokens) <= 3 for r in replies)
     first.cancel()
     await second.done_writing()
@@ -127,5 +128,23 @@ async def _one_step(worker: DraftWorker, history: list[int]) -> None:
     await call.write(worker_pb2.DraftIn(step=step))
     tree = tree_from_proto((await call.read()).tree)
     [expected] = NgramDrafter(depth=8).propose([DraftRequest(0, history, 4)])
-    assert torch.equal(tree.tokens, expected.tokens) and torch.equal(tree.parents, expected.parents)
+    assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
     call.cancel()
+
+
+def test_one_failing_call_does_not_fail_its_batch() -> None:
+    """The batch is retried call by call: only the bad call's caller sees its error."""
+
+    async def run(items: list[str]) -> list[str]:
+        if "bad" in items:
+            raise ValueError("a bad item")
+        return [item.upper() for item in items]
+
+    async def scenario() -> list:
+        batcher = Batcher(run, 0.5, lambda: 3)
+        results = await asyncio.gather(*(batcher.submit(x) for x in ("a", "bad", "c")), return_exceptions=True)
+        assert batcher.batches == 4  # the failed batch, then each call alone
+        return results
+
+    first, bad, third = asyncio.run(scenario())
+    assert (first, third) == ("A", "C") and isinstance(bad, ValueError)

@@ -2,7 +2,9 @@
 
 A batch starts as soon as every live session has a call waiting (a single stream never waits), or
 when the window since the first waiting call has passed; calls that arrive while a batch runs go
-into the next one.
+into the next one. With ``isolate``, a batch that fails is run again one call at a time, so one
+bad call fails alone (``run`` must then leave no trace of a call that raised); without it, every
+caller of the failed batch learns why.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ Result = TypeVar("Result")
 
 class Batcher(Generic[Item, Result]):
     def __init__(
-        self, run: Callable[[list[Item]], Awaitable[list[Result]]], window_s: float, live: Callable[[], int]
+        self,
+        run: Callable[[list[Item]], Awaitable[list[Result]]],
+        window_s: float,
+        live: Callable[[], int],
+        isolate: bool = True,
     ) -> None:
         self.run = run  # one result per item, in order
+        self.isolate = isolate
         self.window_s = window_s
         self.live = live  # sessions that may submit: waiting for all of them is never too long
         self.batches = 0
@@ -56,7 +63,11 @@ class Batcher(Generic[Item, Result]):
         self.batches += 1
         try:
             results = await self.run([item for item, _ in batch])
-        except Exception as exc:  # every caller of the failed batch learns why
+        except Exception as exc:
+            if self.isolate and len(batch) > 1:  # find the call that failed: the others must not fail with it
+                for one in batch:
+                    await self._run([one])
+                return
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)

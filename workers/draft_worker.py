@@ -11,11 +11,12 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
 
+from tandem.devices import to_host
 from tandem.drafters import make_drafter, trained_folder
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.tree import TokenTree
@@ -34,6 +35,7 @@ class DraftSpec:
     batch_wait_s: float
     threads: int
     host: str
+    device: str = "cpu"  # "cuda" when the pool asks for a GPU
 
 
 def build_drafter(spec: DraftSpec) -> Drafter:
@@ -43,7 +45,8 @@ def build_drafter(spec: DraftSpec) -> Drafter:
     else:
         from tandem.target import load_target
 
-        drafter = make_drafter(spec.drafter, target=load_target(spec.model, spec.dtype).model, model_name=spec.model)
+        target = load_target(spec.model, spec.dtype, spec.device).model
+        drafter = make_drafter(spec.drafter, target=target, model_name=spec.model)
     if drafter is None:
         raise ValueError("the draft pool needs a drafter; 'none' means no draft pool")
     if tuple(drafter.feature_layers) != tuple(spec.feature_layers):
@@ -60,14 +63,23 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self.drafter = await asyncio.get_running_loop().run_in_executor(self._thread, build_drafter, spec)
         self._seq_ids = itertools.count()
-        self.batcher: Batcher[DraftRequest, TokenTree] = Batcher(self._propose, spec.batch_wait_s, self.live_sessions)
+        # A drafter may have absorbed a request's features before it raised: no call-by-call retry.
+        self.batcher: Batcher[DraftRequest, TokenTree] = Batcher(
+            self._propose, spec.batch_wait_s, self.live_sessions, isolate=False
+        )
         await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_DraftServicer_to_server(self, server))
 
     async def stats(self) -> dict[str, int]:
         return {"sessions": self.live_sessions(), "batches": self.batcher.batches}
 
     async def _propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self.drafter.propose, requests)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._propose_on_host, requests)
+
+    def _propose_on_host(self, requests: list[DraftRequest]) -> list[TokenTree]:
+        """The batch's trees, their draft distributions brought to the host in one transfer."""
+        trees = self.drafter.propose(requests)
+        probs = iter(to_host(*(t.draft_probs for t in trees if t.draft_probs is not None)))
+        return [t if t.draft_probs is None else replace(t, draft_probs=next(probs)) for t in trees]
 
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.DraftIn], context: grpc.aio.ServicerContext

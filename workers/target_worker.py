@@ -2,7 +2,9 @@
 
 Each session takes a row of the verifier's KV cache when its stream opens (RESOURCE_EXHAUSTED when
 every row is taken) and gives it back when the stream ends, however it ends. Prefills and
-verifications that arrive together run as one batched forward pass each (continuous batching).
+verifications that arrive together run as one batched forward pass each (continuous batching),
+through two batchers: a pass that fails is retried call by call, and a prefill never shares a
+failure with a verification.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from workers.server import WorkerServer
 from workers.tp import LocalRanks, Ranks, RayRanks, ShardSpec
 from workers.wire import params_from_proto, step_to_proto, tree_from_proto
 
-# A batch item: (row, None, _) asks for the row's prefill, (row, tree, greedy) for the tree's
-# verification (greedy: the session's target is greedy, which frees the scheduler's ranking).
-Job = tuple[int, TokenTree | None, bool]
+# A verification: (row, tree, greedy); greedy: the session's target is greedy, which frees the
+# scheduler's ranking.
+Job = tuple[int, TokenTree, bool]
 
 
 @dataclass(frozen=True)
@@ -46,25 +48,22 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         )
         self.capacity: int = await self.ranks.call("capacity")
         self.cost: PassCost | None = await self.ranks.call("pass_cost", spec.shard.model) if spec.schedule else None
-        self.batcher: Batcher[Job, tuple[Step, int]] = Batcher(self._run, spec.batch_wait_s, self.live_sessions)
+        self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, spec.batch_wait_s, self.live_sessions)
+        self.verifies: Batcher[Job, tuple[Step, int]] = Batcher(self._verify, spec.batch_wait_s, self.live_sessions)
         await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_VerifyServicer_to_server(self, server))
 
     async def stats(self) -> dict[str, int]:
-        return {"sessions": self.live_sessions(), "batches": self.batcher.batches, "capacity": self.capacity}
+        batches = self.prefills.batches + self.verifies.batches
+        return {"sessions": self.live_sessions(), "batches": batches, "capacity": self.capacity}
 
-    async def _run(self, jobs: list[Job]) -> list[tuple[Step, int]]:
-        """One prefill pass for the new sessions, one verification pass for the others."""
-        prefill = [row for row, tree, _ in jobs if tree is None]
-        verify = [(row, tree, greedy) for row, tree, greedy in jobs if tree is not None]
-        done: dict[int, tuple[Step, int]] = {}
-        if prefill:
-            done.update(zip(prefill, await self.ranks.call("prefill", prefill)))
-        if verify:
-            rows, trees = [row for row, _, _ in verify], [tree for _, tree, _ in verify]
-            if self.cost is not None:  # drafting ran elsewhere: only the pass's own cost counts
-                trees = schedule(trees, [greedy for _, _, greedy in verify], self.cost)
-            done.update(zip(rows, await self.ranks.call("verify", rows, trees)))
-        return [done[row] for row, _, _ in jobs]
+    async def _prefill(self, rows: list[int]) -> list[tuple[Step, int]]:
+        return await self.ranks.call("prefill", rows)
+
+    async def _verify(self, jobs: list[Job]) -> list[tuple[Step, int]]:
+        rows, trees = [row for row, _, _ in jobs], [tree for _, tree, _ in jobs]
+        if self.cost is not None:  # drafting ran elsewhere: only the pass's own cost counts
+            trees = schedule(trees, [greedy for _, _, greedy in jobs], self.cost)
+        return await self.ranks.call("verify", rows, trees)
 
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
@@ -79,13 +78,12 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             except NoRoom as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target replica is full: {exc}")
             try:
-                job: Job = (row, None, params.greedy)
+                step, room = await self.prefills.submit(row)
                 while True:
-                    step, room = await self.batcher.submit(job)
                     yield step_to_proto(step, room, self.capacity, opening.want_features)
                     message = await anext(requests, None)
                     if message is None:
                         break
-                    job = (row, tree_from_proto(message.tree), params.greedy)
+                    step, room = await self.verifies.submit((row, tree_from_proto(message.tree), params.greedy))
             finally:  # also on cancellation: the row must come back
                 await asyncio.shield(self.ranks.call("close", row))

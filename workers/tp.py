@@ -1,6 +1,7 @@
 """The target replica's tensor-parallel group: every rank holds a shard of the model and the same
 :class:`~tandem.verifier.Verifier` bookkeeping, and runs the same operations in the same order, so
-all ranks take the same rows and reach the same verdicts; rank 0's answers are returned.
+all ranks take the same rows and commit the same verdicts (rank 0's, broadcast every round);
+rank 0's answers are returned.
 
 tp = 1 keeps the verifier in the replica's own process, behind one thread (calls stay ordered and
 the replica's event loop keeps serving gRPC while a forward pass runs). tp > 1 starts one Ray actor
@@ -12,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from tandem.devices import to_host
 from tandem.models.catalog import resolve_model_path
 from tandem.models.loading import load_model
-from tandem.models.tp import apply_tp
+from tandem.models.tp import apply_tp, rank0_verdicts
 from tandem.profile import load_or_measure
 from tandem.scheduler import PassCost
 from tandem.target import DTYPES
@@ -43,20 +45,29 @@ class ShardSpec:
 
 def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> Verifier:
     torch.set_num_threads(spec.threads)
-    model, _ = load_model(resolve_model_path(spec.model), DTYPES[spec.dtype])
-    model.to(spec.device)
+    model, _ = load_model(resolve_model_path(spec.model), DTYPES[spec.dtype], spec.device)
+    agree = None
     if group is not None:
         apply_tp(model, group)
+        agree = rank0_verdicts(group)
     capacity = min(spec.max_model_len, model.config.max_position)
-    return Verifier(model, spec.rows, capacity, spec.feature_layers)
+    return Verifier(model, spec.rows, capacity, spec.feature_layers, agree)
 
 
 def _prefill(verifier: Verifier, rows: list[int]) -> list[tuple[Step, int]]:
-    return [(step, verifier.room(row)) for step, row in zip(verifier.prefill(rows), rows)]
+    return _answers(verifier, rows, verifier.prefill(rows))
 
 
 def _verify(verifier: Verifier, rows: list[int], trees: list[TokenTree]) -> list[tuple[Step, int]]:
-    return [(step, verifier.room(row)) for step, row in zip(verifier.verify(rows, trees), rows)]
+    return _answers(verifier, rows, verifier.verify(rows, trees))
+
+
+def _answers(verifier: Verifier, rows: list[int], steps: list[Step]) -> list[tuple[Step, int]]:
+    """Steps with their features on the host (one transfer for the batch: they leave this process
+    through Ray or gRPC, possibly to a process without a GPU), and each row's room for drafts."""
+    features = iter(to_host(*(s.features for s in steps if s.features is not None)))
+    steps = [s if s.features is None else replace(s, features=next(features)) for s in steps]
+    return [(step, verifier.room(row)) for step, row in zip(steps, rows)]
 
 
 def _pass_cost(verifier: Verifier, model_name: str) -> PassCost:

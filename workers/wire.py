@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tandem.devices import HOST
 from tandem.errors import InvalidRequest
 from tandem.sampling import SamplingParams
 from tandem.tree import TokenTree
@@ -33,25 +34,29 @@ def tensor_from_proto(msg: worker_pb2.Tensor) -> torch.Tensor | None:
     dtype = getattr(torch, msg.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown tensor dtype {msg.dtype!r}")
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8) if msg.data else torch.empty(0, dtype=torch.uint8)
+    raw = (
+        torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+        if msg.data
+        else torch.empty(0, dtype=torch.uint8, device=HOST)
+    )
     return raw.view(dtype).reshape(tuple(msg.shape))
 
 
 def tree_to_proto(tree: TokenTree) -> worker_pb2.Tree:
     return worker_pb2.Tree(
-        tokens=tree.tokens.tolist(),
-        parents=tree.parents.tolist(),
+        tokens=tree.tokens,
+        parents=tree.parents,
         draft_probs=tensor_to_proto(tree.draft_probs),
-        survival=[] if tree.survival is None else tree.survival.tolist(),
+        survival=tree.survival or [],
     )
 
 
 def tree_from_proto(msg: worker_pb2.Tree) -> TokenTree:
     return TokenTree(
-        tokens=torch.tensor(list(msg.tokens), dtype=torch.long),
-        parents=torch.tensor(list(msg.parents), dtype=torch.long),
+        tokens=tuple(msg.tokens),
+        parents=tuple(msg.parents),
         draft_probs=tensor_from_proto(msg.draft_probs),
-        survival=torch.tensor(list(msg.survival), dtype=torch.float32) if msg.survival else None,
+        survival=tuple(msg.survival) if msg.survival else None,
     )
 
 

@@ -54,7 +54,7 @@ class DFlashModel(DraftModel):
         x = torch.cat([self.embed(anchors)[:, None], self.mask_embedding.expand(len(anchors), gamma - 1, -1)], 1)
         if self.config.anchor_features:
             x = x + before[:, None]
-        rope = self.rope(starts[:, None] + torch.arange(gamma))
+        rope = self.rope(starts[:, None] + torch.arange(gamma, device=starts.device))
         mask = torch.cat([visible, visible.new_ones(len(anchors), gamma, gamma)], -1)
         for layer, past in zip(self.layers, context):
             x, _ = layer(x, rope, mask, past)
@@ -68,9 +68,10 @@ class DFlashModel(DraftModel):
         context keys/values shared by all of them."""
         n = tokens.numel()
         fused = self.fuse(features[None])
-        context = self.context_kv(fused, torch.arange(n)[None])
+        positions = torch.arange(n, device=tokens.device)
+        context = self.context_kv(fused, positions[None])
         context = [(k.expand(len(anchors), -1, -1, -1), v.expand(len(anchors), -1, -1, -1)) for k, v in context]
-        visible = (torch.arange(n)[None, :] < anchors[:, None])[:, None, :].expand(-1, self.config.block_size, -1)
+        visible = (positions[None, :] < anchors[:, None])[:, None, :].expand(-1, self.config.block_size, -1)
         return self.block_hidden(tokens[anchors], anchors, context, visible, fused[0, anchors - 1]), anchors
 
 
@@ -79,27 +80,28 @@ class DFlashDrafter(NeuralDrafter):
 
     model: DFlashModel
 
-    def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
-        positions = torch.arange(state.length, state.length + len(features))[None]
+    def extend(self, state: DraftState, token_ids: list[int], features: torch.Tensor) -> None:
+        positions = torch.arange(state.length, state.length + len(features), device=self.device)[None]
         fused = self.model.fuse(features[None])
         new = self.model.context_kv(fused, positions)
         state.cache = new if not state.cache else [cat_kv(old, kv) for old, kv in zip(state.cache, new)]
         state.length += len(features)
         state.extra["before"] = fused[:, -1]  # the position before the next anchor
 
-    def block_logits(self, state: DraftState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_logits(self, state: DraftState, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Base logits ``U`` ``[γ, V_draft]`` and hidden states ``[γ, d]`` for the anchor's block."""
         gamma = self.model.config.block_size
-        visible = torch.ones(1, gamma, state.length, dtype=torch.bool)
-        start = torch.tensor([state.length])
-        hidden = self.model.block_hidden(token_ids[-1:], start, state.cache, visible, state.extra["before"])[0]
+        visible = torch.ones(1, gamma, state.length, dtype=torch.bool, device=self.device)
+        start = self.tokens([state.length])
+        anchor = self.tokens(token_ids[-1:])
+        hidden = self.model.block_hidden(anchor, start, state.cache, visible, state.extra["before"])[0]
         return self.model.draft_logits(hidden), hidden
 
-    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
+    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
         logits, _ = self.block_logits(state, token_ids)
-        return self.chain_of(int(token_ids[-1]), [self.pick(logits[k], params, state.generator) for k in range(depth)])
+        return self.chain_of(token_ids[-1], [self.pick(logits[k], params, state.generator) for k in range(depth)])
 
-    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
         """Position k's logits whatever the parent: top-k per position, combined by the search."""
         logits, _ = self.block_logits(state, token_ids)
         return lambda growth, frontier: (logits[growth.depths[frontier[0]]].expand(len(frontier), -1), None)

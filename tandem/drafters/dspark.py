@@ -61,23 +61,21 @@ class DSparkDrafter(DFlashDrafter):
         self.min_survival = min_survival
         self.markov = markov  # False: drop the transition bias (the ablation of the Markov head)
 
-    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
+    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
+        """All ``depth`` positions on the device, then one transfer; the chain is cut where the
+        running survival (which reads only tokens before each position) drops below the threshold."""
         base, hidden = self.block_logits(state, token_ids)
         picks: list[Pick] = []
-        confidences: list[float] = []
-        previous, survival = int(token_ids[-1]), 1.0
+        confidences: list[torch.Tensor] = []
+        previous = self.tokens(token_ids[-1:])[0]
         for k in range(depth):
-            code, bias = self.model.transition(torch.tensor(previous))
-            confidence = float(self.model.calibrated(self.model.confidence_logits(hidden[k], code), k))
-            survival *= confidence
-            if picks and survival < self.min_survival:
-                break
+            code, bias = self.model.transition(previous)
+            confidences.append(self.model.calibrated(self.model.confidence_logits(hidden[k], code), k))
             picks.append(self.pick(base[k] + bias if self.markov else base[k], params, state.generator))
-            confidences.append(confidence)
             previous = picks[-1].token
-        return self.chain_of(int(token_ids[-1]), picks, confidences)
+        return self.chain_of(token_ids[-1], picks, torch.stack(confidences), self.min_survival)
 
-    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
         """Depth k's base logits plus each parent's Markov bias: branching costs one rank-r matmul
         per expanded node, no extra backbone pass; the confidence head scores each parent's best
         child from the same transition code."""
@@ -85,7 +83,7 @@ class DSparkDrafter(DFlashDrafter):
 
         def logits(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             k = growth.depths[frontier[0]]
-            code, bias = self.model.transition(torch.tensor([growth.tokens[i] for i in frontier]))
+            code, bias = self.model.transition(self.tokens([growth.tokens[i] for i in frontier]))
             rows = hidden[k].expand(len(frontier), -1)
             confidence = self.model.calibrated(self.model.confidence_logits(rows, code), k)
             return (base[k] + bias if self.markov else base[k].expand(len(frontier), -1)), confidence

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tandem.devices import host_tensor
 from tandem.drafters.neural import (
     KV,
     ChildLogits,
@@ -57,7 +58,7 @@ class Eagle3Model(DraftModel):
         the context needs keys and values, not outputs.
         """
         n = tokens.numel() - 1
-        positions = torch.arange(n)
+        positions = torch.arange(n, device=tokens.device)
         context = torch.cat([self.embed(tokens[1:])[None], self.fuse(features[:n])[None]], -1)
         keys, values = self.layer.kv(context, self.rope(positions[None]))
         count = len(anchors)
@@ -82,19 +83,21 @@ class Eagle3Drafter(NeuralDrafter):
 
     model: Eagle3Model
 
-    def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
+    def extend(self, state: DraftState, token_ids: list[int], features: torch.Tensor) -> None:
         start, n = state.length, len(features)
-        positions = torch.arange(start, start + n)[None]
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), causal], -1)[None]
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        mask = torch.cat([causal.new_ones(n, start), causal], -1)[None]
         past = state.cache[0] if state.cache else None
         hidden = self.model.fuse(features[None])
-        out, kv = self.model.step(token_ids[start + 1 : start + n + 1][None], hidden, positions, mask, past)
+        out, kv = self.model.step(
+            self.tokens(token_ids[start + 1 : start + n + 1])[None], hidden, positions, mask, past
+        )
         state.cache = [kv if past is None else cat_kv(past, kv)]
         state.length += n
         state.extra["last"] = out[:, -1:]  # predicts the token after the anchor
 
-    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
+    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
         hidden = state.extra["last"]
         past = state.cache[0]
         picks: list[Pick] = []
@@ -102,13 +105,13 @@ class Eagle3Drafter(NeuralDrafter):
             picks.append(self.pick(self.model.draft_logits(hidden[0, -1]), params, state.generator))
             if t + 1 == depth:
                 break
-            position = torch.tensor([[state.length + t]])
-            mask = torch.ones(1, 1, past[0].shape[2] + 1, dtype=torch.bool)
-            hidden, kv = self.model.step(torch.tensor([[picks[-1].token]]), hidden, position, mask, past)
+            position = torch.full((1, 1), state.length + t, device=self.device)
+            mask = torch.ones(1, 1, past[0].shape[2] + 1, dtype=torch.bool, device=self.device)
+            hidden, kv = self.model.step(picks[-1].token.view(1, 1), hidden, position, mask, past)
             past = cat_kv(past, kv)
-        return self.chain_of(int(token_ids[-1]), picks)
+        return self.chain_of(token_ids[-1], picks)
 
-    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
         """One layer pass per depth over the frontier nodes not run yet (EAGLE-2): node ``c`` at
         depth ``d`` reads its token and its parent's output at position ``length + d - 1`` and
         attends to the context and to the steps of its own ancestors (tree attention)."""
@@ -126,14 +129,14 @@ class Eagle3Drafter(NeuralDrafter):
                 if steps:
                     past[0] = torch.cat([past[0], torch.cat(keys, 2).expand(count, -1, -1, -1)], 2)
                     past[1] = torch.cat([past[1], torch.cat(values, 2).expand(count, -1, -1, -1)], 2)
-                mask = torch.ones(count, 1, past[0].shape[2] + 1, dtype=torch.bool)
-                for row, node in enumerate(new):
+                seen = []  # host metadata: the context, the steps of its ancestors, itself
+                for node in new:
                     ancestors = set(_ancestors(growth.parents, node))
-                    for column, step in enumerate(steps):
-                        mask[row, 0, context[0].shape[2] + column] = step in ancestors
-                tokens = torch.tensor([[growth.tokens[node]] for node in new])
+                    seen.append([[True] * context[0].shape[2] + [step in ancestors for step in steps] + [True]])
+                mask = host_tensor(seen, torch.bool, self.device)
+                tokens = self.tokens([growth.tokens[node] for node in new])[:, None]
                 hidden = torch.stack([outputs[growth.parents[node]] for node in new])[:, None]
-                positions = torch.full((count, 1), state.length + depth - 1)
+                positions = torch.full((count, 1), state.length + depth - 1, device=self.device)
                 out, (k, v) = self.model.step(tokens, hidden, positions, mask, (past[0], past[1]))
                 for row, node in enumerate(new):
                     outputs[node] = out[row, -1]

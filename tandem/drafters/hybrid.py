@@ -54,4 +54,4 @@ class HybridDrafter(Drafter):
 
     def _confident(self, tree: TokenTree) -> bool:
         survival = tree.survival  # suffix trees always carry it; node 1 is their best guess
-        return len(tree) > self.min_tokens and survival is not None and float(survival[1]) >= self.min_survival
+        return len(tree) > self.min_tokens and survival is not None and survival[1] >= self.min_survival

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tandem.devices import host_tensor, to_host
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.errors import ModelLoadError
 from tandem.models.decoder import RMSNorm, Rotary, Transformer, apply_rotary
-from tandem.sampling import SamplingParams, sample, target_probs
+from tandem.sampling import SamplingParams, target_probs
 from tandem.tree import TokenTree, chain
 from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
 
@@ -35,13 +36,14 @@ ChildLogits = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor | N
 
 
 class Pick(NamedTuple):
-    """One drafted token: its target id, the full-vocabulary ``q`` it was drawn from (``None`` for
-    a greedy target: a point mass), and the highest probability of that distribution (known before
-    the draw: the drafter's own estimate that the position survives)."""
+    """One drafted token, all on the drafter's device: its target id (0-dim), the full-vocabulary
+    ``q`` it was drawn from (``None`` for a greedy target: a point mass), and the highest
+    probability of that distribution (known before the draw: the drafter's own estimate that the
+    position survives). :meth:`NeuralDrafter.chain_of` brings a chain's picks back at once."""
 
-    token: int
+    token: torch.Tensor
     q: torch.Tensor | None
-    top: float
+    top: torch.Tensor
 
 
 def cat_kv(old: KV, new: KV) -> KV:
@@ -176,12 +178,13 @@ class DraftModel(nn.Module):
         self.feature_norm = RMSNorm(cfg.feature_size, cfg.rms_norm_eps)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        device = target.device  # the drafter's own layers are moved there by whoever builds it
         if vocab_map is None:
-            vocab_map = torch.arange(cfg.draft_vocab)
+            vocab_map = torch.arange(cfg.draft_vocab, device=device)
         # Draft id -> target id (saved), target id -> draft id with ``draft_vocab`` for "not in it".
-        self.register_buffer("vocab_map", vocab_map.long().clone())
-        to_draft = torch.full((cfg.target_vocab_size,), cfg.draft_vocab, dtype=torch.long)
-        to_draft[self.vocab_map] = torch.arange(cfg.draft_vocab)
+        self.register_buffer("vocab_map", vocab_map.to(device, torch.long).clone())
+        to_draft = torch.full((cfg.target_vocab_size,), cfg.draft_vocab, dtype=torch.long, device=device)
+        to_draft[self.vocab_map] = torch.arange(cfg.draft_vocab, device=device)
         self.register_buffer("to_draft", to_draft, persistent=False)
         # Frozen, borrowed: plain attributes, so they are neither trained nor saved.
         self.target_embed = target.embed.weight.detach()
@@ -235,7 +238,7 @@ def load_weights(cls: type[DraftModel], cfg: DraftConfig, folder: str | Path, ta
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"drafter weights do not match its config: missing {missing}, unexpected {unexpected}")
-    return model.to(target.dtype)
+    return model.to(device=target.device, dtype=target.dtype)
 
 
 @dataclass
@@ -244,7 +247,7 @@ class DraftState:
 
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: context keys/values [1, kv, n, hd]
     length: int  # context positions cached
-    generator: torch.Generator
+    generator: torch.Generator  # on the drafter's device: draft tokens are drawn there
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -260,6 +263,7 @@ class NeuralDrafter(Drafter):
 
     def __init__(self, model: DraftModel, tree: TreeShape | None = None) -> None:
         self.model = model.eval()
+        self.device = model.fc.weight.device
         self.name = model.config.algo
         self.feature_layers = tuple(model.config.feature_layers)
         self.tree = None if tree is None else replace(tree, depth=min(tree.depth, model.config.block_size))
@@ -279,36 +283,39 @@ class NeuralDrafter(Drafter):
         state = self._states.get(request.seq_id)
         if state is None:
             seed = (request.params.seed or 0) ^ 0x5DEECE66D
-            state = DraftState([], 0, torch.Generator().manual_seed(seed))
+            state = DraftState([], 0, torch.Generator(device=self.device).manual_seed(seed))
             self._states[request.seq_id] = state
         if request.features is not None and len(request.features):
-            token_ids = torch.as_tensor(list(request.token_ids), dtype=torch.long)
+            token_ids = list(request.token_ids)
             start = len(token_ids) - 1 - len(request.features)
             if start != state.length:  # features out of step with what we hold: start over
                 state.cache, state.length = [], 0
                 if start != 0:
                     return state  # cannot draft until a whole context arrives
-            self.extend(state, token_ids, request.features.to(self.model.fc.weight.dtype))
+            features = request.features.to(self.device, self.model.fc.weight.dtype, non_blocking=True)
+            self.extend(state, token_ids, features)
         return state
 
     def _propose_one(self, request: DraftRequest) -> TokenTree:
         state = self.absorb(request)
-        token_ids = torch.as_tensor(list(request.token_ids), dtype=torch.long)
-        root = int(token_ids[-1])
+        token_ids = list(request.token_ids)
+        root = token_ids[-1]
         if request.max_nodes <= 0 or state.length != len(token_ids) - 1:
             return chain(root, [])
         if self.tree is not None:
             return self.draft_tree(state, token_ids, request.max_nodes, request.params)
         return self.draft(state, token_ids, min(self.model.config.block_size, request.max_nodes), request.params)
 
-    def draft_tree(
-        self, state: DraftState, token_ids: torch.Tensor, max_nodes: int, params: SamplingParams
-    ) -> TokenTree:
+    def tokens(self, ids: list[int]) -> torch.Tensor:
+        """Host token ids as a long tensor on the drafter's device."""
+        return host_tensor(ids, torch.long, self.device)
+
+    def draft_tree(self, state: DraftState, token_ids: list[int], max_nodes: int, params: SamplingParams) -> TokenTree:
         """A tree of ``self.tree``'s shape: best-first top-k children for a greedy target, children
         drawn without replacement (each with its own ``q``) for a sampling one."""
         assert self.tree is not None
         logits_of = self.children(state, token_ids)
-        root = int(token_ids[-1])
+        root = token_ids[-1]
         if params.greedy:
 
             def best(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -325,39 +332,50 @@ class NeuralDrafter(Drafter):
         return sampled_tree(root, drawn_from, self.tree, max_nodes, state.generator)
 
     def pick(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Pick:
-        """A target token id from draft-vocabulary ``logits`` (see :class:`Pick`)."""
+        """A target token id from draft-vocabulary ``logits`` (see :class:`Pick`), on the device."""
         if params.greedy:
-            probs = torch.softmax(logits.float(), -1)
-            return Pick(int(self.model.vocab_map[int(probs.argmax())]), None, float(probs.max()))
+            top, best = torch.softmax(logits.float(), -1).max(-1)
+            return Pick(self.model.vocab_map[best], None, top)
         q = self.draft_probs(logits, params)
-        return Pick(sample(q, generator), q, float(q.max()))
+        return Pick(torch.multinomial(q, 1, generator=generator)[0], q, q.max())
 
     def draft_probs(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """Draft-vocabulary ``logits`` ``[..., V_draft]`` -> ``q`` over the target vocabulary
         ``[..., V]``, warped like the target's distribution (tokens outside the draft vocabulary: 0)."""
-        full = torch.full((*logits.shape[:-1], self.model.config.target_vocab_size), float("-inf"))
+        shape = (*logits.shape[:-1], self.model.config.target_vocab_size)
+        full = torch.full(shape, float("-inf"), device=logits.device)
         full[..., self.model.vocab_map] = logits.float()
         return target_probs(full, params)
 
     @staticmethod
-    def chain_of(root: int, picks: Sequence[Pick], factors: Sequence[float] | None = None) -> TokenTree:
-        """The chain of ``picks`` below ``root``; position k survives with the product of
-        ``factors[:k + 1]`` (default: each pick's top probability)."""
+    def chain_of(
+        root: int, picks: Sequence[Pick], factors: torch.Tensor | None = None, min_survival: float = 0.0
+    ) -> TokenTree:
+        """The chain of ``picks`` below ``root``, brought to the host in one transfer; position k
+        survives with the product of ``factors[:k + 1]`` (default: each pick's top probability).
+        The chain stops before the first position whose survival falls below ``min_survival``
+        (at least one pick is kept): a cut that reads no token at or after it."""
+        if not picks:
+            return chain(root, [])
+        tokens, factor = to_host(
+            torch.stack([p.token for p in picks]), torch.stack([p.top for p in picks]) if factors is None else factors
+        )
+        survival = list(itertools.accumulate(factor.tolist(), operator.mul))
+        keep = next((k for k, s in enumerate(survival) if k and s < min_survival), len(picks))
         probs = None
-        if picks and picks[0].q is not None:
-            probs = torch.stack([torch.zeros_like(picks[0].q), *(p.q for p in picks)])
-        survival = list(itertools.accumulate(factors or [p.top for p in picks], operator.mul))
-        return chain(root, [p.token for p in picks], probs, survival)
+        if picks[0].q is not None:
+            probs = torch.stack([torch.zeros_like(picks[0].q), *(p.q for p in picks[:keep])])
+        return chain(root, tokens.tolist()[:keep], probs, survival[:keep])
 
     @abstractmethod
-    def extend(self, state: DraftState, token_ids: torch.Tensor, features: torch.Tensor) -> None:
+    def extend(self, state: DraftState, token_ids: list[int], features: torch.Tensor) -> None:
         """Add context positions ``state.length ...`` for the new ``features`` to ``state``."""
 
     @abstractmethod
-    def draft(self, state: DraftState, token_ids: torch.Tensor, depth: int, params: SamplingParams) -> TokenTree:
+    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
         """A chain of up to ``depth`` draft tokens after the anchor ``token_ids[-1]`` (:meth:`chain_of`)."""
 
     @abstractmethod
-    def children(self, state: DraftState, token_ids: torch.Tensor) -> ChildLogits:
+    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
         """For a tree rooted at the anchor ``token_ids[-1]``: what gives the draft logits of the
         children of frontier nodes (all at one depth)."""

@@ -16,8 +16,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.tree import TokenTree
 
@@ -201,9 +199,9 @@ class SuffixDrafter(Drafter):
                     best = tree
         tokens, parents, survival = best
         return TokenTree(
-            torch.tensor([root, *tokens], dtype=torch.long),
-            torch.tensor([-1, *parents], dtype=torch.long),
-            survival=torch.tensor([1.0, *survival], dtype=torch.float32),
+            (root, *tokens),
+            (-1, *parents),
+            survival=(1.0, *survival),
         )
 
     def _sync(self, request: DraftRequest) -> _SeqState:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tandem.devices import HOST, to_host
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.engine import Engine, Request
 from tandem.models.decoder import Transformer
@@ -49,9 +50,9 @@ def build_cases(
     results = engine.generate([Request(ids, SamplingParams(max_tokens=max_tokens)) for _, ids in prompts])
     cases = []
     for (benchmark, ids), result in zip(prompts, results):
-        tokens = torch.tensor(ids + result.token_ids)
-        feats = sequence_features(target, tokens.tolist(), feature_layers)
-        cases.append(ReplayCase(benchmark, len(ids), tokens, feats.float()))
+        sequence = ids + result.token_ids
+        (feats,) = to_host(sequence_features(target, sequence, feature_layers).float())
+        cases.append(ReplayCase(benchmark, len(ids), torch.tensor(sequence, dtype=torch.long, device=HOST), feats))
     return cases
 
 
@@ -59,7 +60,7 @@ def save_cases(cases: Sequence[ReplayCase], path: Path) -> None:
     tensors = {}
     for i, c in enumerate(cases):
         tensors[f"{i}.tokens"], tensors[f"{i}.features"] = c.tokens, c.features.contiguous()
-        tensors[f"{i}.prompt_len"] = torch.tensor(c.prompt_len)
+        tensors[f"{i}.prompt_len"] = torch.tensor(c.prompt_len, device=HOST)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"benchmarks": ",".join(c.benchmark for c in cases)})
     tmp.rename(path)
@@ -106,7 +107,7 @@ def _greedy_match(tree: TokenTree, continuation: list[int]) -> int:
     verification accepts)."""
     node, accepted = 0, 0
     while accepted < len(continuation):
-        nxt = [c for c in tree.children(node) if int(tree.tokens[c]) == continuation[accepted]]
+        nxt = [c for c in tree.children(node) if tree.tokens[c] == continuation[accepted]]
         if not nxt:
             break
         node, accepted = nxt[0], accepted + 1

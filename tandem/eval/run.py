@@ -34,7 +34,7 @@ class DepthRecorder(Drafter):
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
         trees = self.inner.propose(requests)
         for r, t in zip(requests, trees):
-            self.depths.setdefault(r.seq_id, []).append(int(t.depths.max()))
+            self.depths.setdefault(r.seq_id, []).append(max(t.depths))
         return trees
 
     def release(self, seq_id: int) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.devices import host_tensor
 from tandem.models.config import ModelConfig
 from tandem.models.kv_cache import KVCache
 from tandem.tree import ancestor_mask, tree_depths
@@ -167,17 +168,21 @@ class Transformer(nn.Module):
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         cfg = self.config
         capacity = min(capacity, cfg.max_position)
-        device = self.embed.weight.device
-        return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, device)
+        return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
 
     def block_logits(
         self, tokens: Sequence[int], cache: KVCache, row: int = 0, parents: Sequence[int] | None = None
     ) -> torch.Tensor:
         """``[T, V]`` logits of one block after ``row``'s cached prefix: a chain, or the tree given
         by ``parents``; nothing is committed. For checks and tools: the engine batches its own."""
-        parent_ids = torch.tensor(list(range(-1, len(tokens) - 1)) if parents is None else list(parents))
-        depths, mask = tree_depths(parent_ids)[None], ancestor_mask(parent_ids)[None]
-        return self(torch.tensor([list(tokens)]), depths, mask, cache, torch.tensor([row]))[0]
+        parent_ids = list(range(-1, len(tokens) - 1)) if parents is None else list(parents)
+        depths = host_tensor([tree_depths(parent_ids)], torch.long, self.device)
+        mask = ancestor_mask(parent_ids, self.device)[None]
+        return self(host_tensor([list(tokens)], torch.long, self.device), depths, mask, cache, [row])[0]
 
     def forward(
         self,
@@ -185,7 +190,7 @@ class Transformer(nn.Module):
         depths: torch.Tensor,
         tree_mask: torch.Tensor,
         cache: KVCache,
-        rows: torch.Tensor,
+        rows: Sequence[int],
         logit_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``tokens`` ``[B, T]`` after each row's cached prefix and return float32 logits.
@@ -203,22 +208,22 @@ class Transformer(nn.Module):
         depths: torch.Tensor,
         tree_mask: torch.Tensor,
         cache: KVCache,
-        rows: torch.Tensor,
+        rows: Sequence[int],
         feature_layers: Sequence[int],
         logit_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward`, plus the hidden states after each of ``feature_layers`` (0-based),
         concatenated: ``[B, T, len(feature_layers) * hidden]``, the drafters' view of the target."""
         cfg = self.config
-        starts = cache.lengths[rows]
-        length = int(starts.max()) + tokens.shape[1]
+        length = max(cache.lengths[r] for r in rows) + tokens.shape[1]
         if length > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} tokens; this pass needs {length}")
+        starts = cache.starts(rows)
         positions = starts[:, None] + depths
         mask, key_positions = _attention_mask(starts, tree_mask, depths, length)
         ctx = PassContext(
             cache=cache,
-            write_index=cache.block_index(rows, tokens.shape[1]),
+            write_index=cache.block_index(rows, starts, tokens.shape[1]),
             read_rows=cache.row_selector(rows),
             length=length,
             mask=mask.unsqueeze(1),
@@ -231,7 +236,7 @@ class Transformer(nn.Module):
             ctx.local_rope = self.local_rotary.tables(positions, self.dtype)
         x = self.embed(tokens)
         if cfg.embedding_scale:
-            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
         kept: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx)
@@ -258,9 +263,9 @@ def _attention_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Visibility ``[B, T, length]`` over cache slots, and each slot's position ``[B, length]``."""
     batch, steps = depths.shape
-    slots = torch.arange(length)
+    slots = torch.arange(length, device=starts.device)
     mask = (slots[None, None, :] < starts[:, None, None]).expand(batch, steps, length).clone()
-    new_slots = starts[:, None] + torch.arange(steps)  # [B, T]
+    new_slots = starts[:, None] + torch.arange(steps, device=starts.device)  # [B, T]
     mask.scatter_(2, new_slots[:, None, :].expand(batch, steps, steps), tree_mask)
     key_positions = slots.expand(batch, length).clone()
     key_positions.scatter_(1, new_slots, starts[:, None] + depths)

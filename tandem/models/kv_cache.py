@@ -7,10 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
+from tandem.devices import host_tensor
+
 
 class KVCache:
-    """``k``/``v``: ``[layers, rows, kv_heads, capacity, head_dim]``; ``lengths[r]`` tokens of row
-    ``r`` are verified and cached. Slots past ``lengths[r]`` hold the tree being verified."""
+    """``k``/``v``: ``[layers, rows, kv_heads, capacity, head_dim]`` on the model's device;
+    ``lengths[r]`` (host metadata) tokens of row ``r`` are verified and cached. Slots past
+    ``lengths[r]`` hold the tree being verified."""
 
     def __init__(
         self,
@@ -20,32 +23,35 @@ class KVCache:
         capacity: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device,
     ) -> None:
         shape = (num_layers, rows, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(rows, dtype=torch.long)
+        self.lengths = [0] * rows
         self.capacity = capacity
+        self.device = torch.device(device)
 
     @property
     def num_rows(self) -> int:
         return self.k.shape[1]
 
-    def block_index(self, rows: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
-        """Index for writing ``steps`` new tokens right after each row's cached prefix; computed
-        once per forward pass and reused by every layer."""
-        slots = self.lengths[rows][:, None] + torch.arange(steps)  # [B, T]
-        heads = torch.arange(self.k.shape[2])[None, :, None]
-        return rows[:, None, None], heads, slots[:, None, :]
+    def starts(self, rows: Sequence[int]) -> torch.Tensor:
+        """Cached lengths of ``rows`` as a ``[B]`` tensor on the device."""
+        return host_tensor([self.lengths[r] for r in rows], torch.long, self.device)
 
-    @staticmethod
-    def row_selector(rows: torch.Tensor) -> slice | torch.Tensor:
+    def block_index(self, rows: Sequence[int], starts: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
+        """Index for writing ``steps`` new tokens right after each row's cached prefix (``starts``);
+        computed once per forward pass and reused by every layer."""
+        slots = starts[:, None] + torch.arange(steps, device=self.device)  # [B, T]
+        heads = torch.arange(self.k.shape[2], device=self.device)[None, :, None]
+        return host_tensor(list(rows), torch.long, self.device)[:, None, None], heads, slots[:, None, :]
+
+    def row_selector(self, rows: Sequence[int]) -> slice | torch.Tensor:
         """A slice when ``rows`` are consecutive, so reads are views instead of gathers."""
-        first = int(rows[0])
-        if torch.equal(rows, torch.arange(first, first + rows.numel())):
-            return slice(first, first + rows.numel())
-        return rows
+        if list(rows) == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return host_tensor(list(rows), torch.long, self.device)
 
     def write(self, layer: int, index: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new ``[B, H, T, D]`` keys/values at ``index`` (from :meth:`block_index`)."""
@@ -61,9 +67,9 @@ class KVCache:
 
         Offsets only move down (``kept[i] >= i``), so gathering before writing is safe.
         """
-        start = int(self.lengths[row])
+        start = self.lengths[row]
         if list(kept) != list(range(len(kept))):
-            src = torch.tensor(kept, dtype=torch.long) + start
+            src = host_tensor([start + i for i in kept], torch.long, self.device)
             dst = slice(start, start + len(kept))
             self.k[:, row, :, dst] = self.k[:, row, :, src]
             self.v[:, row, :, dst] = self.v[:, row, :, src]

@@ -73,8 +73,10 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, Path]:
-    """Our decoder with the weights at ``path``; also returns the Hugging Face folder used."""
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[Transformer, Path]:
+    """Our decoder with the weights at ``path`` on ``device``; also returns the Hugging Face folder used."""
     folder = resolve_model_dir(path)
     try:
         cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
@@ -90,7 +92,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Tr
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.build_rotary()
-    return model.to(dtype).eval(), folder
+    return model.to(device=device, dtype=dtype).eval(), folder
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

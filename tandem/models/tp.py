@@ -8,6 +8,7 @@ replicated, so every rank ends with the same logits and can run the same engine 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -51,6 +52,20 @@ def apply_tp(model: Transformer, group: dist.ProcessGroup) -> Transformer:
     return model
 
 
+def rank0_verdicts(group: dist.ProcessGroup) -> Callable[[list], list]:
+    """What a :class:`~tandem.verifier.Verifier` of this group commits: rank 0's verdicts, sent to
+    every rank. Ranks compute the same logits in exact arithmetic, but a near-tie or a rank's own
+    sampling could still set them apart; one broadcast per round makes them commit the same path."""
+    source = dist.get_global_rank(group, 0)
+
+    def agree(verdicts: list) -> list:
+        box = [verdicts]
+        dist.broadcast_object_list(box, src=source, group=group)
+        return box[0]
+
+    return agree
+
+
 def check_tp_size(cfg: ModelConfig, world: int) -> None:
     """Every rank needs at least one KV head (and its query heads)."""
     if not 1 <= world <= cfg.num_kv_heads:
@@ -74,7 +89,7 @@ def _shifted(r: range, offset: int) -> range:
 
 def _column_parallel(linear: nn.Linear, rows: list[range]) -> nn.Linear:
     """Keep the listed output rows (this rank's part of q, k, v or of gate, up)."""
-    index = torch.tensor([i for r in rows for i in r])
+    index = torch.tensor([i for r in rows for i in r], device=linear.weight.device)
     weight = linear.weight.data[index].contiguous()
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
     out.weight = nn.Parameter(weight, requires_grad=False)

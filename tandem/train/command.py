@@ -10,6 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from tandem.errors import TandemError
+from tandem.flags import add_device_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "bfloat16"],
         help="of the target while computing features (float32: 4x faster than bfloat16 on CPUs without bf16 units)",
     )
+    add_device_flag(p)
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the cosine horizon)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget; sets the horizon")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
@@ -74,7 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.minutes is not None and args.minutes <= 0:
         raise TandemError("--minutes must be > 0")
     records = read_records(Path(args.data))
-    target = load_target(args.model, args.dtype)
+    target = load_target(args.model, args.dtype, args.device)
     overrides = {
         "block_size": args.block_size,
         "num_layers": args.layers,
@@ -94,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
     # With --records the draft vocabulary comes from those records only (a data ablation sees no more).
     trained_on = split(store, settings.holdout, settings.records)[0] if settings.records else None
     vocab = draft_vocabulary(store.token_counts(target.model.config.vocab_size, trained_on), cfg.draft_vocab)
-    model = new_draft_model(cfg, target.model, vocab).float()
+    model = new_draft_model(cfg, target.model, vocab).to(device=target.model.device, dtype=torch.float32)
     out = Path(args.out)
     evaluate = replay_check(target, cfg, features, args.eval_limit, args.eval_tokens) if args.eval_limit else None
     result = train(model, target.model, store, settings, checkpoint=out / "checkpoint.pt", evaluate=evaluate)

@@ -17,6 +17,7 @@ Sequences go through the target one at a time: on a CPU a padded batch is slower
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from tandem.devices import HOST, host_tensor, to_host
 from tandem.models.decoder import Transformer
 from tandem.train.prompts import DataError, read_jsonl
 
@@ -43,6 +45,13 @@ class Example:
     final: torch.Tensor  # [T, d]: hidden states after the last layer
     lse: torch.Tensor  # [T]: logsumexp of the target's logits at each position
     labels: torch.Tensor  # [T]: the token a drafter learns to predict after each position (last unused)
+
+    def to(self, device: torch.device) -> Example:
+        """The example on the trainer's device (copies queued without blocking)."""
+        moved = {
+            k: getattr(self, k).to(device, non_blocking=True) for k in ("tokens", "features", "final", "lse", "labels")
+        }
+        return Example(prompt_len=self.prompt_len, **moved)
 
 
 def read_records(path: Path) -> list[tuple[list[int], list[int]]]:
@@ -99,15 +108,13 @@ def _write_shard(
         logits = target.logits(finals[-1].to(target.dtype))
         lses.append(torch.logsumexp(logits, -1))
         greedy.append(logits.argmax(-1).to(torch.int32))
-    lengths = torch.tensor([len(s) for s in sequences])
+    offsets = [0, *itertools.accumulate(len(s) for s in sequences)]
+    computed = to_host(*(torch.cat(t).contiguous() for t in (features, finals, lses, greedy)))  # one sync a shard
     tensors = {
-        "tokens": torch.tensor([t for s in sequences for t in s]),
-        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-        "prompt_lens": torch.tensor([len(p) for p, _ in records]),
-        "features": torch.cat(features).contiguous(),
-        "final": torch.cat(finals).contiguous(),
-        "lse": torch.cat(lses).contiguous(),
-        "greedy": torch.cat(greedy).contiguous(),
+        "tokens": torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=HOST),
+        "offsets": torch.tensor(offsets, dtype=torch.long, device=HOST),
+        "prompt_lens": torch.tensor([len(p) for p, _ in records], dtype=torch.long, device=HOST),
+        **dict(zip(("features", "final", "lse", "greedy"), computed)),
     }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
@@ -116,12 +123,12 @@ def _write_shard(
 
 def sequence_features(target: Transformer, sequence: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
     """Hidden states ``[T, len(layers) * d]`` of one sequence (one causal pass)."""
-    n = len(sequence)
-    causal = torch.ones(1, n, n, dtype=torch.bool).tril()
-    last = torch.zeros(1, 1, dtype=torch.long)  # logits are not needed here
-    _, feats = target.forward_features(
-        torch.tensor([sequence]), torch.arange(n)[None], causal, target.new_cache(1, n), torch.arange(1), layers, last
-    )
+    n, device = len(sequence), target.device
+    causal = torch.ones(1, n, n, dtype=torch.bool, device=device).tril()
+    last = torch.zeros(1, 1, dtype=torch.long, device=device)  # logits are not needed here
+    tokens = host_tensor([list(sequence)], torch.long, device)
+    positions = torch.arange(n, device=device)[None]
+    _, feats = target.forward_features(tokens, positions, causal, target.new_cache(1, n), [0], layers, last)
     return feats[0]
 
 
@@ -159,7 +166,7 @@ class FeatureStore:
     def token_counts(self, vocab_size: int, examples: Sequence[int] | None = None) -> torch.Tensor:
         """How often each token is a label of a response position (in ``examples``, default all):
         the draft vocabulary's basis."""
-        counts = torch.zeros(vocab_size, dtype=torch.long)
+        counts = torch.zeros(vocab_size, dtype=torch.long, device=HOST)
         for i in range(len(self)) if examples is None else examples:
             ex = self[i]
             counts += torch.bincount(ex.labels[max(ex.prompt_len - 1, 0) : -1], minlength=vocab_size)

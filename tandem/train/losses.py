@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tandem.devices import HOST
 from tandem.drafters.dflash import DFlashModel
 from tandem.drafters.dspark import DSparkModel
 from tandem.drafters.eagle3 import Eagle3Model
@@ -27,7 +28,7 @@ from tandem.train.features import Example
 @dataclass
 class LossOut:
     loss: torch.Tensor
-    correct: int  # first-position draft argmax equal to the label
+    correct: torch.Tensor  # first-position draft argmax equal to the label (a count, on the device)
     counted: int  # first positions scored
 
 
@@ -46,8 +47,13 @@ def example_loss(
     return block_loss(model, ex, target, samples, generator, ce_weight)
 
 
-def _choose(candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    return candidates[torch.randperm(len(candidates), generator=generator)[:k]].sort().values
+def choose(first: int, end: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+    """``k`` distinct positions of ``[first, end)``, increasing, drawn with the host ``generator``
+    and put on ``device``; ``None`` when the range is empty."""
+    if end <= first:
+        return None
+    picked = torch.randperm(end - first, generator=generator, device=HOST)[:k].sort().values + first
+    return picked.to(device, non_blocking=True)
 
 
 @dataclass
@@ -64,13 +70,14 @@ class BlockOutputs:
 def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors: torch.Tensor) -> BlockOutputs:
     n, gamma = ex.tokens.numel(), model.config.block_size
     hidden, _ = model.blocks(ex.tokens, ex.features, anchors)
-    positions = anchors[:, None] + torch.arange(gamma)  # block slot k predicts the token after position
+    slots = torch.arange(gamma, device=anchors.device)
+    positions = anchors[:, None] + slots  # block slot k predicts the token after position
     valid = positions + 1 < n
     positions = positions.clamp(max=n - 2)
     out = BlockOutputs(
         logits=model.draft_logits(hidden),
         labels=model.to_draft[ex.labels[positions]],
-        weights=torch.exp(-torch.arange(gamma) / gamma) * valid,
+        weights=torch.exp(-slots / gamma) * valid,
     )
     if isinstance(model, DSparkModel):
         code, bias = model.transition(ex.tokens[positions])  # teacher forcing: the true previous token
@@ -93,10 +100,9 @@ def block_loss(
     ce_weight: float = 0.1,
 ) -> LossOut | None:
     # The anchor is the last verified token; its own features are not known yet (causal context).
-    candidates = torch.arange(max(ex.prompt_len, 1), ex.tokens.numel() - 1)
-    if not len(candidates):
+    anchors = choose(max(ex.prompt_len, 1), ex.tokens.numel() - 1, samples, generator, ex.tokens.device)
+    if anchors is None:
         return None
-    anchors = _choose(candidates, samples, generator)
     out = block_outputs(model, ex, target, anchors)
     ignore = model.config.draft_vocab
     ce = F.cross_entropy(out.logits.flatten(0, 1), out.labels.flatten(), ignore_index=ignore, reduction="none")
@@ -105,7 +111,7 @@ def block_loss(
         bce = F.binary_cross_entropy_with_logits(out.confidence, (1 - out.tv).detach(), reduction="none")
         per_position = ce_weight * per_position + (1 - ce_weight) * out.tv + bce
     loss = (per_position * out.weights).sum() / out.weights.sum()
-    correct = int((out.logits[:, 0].argmax(-1) == out.labels[:, 0]).sum())
+    correct = (out.logits[:, 0].argmax(-1) == out.labels[:, 0]).sum()
     return LossOut(loss, correct, len(anchors))
 
 
@@ -113,20 +119,18 @@ def eagle3_loss(model: Eagle3Model, ex: Example, samples: int, generator: torch.
     """Cross-entropy along each sampled draft chain; step ``j`` predicts ``x_{a+j+2}``."""
     n, gamma = ex.tokens.numel(), model.config.block_size
     # Anchor a: the last position whose features are known (the prompt's last token after prefill).
-    candidates = torch.arange(max(ex.prompt_len, 1) - 1, n - 2)
-    if not len(candidates):
+    anchors = choose(max(ex.prompt_len, 1) - 1, n - 2, samples, generator, ex.tokens.device)
+    if anchors is None:
         return None
-    anchors = _choose(candidates, samples, generator)
-    steps = torch.arange(gamma)  # the whole chain it drafts: cheap now that only chains run
+    steps = torch.arange(gamma, device=anchors.device)  # the whole chain it drafts: cheap now that only chains run
     outputs = torch.stack(model.chains(ex.tokens, ex.features, anchors, len(steps)), 1)  # [A, steps, d]
     targets = anchors[:, None] + steps + 2
     labels = model.to_draft[ex.labels[targets.clamp(max=n - 1) - 1]]
     weights = torch.exp(-steps / gamma) * (targets < n) * (labels != model.config.draft_vocab)
-    if not weights.sum():  # every label outside the draft vocabulary
-        return None
     logits = model.draft_logits(outputs)
     ignore = model.config.draft_vocab
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore, reduction="none")
-    loss = (ce.view_as(weights) * weights).sum() / weights.sum()
-    correct = int((logits[:, 0].argmax(-1) == labels[:, 0]).sum())
+    # every label outside the draft vocabulary: weight 0, loss 0 (no host round trip to find out)
+    loss = (ce.view_as(weights) * weights).sum() / weights.sum().clamp_min(1e-9)
+    correct = (logits[:, 0].argmax(-1) == labels[:, 0]).sum()
     return LossOut(loss, correct, len(anchors))

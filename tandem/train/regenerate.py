@@ -213,6 +213,7 @@ def regenerate_dataset(
     limit: int | None = None,
     responses: str = "target",
     log: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> RunStats:
     """The whole ``tandem data`` stage: read and filter prompts, load the target, regenerate into
     ``out`` (resuming it), or write the source's replies (``responses="dataset"``), and record the
@@ -231,7 +232,7 @@ def regenerate_dataset(
         "responses": responses,
     }
     check_meta(out, settings)
-    target = load_target(model, dtype)
+    target = load_target(model, dtype, device)
     tok = target.tokenizer
     if not tok.has_chat_template:
         raise DataError(f"{model} has no chat template (a base model); responses need a chat model")

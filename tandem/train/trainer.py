@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tandem.devices import HOST, to_host
 from tandem.drafters.dspark import DSparkModel
 from tandem.drafters.neural import DraftModel
 from tandem.models.decoder import Transformer
 from tandem.train.features import FeatureStore
-from tandem.train.losses import block_outputs, example_loss
+from tandem.train.losses import block_outputs, choose, example_loss
 
 
 @dataclass
@@ -77,7 +78,8 @@ def train(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
-    generator = torch.Generator().manual_seed(settings.seed)
+    device = model.fc.weight.device
+    generator = torch.Generator(device=HOST).manual_seed(settings.seed)  # draws what to train on
     budget = settings.minutes * 60 if settings.minutes is not None else None
     step, horizon, seconds = 0, (1 << 62) if budget else settings.steps, 0.0
     result = TrainResult(0, 0.0)
@@ -107,15 +109,16 @@ def train(
         for group in optimizer.param_groups:
             done = seconds / budget if budget else (step - settings.warmup) / max(1, horizon - settings.warmup)
             group["lr"] = settings.lr * _schedule(step, settings.warmup, done)
-        batch = torch.randint(len(train_ids), (settings.batch_size,), generator=generator).tolist()
-        losses, correct, counted = [], 0, 0
+        batch = torch.randint(len(train_ids), (settings.batch_size,), generator=generator, device=HOST).tolist()
+        losses, correct, counted = [], [], 0
         for i in batch:
-            ex = store[train_ids[i]]
+            ex = store[train_ids[i]].to(device)
             result.tokens += ex.tokens.numel() - ex.prompt_len
             out = example_loss(model, ex, target, settings.samples, generator, settings.ce_weight)
             if out is not None:
                 losses.append(out.loss)
-                correct, counted = correct + out.correct, counted + out.counted
+                correct.append(out.correct)
+                counted += out.counted
         if not losses:
             continue
         loss = torch.stack(losses).mean()
@@ -125,7 +128,8 @@ def train(
         optimizer.step()
         step += 1
         seconds = time.perf_counter() - started
-        record = {"step": step, "loss": loss.item(), "accuracy": correct / max(counted, 1), "seconds": seconds}
+        loss_value, right = to_host(loss.detach(), torch.stack(correct).sum())  # the step's one sync
+        record = {"step": step, "loss": float(loss_value), "accuracy": int(right) / max(counted, 1), "seconds": seconds}
         result.history.append(record)
         bar.update()
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
@@ -174,29 +178,29 @@ def calibrate_confidence(
 ) -> list[float]:
     """Temperature scaling per block position: the temperature that minimises the confidence
     head's cross-entropy against ``1 - TV`` on held-out examples; stored in the config."""
-    generator = torch.Generator().manual_seed(seed)
-    gamma = model.config.block_size
+    generator = torch.Generator(device=HOST).manual_seed(seed)
+    gamma, device = model.config.block_size, model.fc.weight.device
     logits: list[list[torch.Tensor]] = [[] for _ in range(gamma)]
     goals: list[list[torch.Tensor]] = [[] for _ in range(gamma)]
     for i in ids:
-        ex = store[i]
-        first = max(ex.prompt_len, 1)
-        candidates = torch.arange(first, max(first, ex.tokens.numel() - gamma - 1))  # short: none
-        if not len(candidates):
+        ex = store[i].to(device)
+        anchors = choose(max(ex.prompt_len, 1), ex.tokens.numel() - gamma - 1, samples, generator, device)
+        if anchors is None:  # short: none
             continue
-        anchors = candidates[torch.randperm(len(candidates), generator=generator)[:samples]]
         out = block_outputs(model, ex, target, anchors)
         for k in range(gamma):
             logits[k].append(out.confidence[:, k])
             goals[k].append(1 - out.tv[:, k])
-    grid = torch.logspace(-1, 1, 41)
+    grid = torch.logspace(-1, 1, 41, device=device)
     temps = []
     for k in range(gamma):
         if not logits[k]:
             temps.append(1.0)
             continue
         z, y = torch.cat(logits[k]), torch.cat(goals[k])
-        errors = [float(torch.nn.functional.binary_cross_entropy_with_logits(z / t, y)) for t in grid]
-        temps.append(round(float(grid[min(range(len(grid)), key=errors.__getitem__)]), 4))
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        errors = bce(z[None] / grid[:, None], y.expand(len(grid), -1), reduction="none").mean(-1)
+        (best,) = to_host(grid[errors.argmin()])
+        temps.append(round(float(best), 4))
     model.config.confidence_temperature = temps
     return temps

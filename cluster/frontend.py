@@ -1,0 +1,157 @@
+"""What the two public APIs (gRPC in router.py, OpenAI HTTP in openai_api.py) share: prompt to token
+ids, request to :class:`~cluster.session.Session`, session to a stream of text chunks, the live
+sessions by request id, and the request-level metrics. One code path, so the same request gives
+the same tokens through either API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from cluster.config import ClusterConfig
+from cluster.metrics import Metrics
+from cluster.session import Pools, Session
+from tandem.errors import InvalidRequest
+from tandem.models.catalog import resolve_model_path
+from tandem.models.config import ModelConfig
+from tandem.models.loading import resolve_model_dir
+from tandem.sampling import SamplingParams
+from tandem.sequence import with_seed
+from tandem.tokenizer import Detokenizer, Messages, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A request that cannot run or went wrong, with the gRPC status saying why (HTTP maps it)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The tokens one target pass added, their text, and the finish reason on the last chunk."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+class Frontend:
+    def __init__(
+        self, config: ClusterConfig, draft: object | None, target: object, channel: Callable[[str], grpc.aio.Channel]
+    ) -> None:
+        folder = resolve_model_dir(resolve_model_path(config.model))
+        model = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = Tokenizer(folder) if has_tokenizer else None
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
+        self.model_name = config.model
+        self.max_model_len = config.max_model_len
+        self.drafter = config.draft.drafter
+        self.metrics = Metrics()
+        self.pools = Pools(
+            target=target,
+            draft=draft,
+            channel=channel,
+            eos_token_ids=tuple(dict.fromkeys(tokenizer_eos + model.eos_token_ids)),
+            decode=self.tokenizer.decode if self.tokenizer else None,
+            max_draft_nodes=config.draft.max_draft_nodes,
+            draft_timeout_s=config.router.draft_timeout_s,
+            metrics=self.metrics,
+        )
+        self.sessions: dict[str, Session] = {}
+        self.draining = False  # set once on shutdown: new requests are refused, live ones finish
+
+    def encode(self, prompt: str | list[int] | Messages, chat: bool = False) -> list[int]:
+        """Token ids as given, or of raw text, or of chat messages through the chat template."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+        if self.tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer: send token ids")
+        return self.tokenizer.encode(prompt, chat=chat)
+
+    def open(self, prompt_ids: list[int], params: SamplingParams, drafter: str = "", request_id: str = "") -> Session:
+        """A session for the request, not started yet; :class:`Refused` when it cannot run here."""
+        if self.draining:
+            raise self.refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        try:
+            if params.stop and self.tokenizer is None:
+                raise InvalidRequest("stop strings need a tokenizer; this model has none")
+            use_drafter = self._use(drafter)
+            return Session(self.pools, request_id or uuid.uuid4().hex, prompt_ids, with_seed(params), use_drafter)
+        except InvalidRequest as exc:
+            raise self.refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    async def stream(self, session: Session) -> AsyncIterator[Chunk]:
+        """Run the session; its chunks, the last one with the finish reason. Raises :class:`Refused`."""
+        if session.session_id in self.sessions:
+            raise self.refused(grpc.StatusCode.ALREADY_EXISTS, f"request {session.session_id!r} is already running")
+        self.sessions[session.session_id] = session
+        tokenizer, metrics = self.tokenizer, self.metrics
+        detokenizer = Detokenizer(tokenizer, session.params.stop) if tokenizer else None
+        started, first, emitted = time.perf_counter(), None, 0
+        metrics.prompt_tokens.inc(len(session.prompt_ids))
+        try:
+            async with contextlib.aclosing(session.run()) as steps:
+                async for token_ids, finish_reason in steps:
+                    text = detokenizer.push(token_ids, final=finish_reason is not None) if detokenizer else ""
+                    if token_ids and first is None:
+                        first = time.perf_counter()
+                        metrics.ttft.observe(first - started)
+                    emitted += len(token_ids)
+                    metrics.generation_tokens.inc(len(token_ids))
+                    yield Chunk(token_ids, text, finish_reason)
+        except grpc.aio.AioRpcError as exc:  # a worker refused (bad prompt, full) or failed
+            raise self.refused(exc.code(), exc.details()) from None
+        except Exception as exc:  # Serve could not place the session, or a worker went away
+            raise self.refused(*_failure_status(exc)) from None
+        finally:
+            self.sessions.pop(session.session_id, None)
+            session.close()
+        stats = session.state.stats
+        metrics.requests.labels(session.state.finish_reason).inc()
+        if stats.drafted:
+            metrics.tau.observe(stats.tau)
+        if emitted > 1:
+            metrics.tpot.observe((time.perf_counter() - first) / (emitted - 1))
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new sessions, wait up to ``grace_s`` for the live ones; returns those still live."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return len(self.sessions)
+
+    def _use(self, drafter: str) -> bool:
+        served = ["none"] + ([self.drafter] if self.pools.draft is not None else [])
+        name = drafter or served[-1]
+        if name not in served:
+            raise InvalidRequest(f"unknown drafter {name!r}; this cluster serves {', '.join(served)}")
+        return name != "none"
+
+    def refused(self, code: grpc.StatusCode, message: str) -> Refused:
+        """The refusal to raise, counted in the metrics."""
+        self.metrics.failures.labels(code.name).inc()
+        return Refused(code, message)
+
+
+def _failure_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cluster is full: {exc}"
+    log.exception("session failed")
+    return grpc.StatusCode.UNAVAILABLE, f"the cluster could not serve the request: {exc}"

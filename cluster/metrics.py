@@ -1,0 +1,88 @@
+"""The application's Prometheus metrics, kept by the router and served on its ``/metrics``.
+
+The router takes part in every round of every session (it sends the tree, reads the verdict), so
+its process alone sees every token, round and session of the application: one registry there is
+the whole picture, with no exporter agent and names exactly as written (``tandem:``, as vLLM's are
+``vllm:``). See docs/observability.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+POOLS = ("draft", "target")
+# Latency buckets (seconds) from a fraction of a CPU round to a slow first token.
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 20)
+TAU = (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 8, 10, 16)
+
+disable_created_metrics()  # no *_created series: the router process exists for the metrics' whole life
+
+
+class Metrics:
+    """One registry per router: tests may run several routers in one process."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        counter, gauge = self._bind(Counter), self._bind(Gauge)
+        seconds = self._bind(Histogram, buckets=SECONDS)
+        # Counters (exposed with the _total suffix)
+        self.rounds = counter("tandem:spec_decode_num_rounds", "Verification rounds (target passes after prefill)")
+        self.drafted = counter("tandem:spec_decode_num_draft_tokens", "Draft tokens sent to verification")
+        self.accepted = counter("tandem:spec_decode_num_accepted_tokens", "Draft tokens the target accepted")
+        self.emitted = counter("tandem:spec_decode_num_emitted_tokens", "Tokens rounds produced (accepted + bonus)")
+        self.accepted_per_pos = counter(
+            "tandem:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by depth in the tree (0: the first draft token)",
+            ["position"],
+        )
+        self.prompt_tokens = counter("tandem:prompt_tokens", "Prompt tokens of the requests run")
+        self.generation_tokens = counter("tandem:generation_tokens", "Tokens streamed to clients")
+        self.requests = counter("tandem:request_success", "Finished requests by finish reason", ["finished_reason"])
+        self.failures = counter("tandem:request_failure", "Requests refused or failed, by gRPC status", ["code"])
+        # Histograms
+        taus = self._bind(Histogram, buckets=TAU)
+        self.tau = taus("tandem:request_tau", "τ per drafted request: (accepted + rounds) / rounds")
+        self.ttft = seconds("tandem:time_to_first_token_seconds", "Time to first token")
+        self.tpot = seconds(
+            "tandem:time_per_output_token_seconds", "Per request: (last - first token time) / (output tokens - 1)"
+        )
+        self.draft_time = seconds("tandem:round_draft_seconds", "Draft call per round (when the drafter is asked)")
+        self.verify_time = seconds("tandem:round_verify_seconds", "Verify call per round")
+        self.router_time = seconds(
+            "tandem:round_router_seconds",
+            "Router time per round outside the draft and verify calls (state, detokenizing, streaming out)",
+        )
+        # Gauges
+        self.running = gauge("tandem:num_sessions_running", "Sessions placed on a pool", ["pool"])
+        self.waiting = gauge("tandem:num_sessions_waiting", "Sessions waiting for a replica of a pool", ["pool"])
+        self.kv_rows = gauge("tandem:kv_rows_in_use", "Target KV cache rows held by live sessions")
+        for pool in POOLS:  # present from the first scrape, at 0
+            self.running.labels(pool)
+            self.waiting.labels(pool)
+
+    def _bind(self, kind: type, **fixed: object) -> Callable[..., Any]:
+        return lambda name, doc, labels=(): kind(name, doc, labels, registry=self.registry, **fixed)
+
+    def record_round(
+        self, drafted: int, accepted: int, draft_s: float | None, verify_s: float, router_s: float
+    ) -> None:
+        """One verification round; ``draft_s`` is None when the drafter was not asked."""
+        self.rounds.inc()
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
+        self.emitted.inc(accepted + 1)
+        for position in range(accepted):
+            self.accepted_per_pos.labels(str(position)).inc()
+        if draft_s is not None:
+            self.draft_time.observe(draft_s)
+        self.verify_time.observe(verify_s)
+        self.router_time.observe(router_s)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

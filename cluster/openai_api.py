@@ -1,0 +1,335 @@
+"""The OpenAI-compatible HTTP API (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``),
+``/health`` and ``/metrics``: a FastAPI app the router serves through Serve's HTTP proxy.
+
+Requests run through the router's :class:`~cluster.frontend.Frontend`, as gRPC ones do. A streamed
+response starts only once the first tokens are out, so a request the workers refuse (prompt too
+long, cluster full) still gets an HTTP status and OpenAI's error JSON, never a broken stream.
+Extensions, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``,
+``drafter``, and τ / rounds / drafted and accepted tokens in ``usage``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+
+from cluster.frontend import Chunk, Frontend, Refused
+from cluster.session import Session
+from tandem.errors import InvalidRequest
+from tandem.sampling import SamplingParams
+
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# Options whose non-default values would change the output in ways Tandem does not implement.
+UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "suffix",
+    "best_of",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "tools",
+    "functions",
+    "response_format",
+)
+STATUS = {  # gRPC status of a refusal -> (HTTP status, OpenAI error type)
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Generation(BaseModel):
+    """What both endpoints take; unknown fields are ignored, as OpenAI's own API does."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # -1 or 0: no top-k cut
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[NonNegativeInt] = []
+    return_token_ids: bool = False
+    drafter: str = ""  # "" : the cluster's; "none": target-only
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=max(0, self.top_k),
+            top_p=self.top_p,
+            max_tokens=max_tokens,
+            seed=self.seed,
+            stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+        )
+
+    def check(self) -> None:
+        if self.n != 1:
+            raise InvalidRequest(f"n must be 1 (Tandem samples one choice per request), got {self.n}")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options needs stream: true")
+        for name in UNSUPPORTED:
+            if (self.model_extra or {}).get(name) not in (None, False, 0, {}, []):
+                raise InvalidRequest(f"{name} is not supported")
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int] | list[str]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": content}
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def build_http_app(frontend: Frontend) -> FastAPI:
+    app = FastAPI(title="Tandem", docs_url=None, redoc_url=None)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InvalidRequest, _invalid)
+    app.add_exception_handler(Refused, _refusal)
+    app.add_exception_handler(Exception, _internal)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if frontend.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(frontend.metrics.exposition(), media_type=frontend.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(frontend)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        _check_model(frontend, model)
+        return JSONResponse(_model_card(frontend))
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest) -> Response:
+        _accept(frontend, request)
+        prompt = request.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise InvalidRequest(f"one prompt per request, got {len(prompt)}")
+            prompt = prompt[0]
+        prompt_ids = frontend.encode(prompt)
+        return await _respond(frontend, request, prompt_ids, request.max_tokens or COMPLETIONS_MAX_TOKENS, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest) -> Response:
+        _accept(frontend, request)
+        if frontend.tokenizer is None or not frontend.tokenizer.has_chat_template:
+            raise InvalidRequest("this model has no chat template: use /v1/completions")
+        prompt_ids = frontend.encode([m.as_dict() for m in request.messages], chat=True)
+        max_tokens = request.max_completion_tokens or request.max_tokens or frontend.max_model_len - len(prompt_ids)
+        return await _respond(frontend, request, prompt_ids, max_tokens, chat=True)
+
+    return app
+
+
+async def _respond(
+    frontend: Frontend, request: _Generation, prompt_ids: list[int], max_tokens: int, chat: bool
+) -> Response:
+    """Run the request; the whole response, or a stream of server-sent events."""
+    limit = frontend.max_model_len
+    if not prompt_ids:
+        raise InvalidRequest("prompt is empty")
+    if len(prompt_ids) >= limit:
+        raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the context holds {limit}")
+    if len(prompt_ids) + max_tokens > limit:
+        raise InvalidRequest(
+            f"the context holds {limit} tokens: {len(prompt_ids)} in the prompt leave room for "
+            f"{limit - len(prompt_ids)}, not max_tokens {max_tokens}"
+        )
+    reply = _Reply(frontend.model_name, chat, request.return_token_ids)
+    session = frontend.open(prompt_ids, request.sampling(max_tokens), request.drafter, reply.id)
+    chunks = frontend.stream(session)
+    try:
+        first = await anext(chunks)  # refusals surface here, before any byte is sent
+        if request.stream:
+            usage = request.stream_options is not None and request.stream_options.include_usage
+            return StreamingResponse(_events(reply, session, first, chunks, usage), media_type="text/event-stream")
+        token_ids, text = list(first.token_ids), first.text
+        async for chunk in chunks:
+            token_ids += chunk.token_ids
+            text += chunk.text
+        return JSONResponse(reply.whole(session, text, token_ids))
+    except BaseException:
+        await _close(session, chunks)
+        raise
+
+
+async def _events(
+    reply: _Reply, session: Session, first: Chunk, chunks: AsyncIterator[Chunk], include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events; a client that goes away cancels this and frees the session on both pools."""
+    try:
+        if reply.chat:  # OpenAI's first chat chunk carries the role alone
+            yield _event(reply.chunk(Chunk([], "", None), include_usage, role=True))
+        yield _event(reply.chunk(first, include_usage))
+        async for chunk in chunks:
+            yield _event(reply.chunk(chunk, include_usage))
+        if include_usage:
+            yield _event({**reply.header(chunk=True), "choices": [], "usage": _usage(session)})
+    except Refused as exc:  # a worker failed mid-stream: the status line is long gone
+        yield _event(_error_body(*STATUS.get(exc.code, (500, "internal_error")), exc.message))
+    finally:
+        await _close(session, chunks)
+    yield "data: [DONE]\n\n"
+
+
+async def _close(session: Session, chunks: AsyncIterator[Chunk]) -> None:
+    session.close()  # at once, even when cancelled: both pools free the session's state
+    await chunks.aclose()
+
+
+class _Reply:
+    """The ids, names and shapes of one response's JSON (completion or chat, whole or chunked)."""
+
+    def __init__(self, model: str, chat: bool, with_token_ids: bool) -> None:
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.model, self.chat, self.with_token_ids = model, chat, with_token_ids
+        self.created = int(time.time())
+
+    def header(self, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _choice(self, text: str, token_ids: list[int], finish_reason: str | None, delta: bool) -> dict[str, Any]:
+        if not self.chat:
+            body: dict[str, Any] = {"text": text}
+        elif delta:
+            body = {"delta": {"content": text} if text else {}}
+        else:
+            body = {"message": {"role": "assistant", "content": text}}
+        extra = {"token_ids": token_ids} if self.with_token_ids else {}
+        return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason, **extra}
+
+    def whole(self, session: Session, text: str, token_ids: list[int]) -> dict[str, Any]:
+        choice = self._choice(text, token_ids, session.state.finish_reason, delta=False)
+        return {**self.header(chunk=False), "choices": [choice], "usage": _usage(session)}
+
+    def chunk(self, chunk: Chunk, include_usage: bool, role: bool = False) -> dict[str, Any]:
+        choice = self._choice(chunk.text, chunk.token_ids, chunk.finish_reason, delta=True)
+        if role:
+            choice["delta"] = {"role": "assistant", "content": ""}
+        return {**self.header(chunk=True), "choices": [choice], **({"usage": None} if include_usage else {})}
+
+
+def _usage(session: Session) -> dict[str, Any]:
+    """OpenAI's usage plus the speculation counters (τ as in the DSpark paper)."""
+    state = session.state
+    stats, completion = state.stats, len(state.output)
+    return {
+        "prompt_tokens": state.prompt_len,
+        "completion_tokens": completion,
+        "total_tokens": state.prompt_len + completion,
+        "tau": stats.tau,
+        "rounds": stats.rounds,
+        "drafted_tokens": stats.drafted,
+        "accepted_tokens": stats.accepted,
+    }
+
+
+def _model_card(frontend: Frontend) -> dict[str, Any]:
+    return {
+        "id": frontend.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "tandem",
+        "max_model_len": frontend.max_model_len,
+    }
+
+
+def _accept(frontend: Frontend, request: _Generation) -> None:
+    """Refuse what this server cannot do before any tokenizing."""
+    _check_model(frontend, request.model)
+    request.check()
+
+
+def _check_model(frontend: Frontend, model: str) -> None:
+    if model != frontend.model_name:
+        message = f"the model {model!r} does not exist; this server serves {frontend.model_name!r}"
+        raise Refused(grpc.StatusCode.NOT_FOUND, message)
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _error_body(status: int, kind: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "internal_error"
+    return JSONResponse(_error_body(status, kind, message, param), status_code=status)
+
+
+async def _refusal(_: Request, exc: Refused) -> JSONResponse:
+    status, kind = STATUS.get(exc.code, (500, "internal_error"))
+    return JSONResponse(_error_body(status, kind, exc.message), status_code=status)
+
+
+async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+    return _error(400, str(exc))
+
+
+async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    return _error(500, f"internal error: {exc}")
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Bad JSON or fields: 400 with the first problem, as OpenAI answers (FastAPI's default is 422)."""
+    problem = exc.errors()[0]
+    where = [str(part) for part in problem.get("loc", ()) if part != "body"]
+    param = ".".join(where) or None
+    if problem.get("type") == "json_invalid":
+        return _error(400, f"the body is not valid JSON: {problem.get('msg', '')}")
+    return _error(400, f"{param}: {problem['msg']}" if param else problem["msg"], param)

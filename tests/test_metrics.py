@@ -1,0 +1,123 @@
+"""``/metrics`` on a real local Ray, scraped after requests through both APIs: every metric is there
+in Prometheus text format, in the ``tandem:`` namespace, and its value agrees with the usage the
+requests reported (rounds, drafted, accepted and emitted tokens, acceptance by position, one τ /
+TTFT / TPOT observation per request, per-round timings), and the gauges are back at 0."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.config import ClusterConfig
+from tests.cluster_helpers import (
+    PROMPTS,
+    config_for,
+    free_port,
+    one_torch_thread,  # noqa: F401 - autouse
+    request,
+    run,
+    running,
+    tiny_target,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> ClusterConfig:
+    model = tiny_target(tmp_path_factory.mktemp("metrics") / "tiny")
+    return config_for(model, free_port())
+
+
+@pytest.fixture(scope="module")
+def channel(config: ClusterConfig) -> Iterator[grpc.Channel]:
+    with running(config) as channel:
+        yield channel
+
+
+def _scrape(config: ClusterConfig) -> tuple[str, dict[tuple[str, tuple], float]]:
+    """The content type, and every sample by (name, labels)."""
+    with urllib.request.urlopen(f"http://{config.http_address}/metrics", timeout=30) as response:
+        content_type, text = response.headers["content-type"], response.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return content_type, samples
+
+
+def test_metrics_add_up_to_the_requests(config: ClusterConfig, channel: grpc.Channel) -> None:
+    client = openai.OpenAI(base_url=f"http://{config.http_address}/v1", api_key="unused", max_retries=0, timeout=120)
+    usages = [
+        client.completions.create(
+            model=config.model, prompt=prompt, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+        ).usage
+        for prompt in PROMPTS[:2]
+    ]
+    grpc_usages = [run(channel, request(p, 30, ignore_eos=True)).finished.usage for p in PROMPTS[2:]]
+    grpc_usages.append(run(channel, request(PROMPTS[0], 10, drafter="none", ignore_eos=True)).finished.usage)
+    rounds = sum(u.rounds for u in usages) + sum(u.rounds for u in grpc_usages)
+    drafted = sum(u.drafted_tokens for u in usages) + sum(u.drafted_tokens for u in grpc_usages)
+    accepted = sum(u.accepted_tokens for u in usages) + sum(u.accepted_tokens for u in grpc_usages)
+    emitted = sum(u.completion_tokens for u in usages) + sum(u.completion_tokens for u in grpc_usages)
+    assert accepted > 0  # the prompts repeat themselves: the n-gram drafter has something to propose
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(f"tandem:{name}", tuple(sorted(labels.items())))]
+
+    wait_for(lambda: _scrape(config)[1][("tandem:kv_rows_in_use", ())] == 0, 30, "the sessions to be closed")
+    content_type, samples = _scrape(config)
+    assert content_type.startswith("text/plain") and all(name.startswith("tandem:") for name, _ in samples)
+    requests = 5
+    assert value("spec_decode_num_rounds_total") == rounds
+    assert value("spec_decode_num_draft_tokens_total") == drafted
+    assert value("spec_decode_num_accepted_tokens_total") == accepted
+    # Every round emits its accepted drafts plus one bonus token; the prefill emits the first token.
+    assert value("spec_decode_num_emitted_tokens_total") == accepted + rounds == emitted - requests
+    assert value("generation_tokens_total") == emitted
+    by_position = {
+        int(dict(labels)["position"]): count
+        for (name, labels), count in samples.items()
+        if name == "tandem:spec_decode_num_accepted_tokens_per_pos_total"
+    }
+    per_position = [by_position[i] for i in range(len(by_position))]  # positions 0.. with no gap
+    assert sum(per_position) == accepted and per_position == sorted(per_position, reverse=True)
+    assert value("request_success_total", finished_reason="length") == requests
+    assert value("request_tau_count") == requests - 1  # the target-only request drafted nothing
+    assert value("request_tau_sum") == pytest.approx(sum(u.tau for u in usages + grpc_usages[:-1]))
+    assert value("time_to_first_token_seconds_count") == value("time_per_output_token_seconds_count") == requests
+    assert value("round_verify_seconds_count") == value("round_router_seconds_count") == rounds
+    assert 0 < value("round_draft_seconds_count") <= rounds
+    assert value("time_to_first_token_seconds_sum") > 0 and value("round_verify_seconds_sum") > 0
+    assert value("time_to_first_token_seconds_bucket", le="+Inf") == requests
+    for pool in ("draft", "target"):
+        assert value("num_sessions_running", pool=pool) == value("num_sessions_waiting", pool=pool) == 0
+
+
+def test_refusals_are_counted(config: ClusterConfig, channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError):
+        run(channel, request([1, 2], 8, temperature=-1))
+    with pytest.raises(grpc.RpcError):
+        run(channel, request([1, 99], 8))  # refused by the target worker: outside the vocabulary
+    _, samples = _scrape(config)
+    assert samples[("tandem:request_failure_total", (("code", "INVALID_ARGUMENT"),))] == 2
+
+
+def test_live_sessions_show_in_the_gauges(config: ClusterConfig, channel: grpc.Channel) -> None:
+    from cluster.client import stream
+
+    responses = stream(channel, request(PROMPTS[1], 4000, ignore_eos=True), timeout=120)
+    assert next(responses).HasField("delta")
+    _, samples = _scrape(config)
+    assert samples[("tandem:kv_rows_in_use", ())] == 1
+    assert samples[("tandem:num_sessions_running", (("pool", "target"),))] == 1
+    assert samples[("tandem:num_sessions_running", (("pool", "draft"),))] == 1
+    responses.cancel()
+    wait_for(lambda: _scrape(config)[1][("tandem:kv_rows_in_use", ())] == 0, 30, "the cancelled session to close")
