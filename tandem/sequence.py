@@ -6,6 +6,7 @@ same draft budget and stop at the very same token.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ import torch
 
 from tandem.drafters.base import DraftRequest
 from tandem.sampling import SamplingParams
+from tandem.tokenizer import IncrementalDecoder
 from tandem.verifier import Step
 
 
@@ -47,6 +49,11 @@ class SequenceState:
     features: torch.Tensor | None = None  # target features the drafter has not seen yet
     stats: Stats = field(default_factory=Stats)
     finish_reason: str | None = None
+    text: IncrementalDecoder | None = None  # the output's text, kept where stop strings need it
+
+    def __post_init__(self) -> None:
+        if self.params.stop and self.decode is not None:
+            self.text = IncrementalDecoder(self.decode)
 
     @classmethod
     def start(
@@ -95,23 +102,25 @@ class SequenceState:
                 self.finish_reason = "length"
             if self.finish_reason:
                 break
-        if self.params.stop and self.finish_reason != "stop":
-            cut = self._stop_string_cut()
+        if self.text is not None and self.finish_reason != "stop":
+            cut = self._stop_string_cut(taken)
             if cut is not None:
                 del taken[len(taken) - (len(self.output) - cut) :]
                 del self.token_ids[self.prompt_len + cut :]
                 self.finish_reason = "stop"
         return taken
 
-    def _stop_string_cut(self) -> int | None:
-        """Length of the shortest output prefix whose text contains a stop string, if any."""
-        output, stops = self.output, self.params.stop
-        if not any(s in self.decode(output) for s in stops):
+    def _stop_string_cut(self, new_ids: list[int]) -> int | None:
+        """Length of the shortest output prefix whose text contains a stop string, if any; only
+        the new ids are decoded, and only text a stop could newly end in is searched."""
+        assert self.text is not None
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, len(self.text.text) - longest + 1)
+        self.text.push(new_ids)
+        found = [i + len(s) for s in self.params.stop if (i := self.text.text.find(s, start)) >= 0]
+        if not found:
             return None
-        for n in range(1, len(output) + 1):
-            if any(s in self.decode(output[:n]) for s in stops):
-                return n
-        return None
+        return bisect.bisect_left(self.text.ends, min(found))
 
 
 def _append(pending: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:

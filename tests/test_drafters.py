@@ -387,3 +387,28 @@ def test_the_default_drafter_is_the_one_recorded_fastest():
         name = default_drafter(folder.name)
         assert name in UNTRAINED or shipped_drafter(name, folder.name) is not None
     assert default_drafter("no-such-model") == "suffix"
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_a_drafter_out_of_step_recovers_and_says_so(target, store, algo, caplog):
+    """Features that skip positions restart the context where they start (drafting goes on, the
+    resync is counted and logged); features sent twice are taken once."""
+    model = _new(algo, target, store).eval()
+    ex = store[0]
+    tokens, feats, n = ex.tokens.tolist(), ex.features.float(), ex.prompt_len + 6
+    params = SamplingParams()
+
+    def request(end: int, first: int, last: int) -> DraftRequest:
+        return DraftRequest(0, tokens[: end + 1], 4, params, feats[first:last])
+
+    gapped = ADAPTERS[algo](model)
+    gapped.propose([request(n, 0, n)])
+    with caplog.at_level("WARNING"):
+        tree = gapped.propose([request(n + 5, n + 2, n + 5)])[0]  # positions n, n + 1 never came
+    assert len(tree) > 1 and gapped.resyncs == 1 and "expected" in caplog.text
+    once, twice = ADAPTERS[algo](model), ADAPTERS[algo](model)
+    for drafter in (once, twice):
+        drafter.propose([request(n, 0, n)])
+    expected = once.propose([request(n + 3, n, n + 3)])[0]
+    resent = twice.propose([request(n + 3, n - 2, n + 3)])[0]  # two positions again
+    assert (resent.tokens, twice.resyncs, once.resyncs) == (expected.tokens, 1, 0)

@@ -19,6 +19,7 @@ from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams, target_probs
+from tandem.tokenizer import Detokenizer, IncrementalDecoder
 from tandem.tree import TokenTree, chain, from_paths
 from tandem.verifier import Verifier
 from tests.tiny_models import FAMILIES, build_tiny
@@ -369,3 +370,27 @@ def test_a_row_near_its_context_end_does_not_fail_its_batch(tiny_model):
 
     together = steps([0, 1])
     assert [s.tokens for s in together] == [steps([0])[0].tokens, steps([1])[0].tokens]
+
+
+@pytest.mark.slow
+def test_incremental_decoding_equals_decoding_the_whole(default_target):
+    """Per-id windows give the very text of one decode of everything, at every step (multi-byte
+    characters split across ids included); the stream of deltas adds up to it, stops cut it."""
+    tok = default_target.tokenizer
+    text = "Café — naïve 日本語 🙂🚀 text,\n  spaces  and\ttabs: ∑x² ≤ 3; ok."
+    ids = tok.encode(text, chat=False)
+    rng = random.Random(0)
+    decoder, stream, at = IncrementalDecoder(tok.decode), Detokenizer(tok), 0
+    deltas = []
+    while at < len(ids):
+        step = ids[at : at + rng.randint(1, 4)]
+        at += len(step)
+        decoder.push(step)
+        deltas.append(stream.push(step, final=at == len(ids)))
+        whole = tok.decode(ids[:at])  # an id that ends inside a character waits for the rest
+        assert whole.startswith(decoder.text) and decoder.text + decoder.tail() == whole
+        assert "\ufffd" not in decoder.text and len(whole.rstrip("\ufffd")) - len(decoder.text) < 4
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert all(tok.decode(ids[:k]).startswith(decoder.text[: decoder.ends[k]]) for k in range(len(ids)))
+    stopped = Detokenizer(tok, stop=("語 🙂",))
+    assert "".join(stopped.push([i]) for i in ids) == "Café — naïve 日本"

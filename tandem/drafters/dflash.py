@@ -91,7 +91,7 @@ class DFlashDrafter(NeuralDrafter):
     def block_logits(self, state: DraftState, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Base logits ``U`` ``[γ, V_draft]`` and hidden states ``[γ, d]`` for the anchor's block."""
         gamma = self.model.config.block_size
-        visible = torch.ones(1, gamma, state.length, dtype=torch.bool, device=self.device)
+        visible = torch.ones(1, gamma, state.length - state.offset, dtype=torch.bool, device=self.device)
         start = self.tokens([state.length])
         anchor = self.tokens(token_ids[-1:])
         hidden = self.model.block_hidden(anchor, start, state.cache, visible, state.extra["before"])[0]

@@ -87,7 +87,7 @@ class Eagle3Drafter(NeuralDrafter):
         start, n = state.length, len(features)
         positions = torch.arange(start, start + n, device=self.device)[None]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        mask = torch.cat([causal.new_ones(n, start), causal], -1)[None]
+        mask = torch.cat([causal.new_ones(n, start - state.offset), causal], -1)[None]
         past = state.cache[0] if state.cache else None
         hidden = self.model.fuse(features[None])
         out, kv = self.model.step(

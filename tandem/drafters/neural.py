@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import operator
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from tandem.tree import TokenTree, chain
 from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
 
 ALGORITHMS = ("eagle3", "dflash", "dspark")
+log = logging.getLogger(__name__)
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, T, head_dim]
 # (the growing tree, frontier node ids at one depth) -> draft-vocabulary logits of their children,
 # and per frontier node the confidence that its best child survives (None: no confidence head)
@@ -246,9 +248,10 @@ class DraftState:
     """What a drafter keeps for one sequence between rounds."""
 
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: context keys/values [1, kv, n, hd]
-    length: int  # context positions cached
+    length: int  # the context's positions are known up to here
     generator: torch.Generator  # on the drafter's device: draft tokens are drawn there
     extra: dict[str, Any] = field(default_factory=dict)
+    offset: int = 0  # ... from here: the cache holds positions offset .. length - 1
 
 
 class NeuralDrafter(Drafter):
@@ -267,6 +270,7 @@ class NeuralDrafter(Drafter):
         self.name = model.config.algo
         self.feature_layers = tuple(model.config.feature_layers)
         self.tree = None if tree is None else replace(tree, depth=min(tree.depth, model.config.block_size))
+        self.resyncs = 0  # rounds whose features were out of step with a sequence's state
         self._states: dict[int, DraftState] = {}
 
     @torch.inference_mode()
@@ -287,14 +291,25 @@ class NeuralDrafter(Drafter):
             self._states[request.seq_id] = state
         if request.features is not None and len(request.features):
             token_ids = list(request.token_ids)
-            start = len(token_ids) - 1 - len(request.features)
-            if start != state.length:  # features out of step with what we hold: start over
-                state.cache, state.length = [], 0
-                if start != 0:
-                    return state  # cannot draft until a whole context arrives
-            features = request.features.to(self.device, self.model.fc.weight.dtype, non_blocking=True)
-            self.extend(state, token_ids, features)
+            features, start = request.features, len(token_ids) - 1 - len(request.features)
+            if start != state.length:
+                features = self._resync(request.seq_id, state, start, features)
+            if len(features):
+                self.extend(state, token_ids, features.to(self.device, self.model.fc.weight.dtype, non_blocking=True))
         return state
+
+    def _resync(self, seq_id: int, state: DraftState, start: int, features: torch.Tensor) -> torch.Tensor:
+        """Features out of step with what the state holds (re-sent, or some never arrived): keep
+        what is new, or restart the context at ``start`` (a context that lacks its beginning
+        drafts worse, never not at all). Counted in :attr:`resyncs` and logged."""
+        self.resyncs += 1
+        log.warning(
+            "drafter %s: features for sequence %d start at %d, expected %d", self.name, seq_id, start, state.length
+        )
+        if start < state.length:  # the overlap is known already
+            return features[state.length - start :]
+        state.cache, state.length, state.offset = [], start, start
+        return features
 
     def _propose_one(self, request: DraftRequest) -> TokenTree:
         state = self.absorb(request)
@@ -369,7 +384,8 @@ class NeuralDrafter(Drafter):
 
     @abstractmethod
     def extend(self, state: DraftState, token_ids: list[int], features: torch.Tensor) -> None:
-        """Add context positions ``state.length ...`` for the new ``features`` to ``state``."""
+        """Add context positions ``state.length ...`` for the new ``features`` to ``state``
+        (its cache holds ``state.length - state.offset`` positions before them)."""
 
     @abstractmethod
     def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
