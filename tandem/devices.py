@@ -9,11 +9,16 @@ synchronisation), never with ``.item()`` / ``.tolist()`` inside a loop over node
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TypeVar
+
 import torch
 
 from tandem.errors import TandemError
 
 HOST = torch.device("cpu")
+T = TypeVar("T")
 
 
 class DeviceUnavailable(TandemError):
@@ -47,6 +52,13 @@ def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     for device in {t.device for t in tensors if t.device.type == "cuda"}:
         torch.cuda.current_stream(device).synchronize()
     return copies
+
+
+def field_to_host(items: Sequence[T], name: str) -> list[T]:
+    """Dataclass ``items`` with their tensor field ``name`` (where not ``None``) on the host, in
+    one :func:`to_host` call for them all."""
+    copies = iter(to_host(*(getattr(i, name) for i in items if getattr(i, name) is not None)))
+    return [i if getattr(i, name) is None else replace(i, **{name: next(copies)}) for i in items]
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:

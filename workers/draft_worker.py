@@ -11,12 +11,12 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 import torch
 
-from tandem.devices import to_host
+from tandem.devices import field_to_host
 from tandem.drafters import make_drafter, trained_folder
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.tree import TokenTree
@@ -77,9 +77,7 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
 
     def _propose_on_host(self, requests: list[DraftRequest]) -> list[TokenTree]:
         """The batch's trees, their draft distributions brought to the host in one transfer."""
-        trees = self.drafter.propose(requests)
-        probs = iter(to_host(*(t.draft_probs for t in trees if t.draft_probs is not None)))
-        return [t if t.draft_probs is None else replace(t, draft_probs=next(probs)) for t in trees]
+        return field_to_host(self.drafter.propose(requests), "draft_probs")
 
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.DraftIn], context: grpc.aio.ServicerContext

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from tandem.devices import to_host
+from tandem.devices import field_to_host
 from tandem.models.catalog import resolve_model_path
 from tandem.models.loading import load_model
 from tandem.models.tp import apply_tp, rank0_verdicts
@@ -65,9 +65,7 @@ def _verify(verifier: Verifier, rows: list[int], trees: list[TokenTree]) -> list
 def _answers(verifier: Verifier, rows: list[int], steps: list[Step]) -> list[tuple[Step, int]]:
     """Steps with their features on the host (one transfer for the batch: they leave this process
     through Ray or gRPC, possibly to a process without a GPU), and each row's room for drafts."""
-    features = iter(to_host(*(s.features for s in steps if s.features is not None)))
-    steps = [s if s.features is None else replace(s, features=next(features)) for s in steps]
-    return [(step, verifier.room(row)) for step, row in zip(steps, rows)]
+    return [(step, verifier.room(row)) for step, row in zip(field_to_host(steps, "features"), rows)]
 
 
 def _pass_cost(verifier: Verifier, model_name: str) -> PassCost:
