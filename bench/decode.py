@@ -8,6 +8,12 @@ within one run, which is why HF greedy is measured here rather than quoted.
     python bench/decode.py                      # 8 prompts each of humaneval, mbpp, mt-bench
     python bench/decode.py --limit 2 --max-tokens 32 --skip-hf   # a quick smoke run
     python bench/decode.py --device cuda --drafters dspark eagle3 dflash suffix   # shipped drafters too
+    python bench/decode.py --drafters suffix+sched --stock-kernels --repeats 3   # exact vs stock kernels
+
+A drafter name ending in ``+sched`` runs behind the draft scheduler (as ``tandem generate`` does by
+default). ``--stock-kernels`` also runs every engine method on a second copy of the target with the
+stock kernels (oneDNN on the CPU) instead of the exact batch-invariant ones. ``--repeats N``
+decodes every prompt N times per method, interleaved, and reports min / median / max tok/s.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import tandem
 from tandem.drafters import make_drafter
 from tandem.engine import Engine, Request
 from tandem.models.catalog import DEFAULT_MODEL
+from tandem.profile import scheduled_drafter
 from tandem.sampling import SamplingParams
 from tandem.target import DTYPES, Target, load_target
 
@@ -45,13 +52,21 @@ WARMUP_TOKENS = 32  # enough to touch every kernel path (prefill, decode, draft 
 BANDWIDTH_MIB = 256  # well beyond the last-level cache, so x.sum() streams from DRAM
 MAX_DRAFT_NODES = 16  # the engine's and the CLI's default
 
-# key -> (label, drafter name for our engine or None for HF, extra HF generate kwargs)
-METHODS: dict[str, tuple[str, str | None, dict]] = {
-    "plain": ("tandem plain", "none", {}),
-    "ngram": ("tandem ngram", "ngram", {}),
-    "ngram-tree": ("tandem ngram-tree", "ngram-tree", {}),
-    "hf": ("HF greedy", None, {}),
-    "hf-pld": ("HF prompt lookup", None, {"prompt_lookup_num_tokens": 10}),
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    drafter: str | None  # for our engine (NAME or NAME+sched); None: Hugging Face generate
+    hf_kwargs: dict
+    stock: bool = False  # our engine on the stock kernels instead of the exact ones
+
+
+METHODS: dict[str, Method] = {
+    "plain": Method("tandem plain", "none", {}),
+    "ngram": Method("tandem ngram", "ngram", {}),
+    "ngram-tree": Method("tandem ngram-tree", "ngram-tree", {}),
+    "hf": Method("HF greedy", None, {}),
+    "hf-pld": Method("HF prompt lookup", None, {"prompt_lookup_num_tokens": 10}),
 }
 
 
@@ -77,9 +92,11 @@ class TandemRunner:
     """Our engine with one drafter; timing comes from the stream so prefill can be told apart."""
 
     def __init__(self, target: Target, drafter: str, model_name: str) -> None:
+        name, scheduled = drafter.removesuffix("+sched"), drafter.endswith("+sched")
+        spec = make_drafter(name, target.model, model_name)
         self.engine = Engine(
             target.model,
-            make_drafter(drafter, target.model, model_name),
+            scheduled_drafter(spec, target.model, model_name) if scheduled else spec,
             target.eos_token_ids,
             target.tokenizer.decode,
             MAX_DRAFT_NODES,
@@ -220,30 +237,43 @@ def machine_info(threads: int, dtype: str) -> dict[str, object]:
     }
 
 
-def summarize(runs: dict[str, list[Run]], keys: Sequence[int]) -> dict[str, dict[str, object]]:
-    """Figures of each method over the prompts ``keys``, with ratios to plain and HF greedy."""
-    plain = runs["plain"]
+def summarize(repeats: list[dict[str, list[Run]]], keys: Sequence[int]) -> dict[str, dict[str, object]]:
+    """Figures of each method over the prompts ``keys``, with ratios to plain and HF greedy: the
+    median over repeats, and the min / max of tok/s and of the ratio to plain."""
     out: dict[str, dict[str, object]] = {}
-    for method, method_runs in runs.items():
-        chosen = [method_runs[i] for i in keys]
-        tokens = sum(len(r.token_ids) for r in chosen)
-        seconds = sum(r.seconds for r in chosen)
-        passes = [r.passes for r in chosen]
-        taus = [r.tau for r in chosen]
+    for method in repeats[0]:
+        rates, ratios, hf_ratios = [], [], []
+        for runs in repeats:
+            rates.append(_rate(runs[method], keys))
+            ratios.append(rates[-1] / _rate(runs["plain"], keys))
+            if "hf" in runs:
+                hf_ratios.append(rates[-1] / _rate(runs["hf"], keys))
+        first = [repeats[0][method][i] for i in keys]
+        tokens = sum(len(r.token_ids) for r in first)
+        passes = [r.passes for r in first]
+        taus = [r.tau for r in first]
+        plain = repeats[0]["plain"]
         out[method] = {
-            "label": METHODS[method][0],
-            "prompts": len(chosen),
+            "label": METHODS[method].label,
+            "prompts": len(first),
+            "repeats": len(repeats),
             "generated_tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_s": tokens / seconds,
+            "tokens_per_s": statistics.median(rates),
+            "tokens_per_s_min": min(rates),
+            "tokens_per_s_max": max(rates),
+            "vs_plain": statistics.median(ratios),
+            "vs_plain_min": min(ratios),
+            "vs_plain_max": max(ratios),
+            "vs_hf": statistics.median(hf_ratios) if hf_ratios else None,
             "tau": statistics.mean(taus) if None not in taus else None,
             "passes_per_token": sum(passes) / tokens if None not in passes else None,
-            "identical_to_plain": sum(r.token_ids == plain[i].token_ids for r, i in zip(chosen, keys, strict=True)),
+            "identical_to_plain": sum(r.token_ids == plain[i].token_ids for r, i in zip(first, keys, strict=True)),
         }
-    for figures in out.values():
-        figures["vs_plain"] = figures["tokens_per_s"] / out["plain"]["tokens_per_s"]
-        figures["vs_hf"] = figures["tokens_per_s"] / out["hf"]["tokens_per_s"] if "hf" in out else None
     return out
+
+
+def _rate(runs: list[Run], keys: Sequence[int]) -> float:
+    return sum(len(runs[i].token_ids) for i in keys) / sum(runs[i].seconds for i in keys)
 
 
 def bandwidth_bound(target: Target, plain: list[Run], bandwidth: dict[str, float]) -> dict:
@@ -273,7 +303,7 @@ def print_table(console: Console, summaries: dict[str, dict], bound: dict, info:
     table = Table(title=title)
     for column in ("benchmark", "method"):
         table.add_column(column)
-    for column in ("prompts", "tokens", "tok/s", "× plain", "× HF", "τ", "passes/tok", "= plain"):
+    for column in ("prompts", "tokens", "tok/s", "min–max", "× plain", "min–max", "× HF", "τ", "passes/tok", "= plain"):
         table.add_column(column, justify="right")
 
     def fmt(value: float | None, spec: str) -> str:
@@ -287,7 +317,9 @@ def print_table(console: Console, summaries: dict[str, dict], bound: dict, info:
                 str(f["prompts"]),
                 str(f["generated_tokens"]),
                 fmt(f["tokens_per_s"], ".2f"),
+                f"{f['tokens_per_s_min']:.1f}–{f['tokens_per_s_max']:.1f}",
                 fmt(f["vs_plain"], ".2f"),
+                f"{f['vs_plain_min']:.2f}–{f['vs_plain_max']:.2f}",
                 fmt(f["vs_hf"], ".2f"),
                 fmt(f["tau"], ".2f"),
                 fmt(f["passes_per_token"], ".3f"),
@@ -320,7 +352,7 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
     for j, method in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(benchmarks))]
         ys = [summaries[b][method]["tokens_per_s"] for b in benchmarks]
-        bars = ax.bar(xs, ys, width, label=METHODS[method][0])
+        bars = ax.bar(xs, ys, width, label=METHODS[method].label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(benchmarks)), benchmarks)
     ax.set_ylabel("tokens / s")
@@ -333,18 +365,19 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
 
 def build_runners(target: Target, args: argparse.Namespace) -> dict[str, Callable[[list[int], int], Run]]:
     runners: dict[str, Callable[[list[int], int], Run]] = {}
-    for key, (_, drafter, _extra) in METHODS.items():
-        if drafter is not None:
-            runners[key] = TandemRunner(target, drafter, str(args.model)).run
+    stock = load_target(args.model, args.dtype, args.device, exact=False) if args.stock_kernels else None
+    for key, method in METHODS.items():
+        if method.drafter is not None:
+            runners[key] = TandemRunner(stock if method.stock else target, method.drafter, str(args.model)).run
     if not args.skip_hf:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(target.folder, dtype=DTYPES[args.dtype])
         model = model.to(target.model.device).eval()
-        for key, (_, drafter, extra) in METHODS.items():
-            if drafter is None:
+        for key, method in METHODS.items():
+            if method.drafter is None:
                 # Same stop set as our engine (the tokenizer's eos plus the config's), so lengths compare.
-                runners[key] = HFRunner(model, target.eos_token_ids, extra).run
+                runners[key] = HFRunner(model, target.eos_token_ids, method.hf_kwargs).run
     return runners
 
 
@@ -359,12 +392,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the PNG chart goes beside it")
     p.add_argument("--skip-hf", action="store_true", help="only our engine (no HF baselines, no × HF column)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--drafters", nargs="*", default=[], help="more drafters for our engine (e.g. the shipped dspark)")
+    p.add_argument("--drafters", nargs="*", default=[], help="more drafters for our engine (e.g. dspark, suffix+sched)")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None, help="exact kernels (default auto)")
+    p.add_argument("--stock-kernels", action="store_true", help="also run our engine on the stock kernels")
+    p.add_argument("--repeats", type=int, default=1, help="decode every prompt this many times per method")
     args = p.parse_args(argv)
     for name in args.drafters:
-        METHODS[name] = (f"tandem {name}", name, {})
-    if args.max_tokens < 2 or args.limit < 1 or args.threads < 1:
-        p.error("--max-tokens must be >= 2, --limit and --threads >= 1")
+        METHODS[name] = Method(f"tandem {name}", name, {})
+    if args.stock_kernels:
+        for key, method in list(METHODS.items()):
+            if method.drafter is not None:
+                METHODS[f"{key}/stock"] = Method(f"{method.label} (stock kernels)", method.drafter, {}, stock=True)
+    if args.max_tokens < 2 or args.limit < 1 or args.threads < 1 or args.repeats < 1:
+        p.error("--max-tokens must be >= 2, --limit, --threads and --repeats >= 1")
     return args
 
 
@@ -373,28 +413,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 150)  # logs get the full table, not 80 columns
     info = machine_info(torch.get_num_threads(), args.dtype)
-    target = load_target(args.model, args.dtype, args.device)
+    target = load_target(args.model, args.dtype, args.device, args.exact)
+    info["exact_kernels"] = target.model.exact
     prompts = load_prompts(target, args.benchmarks, args.limit)
     runners = build_runners(target, args)
 
     bandwidth = measure_bandwidth(target.model.device)
     for key, run in runners.items():
-        console.print(f"warming up {METHODS[key][0]}", style="dim")
+        console.print(f"warming up {METHODS[key].label}", style="dim")
         run(prompts[0].ids, min(WARMUP_TOKENS, args.max_tokens))
 
-    runs: dict[str, list[Run]] = {key: [] for key in runners}
-    progress = tqdm(total=len(prompts) * len(runners), desc="decoding", unit="run", file=sys.stderr)
-    for prompt in prompts:
-        for key, run in runners.items():
-            progress.set_postfix_str(f"{prompt.benchmark} · {key}")
-            runs[key].append(run(prompt.ids, args.max_tokens))
-            progress.update()
+    repeats: list[dict[str, list[Run]]] = [{key: [] for key in runners} for _ in range(args.repeats)]
+    progress = tqdm(total=args.repeats * len(prompts) * len(runners), desc="decoding", unit="run", file=sys.stderr)
+    for r, runs in enumerate(repeats):
+        for prompt in prompts:
+            for key, run in runners.items():
+                progress.set_postfix_str(f"#{r + 1} {prompt.benchmark} · {key}")
+                runs[key].append(run(prompt.ids, args.max_tokens))
+                progress.update()
     progress.close()
+    runs = repeats[0]
 
     groups = {b: [i for i, p in enumerate(prompts) if p.benchmark == b] for b in args.benchmarks}
     if len(groups) > 1:
         groups["all"] = list(range(len(prompts)))
-    summaries = {b: summarize(runs, keys) for b, keys in groups.items()}
+    summaries = {b: summarize(repeats, keys) for b, keys in groups.items()}
     bound = bandwidth_bound(target, runs["plain"], bandwidth)
     print_table(console, summaries, bound, info, args.max_tokens)
 
@@ -410,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_tokens": args.max_tokens,
             "max_draft_nodes": MAX_DRAFT_NODES,
             "warmup_tokens": min(WARMUP_TOKENS, args.max_tokens),
-            "hf_prompt_lookup_num_tokens": METHODS["hf-pld"][2]["prompt_lookup_num_tokens"],
+            "hf_prompt_lookup_num_tokens": METHODS["hf-pld"].hf_kwargs["prompt_lookup_num_tokens"],
+            "repeats": args.repeats,
         },
         "bandwidth_bound": bound,
         "summary": summaries,

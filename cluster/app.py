@@ -85,6 +85,7 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
         feature_layers=feature_layers,
         threads=pool.threads,
         device=pool.torch_device,
+        exact=pool.exact,
     )
     return TargetSpec(
         shard, pool.tp, pool.num_cpus, pool.num_gpus, pool.batch_wait_ms / 1000, config.worker_host, pool.schedule

@@ -100,6 +100,9 @@ class TargetConfig(PoolConfig):
     tp: int = 1
     # the draft scheduler: verify only the draft nodes that pay on this hardware (profiled once)
     schedule: bool = True
+    # batch-invariant bf16 kernels (tandem/kernels): null = on where they run (bf16 on AVX2 CPUs),
+    # true = required, false = the stock kernels
+    exact: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class ClusterConfig:
                 f"target.num_gpus is per tensor-parallel rank and must be 0 or 1 (one GPU per NCCL rank), "
                 f"got {self.target.num_gpus}; use target.tp for more GPUs per replica"
             )
+        if self.target.exact not in (None, True, False):
+            raise ConfigError(f"target.exact must be true, false or null (auto), got {self.target.exact!r}")
         if self.grace_period_s < 0:
             raise ConfigError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         host, _, port = self.http_address.rpartition(":")

@@ -12,7 +12,7 @@ import time
 
 from tandem.errors import TandemError
 from tandem.eval import command as eval_command
-from tandem.flags import add_device_flag, add_draft_flags
+from tandem.flags import add_device_flag, add_draft_flags, add_exact_flag
 from tandem.train import command as train_command
 
 EXIT_USAGE = 2
@@ -41,6 +41,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     add_device_flag(p)
+    add_exact_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(run=run_generate)
 
@@ -70,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise TandemError("prompt is empty")
     args.drafter = with_tree(args.drafter or default_drafter(str(args.model)), args.tree, args.chain)
     check_drafter_name(args.drafter)
-    target = load_target(args.model, args.dtype, args.device)
+    target = load_target(args.model, args.dtype, args.device, args.exact)
     drafter = make_drafter(args.drafter, target.model, str(args.model))
     if args.schedule:
         drafter = scheduled_drafter(drafter, target.model, str(args.model), _stderr)
@@ -197,6 +198,7 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     add_device_flag(p)
+    add_exact_flag(p)
     p.add_argument("--force", action="store_true", help="measure again even if this machine has a profile")
     p.set_defaults(run=run_profile)
 
@@ -205,10 +207,11 @@ def run_profile(args: argparse.Namespace) -> int:
     from tandem.profile import load_or_measure, profile_path
     from tandem.target import load_target
 
-    target = load_target(args.model, args.dtype, args.device)
+    target = load_target(args.model, args.dtype, args.device, args.exact)
     cost = load_or_measure(target.model, str(args.model), args.force, _stderr)
-    path = profile_path(str(args.model), target.model.dtype, target.model.device)
-    print(f"verification pass, ms ({args.model}, {args.dtype}; {path})")
+    path = profile_path(str(args.model), target.model.dtype, target.model.device, target.model.exact)
+    kernels = "exact kernels" if target.model.exact else "stock kernels"
+    print(f"verification pass, ms ({args.model}, {args.dtype}, {kernels}; {path})")
     print("batch \\ width " + "".join(f"{w:>9}" for w in cost.widths))
     for batch, row in zip(cost.batches, cost.seconds):
         print(f"{batch:>13}  " + "".join(f"{s * 1000:9.1f}" for s in row))

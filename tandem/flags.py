@@ -9,6 +9,16 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
+def add_exact_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exact",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batch-invariant bf16 kernels: speculative output equals plain decoding token for token "
+        "(default: on for bf16 on CPUs with AVX2, where they are also the fastest; --no-exact: stock kernels)",
+    )
+
+
 def add_draft_flags(p: argparse.ArgumentParser) -> None:
     """How drafts are shaped and scheduled (``tandem generate`` and ``tandem eval``)."""
     p.add_argument("--max-draft", type=int, default=16, help="draft tree nodes per round")

@@ -10,6 +10,7 @@ import torch
 from tandem.devices import resolve_device
 from tandem.models.catalog import DEFAULT_MODEL, resolve_model_path
 from tandem.models.decoder import Transformer
+from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
 from tandem.tokenizer import Tokenizer
 
@@ -28,10 +29,15 @@ class Target:
 
 
 def load_target(
-    name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu"
+    name_or_path: str | Path = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    exact: bool | None = None,
 ) -> Target:
     """Load a built-in model by name, a Hugging Face folder or a .gguf file, onto ``device``
-    (``auto``: CUDA when present)."""
+    (``auto``: CUDA when present); ``exact``: the batch-invariant kernels (None: where they run,
+    see :mod:`tandem.models.exact`)."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     model, folder = load_model(resolve_model_path(name_or_path), dtype, resolve_device(device))
+    apply_exact(model, exact)
     return Target(model, Tokenizer(folder), folder)

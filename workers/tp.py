@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from tandem.devices import field_to_host
 from tandem.models.catalog import resolve_model_path
+from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
 from tandem.models.tp import apply_tp, rank0_verdicts
 from tandem.profile import load_or_measure
@@ -41,6 +42,7 @@ class ShardSpec:
     feature_layers: tuple[int, ...]
     threads: int  # torch threads per rank: its CPU share, never more (oversubscription is ~20x slower)
     device: str = "cpu"  # "cuda" when the pool asks for GPUs: NCCL joins the ranks instead of gloo
+    exact: bool | None = None  # batch-invariant kernels (tandem.models.exact; None: where they run)
 
 
 def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> Verifier:
@@ -50,6 +52,7 @@ def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> V
     if group is not None:
         apply_tp(model, group)
         agree = rank0_verdicts(group)
+    apply_exact(model, spec.exact)  # after sharding: it packs this rank's weights
     capacity = min(spec.max_model_len, model.config.max_position)
     return Verifier(model, spec.rows, capacity, spec.feature_layers, agree)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tandem.errors import TandemError
-from tandem.flags import add_device_flag, add_draft_flags
+from tandem.flags import add_device_flag, add_draft_flags, add_exact_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     add_device_flag(p)
+    add_exact_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval", help="writes <out>.json, <out>.md, <out>-tau.png, <out>-acceptance.png")
     p.add_argument("--json", action="store_true", help="also print the results JSON on stdout")
@@ -66,7 +67,7 @@ def run_eval(args: argparse.Namespace) -> int:
     specs = {name: with_tree(name, args.tree, args.chain) for name in args.drafter}
     for spec in specs.values():
         check_drafter_name(spec)
-    target = load_target(args.model, args.dtype, args.device)
+    target = load_target(args.model, args.dtype, args.device, args.exact)
     drafters = {name: make_drafter(spec, target.model, str(args.model)) for name, spec in specs.items()}
     if args.schedule:
         drafters = {n: scheduled_drafter(d, target.model, str(args.model), _stderr) for n, d in drafters.items()}

@@ -6,8 +6,8 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from tandem.cache import cache_root
 from tandem.errors import ModelLoadError
-from tandem.models.loading import cache_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.devices import host_tensor
+from tandem.kernels.cpu import ExactKernels
 from tandem.models.config import ModelConfig
 from tandem.models.kv_cache import KVCache
 from tandem.tree import ancestor_mask, tree_depths
@@ -23,6 +24,8 @@ from tandem.tree import ancestor_mask, tree_depths
 class RMSNorm(nn.Module):
     """Normalises in float32; Gemma scales by ``1 + weight`` (``offset``), others by ``weight``."""
 
+    kernels: ExactKernels | None = None  # set by Transformer.use_exact_kernels
+
     def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
@@ -30,6 +33,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps, self.offset)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
@@ -59,28 +64,48 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that runs the batch-invariant CPU kernel once its weight is packed
+    (:meth:`Transformer.use_exact_kernels`); forward hooks (tp's all-reduce) still run."""
+
+    kernels: ExactKernels | None = None
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.kernels is None:
+            out = super().forward(x)
+            return out if out_dtype is None else out.to(out_dtype)
+        return self.kernels.linear(x, self.packed, self.out_features, self.bias, out_dtype or x.dtype)
+
+    def pack(self, kernels: ExactKernels) -> None:
+        self.kernels, self.packed = kernels, kernels.pack(self.weight)
+
+
 @dataclass
 class PassContext:
     """What every layer of one forward pass shares: computed once, not per layer."""
 
     cache: KVCache
+    row_ids: torch.Tensor  # [B] cache rows of the pass
     write_index: tuple[torch.Tensor, ...]
     read_rows: slice | torch.Tensor
     length: int  # cache slots attended to
-    mask: torch.Tensor  # [B, 1, T, length]
+    mask: torch.Tensor  # [B, T, length]
     rope: tuple[torch.Tensor, torch.Tensor]
-    local_mask: torch.Tensor | None = None  # sliding-window layers
+    local_mask: torch.Tensor | None = None  # sliding-window layers, [B, T, length]
     local_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
+    kernels: ExactKernels | None = None
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
-        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.wqkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        self.wo = Linear(q_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5
@@ -89,31 +114,46 @@ class Attention(nn.Module):
         batch, steps, _ = x.shape
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, steps, self.num_heads, self.head_dim)
+        k = k.view(batch, steps, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.local_rope if sliding and ctx.local_rope is not None else ctx.rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         ctx.cache.write(self.layer, ctx.write_index, k, v)
-        keys, values = ctx.cache.read(self.layer, ctx.read_rows, ctx.length)
         mask = ctx.local_mask if sliding and ctx.local_mask is not None else ctx.mask
+        if self.kernels is not None:
+            cache = ctx.cache
+            out = self.kernels.attention(q, cache.k[self.layer], cache.v[self.layer], ctx.row_ids, mask, self.scale)
+            return self.wo(out)
+        keys, values = ctx.cache.read(self.layer, ctx.read_rows, ctx.length)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+            q,
+            keys,
+            values,
+            attn_mask=mask.unsqueeze(1),
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(batch, steps, q_dim))
 
 
 class FeedForward(nn.Module):
+    kernels: ExactKernels | None = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = F.silu if cfg.hidden_act == "silu" else lambda t: F.gelu(t, approximate="tanh")
+        self.w13 = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up
+        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.hidden_act != "silu"
+        self.act = (lambda t: F.gelu(t, approximate="tanh")) if self.gelu else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.w2(self.kernels.act_mul(self.w13(x), self.gelu))
         gate, up = self.w13(x).split(self.intermediate, dim=-1)
         return self.w2(self.act(gate) * up)
 
@@ -148,7 +188,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.build_rotary()
@@ -164,6 +204,25 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
+
+    @property
+    def exact(self) -> bool:
+        """Whether passes run on the batch-invariant kernels (:meth:`use_exact_kernels`)."""
+        return self.lm_head.kernels is not None
+
+    def use_exact_kernels(self, kernels: ExactKernels) -> None:
+        """Run every op that decides a token (linears, attention, norms, activation, an fp32 LM
+        head) on ``kernels``, so a row's logits no longer depend on what shares its pass. bf16 on
+        the CPU only; call after any tp sharding (it packs the local weights)."""
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            raise ValueError(f"the exact kernels run bf16 models on the CPU, not {self.dtype} on {self.device}")
+        if self.config.head_dim % 8:
+            raise ValueError(f"the exact kernels need a head size divisible by 8, not {self.config.head_dim}")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack(kernels)
+            elif isinstance(module, RMSNorm | Attention | FeedForward):
+                module.kernels = kernels
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         cfg = self.config
@@ -221,17 +280,19 @@ class Transformer(nn.Module):
         starts = cache.starts(rows)
         positions = starts[:, None] + depths
         mask, key_positions = _attention_mask(starts, tree_mask, depths, length)
+        write_index = cache.block_index(rows, starts, tokens.shape[1])
         ctx = PassContext(
             cache=cache,
-            write_index=cache.block_index(rows, starts, tokens.shape[1]),
+            row_ids=write_index[0].view(-1),
+            write_index=write_index,
             read_rows=cache.row_selector(rows),
             length=length,
-            mask=mask.unsqueeze(1),
+            mask=mask,
             rope=self.rotary.tables(positions, self.dtype),
         )
         if cfg.sliding_window is not None:
             distance = positions[:, :, None] - key_positions[:, None, :]
-            ctx.local_mask = (mask & (distance < cfg.sliding_window)).unsqueeze(1)
+            ctx.local_mask = mask & (distance < cfg.sliding_window)
         if self.local_rotary is not None:
             ctx.local_rope = self.local_rotary.tables(positions, self.dtype)
         x = self.embed(tokens)
@@ -251,7 +312,7 @@ class Transformer(nn.Module):
         """Float32 logits of last-layer hidden states (final norm, LM head, softcap); ``head``:
         only these rows of the LM head (a drafter's reduced vocabulary)."""
         normed = self.norm(hidden)
-        logits = (self.lm_head(normed) if head is None else normed @ head.T).float()
+        logits = self.lm_head(normed, torch.float32) if head is None else (normed @ head.T).float()
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,15 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tandem.cache import cache_root
 from tandem.errors import ModelLoadError
 from tandem.models.config import ModelConfig
 from tandem.models.decoder import Transformer
 
 GGUF_MAGIC = b"GGUF"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem"))
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tandem.models.config import ModelConfig
-from tandem.models.decoder import Transformer
+from tandem.models.decoder import Linear, Transformer
 
 
 def apply_tp(model: Transformer, group: dist.ProcessGroup) -> Transformer:
@@ -87,23 +87,23 @@ def _shifted(r: range, offset: int) -> range:
     return range(r.start + offset, r.stop + offset)
 
 
-def _column_parallel(linear: nn.Linear, rows: list[range]) -> nn.Linear:
+def _column_parallel(linear: Linear, rows: list[range]) -> Linear:
     """Keep the listed output rows (this rank's part of q, k, v or of gate, up)."""
     index = torch.tensor([i for r in rows for i in r], device=linear.weight.device)
     weight = linear.weight.data[index].contiguous()
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
+    out = Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
     out.weight = nn.Parameter(weight, requires_grad=False)
     if linear.bias is not None:
         out.bias = nn.Parameter(linear.bias.data[index].contiguous(), requires_grad=False)
     return out
 
 
-def _row_parallel(linear: nn.Linear, cols: range, group: dist.ProcessGroup) -> nn.Linear:
+def _row_parallel(linear: Linear, cols: range, group: dist.ProcessGroup) -> Linear:
     """Keep this rank's input columns; the partial outputs are summed across the group."""
     if linear.bias is not None:
         raise ValueError("row-parallel layers with a bias are not supported")
     weight = linear.weight.data[:, cols.start : cols.stop].contiguous()
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    out = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     out.weight = nn.Parameter(weight, requires_grad=False)
     out.register_forward_hook(lambda _module, _inputs, output: dist.all_reduce(output, group=group))
     return out
