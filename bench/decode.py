@@ -8,7 +8,7 @@ within one run, which is why HF greedy is measured here rather than quoted.
     python bench/decode.py                      # 8 prompts each of humaneval, mbpp, mt-bench
     python bench/decode.py --limit 2 --max-tokens 32 --skip-hf   # a quick smoke run
     python bench/decode.py --device cuda --drafters dspark eagle3 dflash suffix   # shipped drafters too
-    python bench/decode.py --drafters suffix+sched --stock-kernels --repeats 3   # exact vs stock kernels
+    python bench/decode.py --drafters suffix+sched --stock-kernels plain suffix+sched --repeats 3   # vs stock kernels
 
 A drafter name ending in ``+sched`` runs behind the draft scheduler (as ``tandem generate`` does by
 default). ``--stock-kernels`` also runs every engine method on a second copy of the target with the
@@ -252,7 +252,7 @@ def summarize(repeats: list[dict[str, list[Run]]], keys: Sequence[int]) -> dict[
         tokens = sum(len(r.token_ids) for r in first)
         passes = [r.passes for r in first]
         taus = [r.tau for r in first]
-        plain = repeats[0]["plain"]
+        plain = repeats[0][reference(method)]
         out[method] = {
             "label": METHODS[method].label,
             "prompts": len(first),
@@ -270,6 +270,11 @@ def summarize(repeats: list[dict[str, list[Run]]], keys: Sequence[int]) -> dict[
             "identical_to_plain": sum(r.token_ids == plain[i].token_ids for r, i in zip(first, keys, strict=True)),
         }
     return out
+
+
+def reference(method: str) -> str:
+    """The plain decoding a method's tokens must equal: ours on the same kernels (HF: ours)."""
+    return "plain/stock" if METHODS[method].stock else "plain"
 
 
 def _rate(runs: list[Run], keys: Sequence[int]) -> float:
@@ -365,7 +370,7 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
 
 def build_runners(target: Target, args: argparse.Namespace) -> dict[str, Callable[[list[int], int], Run]]:
     runners: dict[str, Callable[[list[int], int], Run]] = {}
-    stock = load_target(args.model, args.dtype, args.device, exact=False) if args.stock_kernels else None
+    stock = load_target(args.model, args.dtype, args.device, exact=False) if args.stock_kernels is not None else None
     for key, method in METHODS.items():
         if method.drafter is not None:
             runners[key] = TandemRunner(stock if method.stock else target, method.drafter, str(args.model)).run
@@ -394,14 +399,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--drafters", nargs="*", default=[], help="more drafters for our engine (e.g. dspark, suffix+sched)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None, help="exact kernels (default auto)")
-    p.add_argument("--stock-kernels", action="store_true", help="also run our engine on the stock kernels")
+    p.add_argument(
+        "--stock-kernels",
+        nargs="*",
+        metavar="METHOD",
+        help="also run these engine methods (none named: all) on the stock kernels",
+    )
     p.add_argument("--repeats", type=int, default=1, help="decode every prompt this many times per method")
     args = p.parse_args(argv)
     for name in args.drafters:
         METHODS[name] = Method(f"tandem {name}", name, {})
-    if args.stock_kernels:
+    if args.stock_kernels is not None:
         for key, method in list(METHODS.items()):
-            if method.drafter is not None:
+            if method.drafter is not None and (not args.stock_kernels or key in args.stock_kernels):
                 METHODS[f"{key}/stock"] = Method(f"{method.label} (stock kernels)", method.drafter, {}, stock=True)
     if args.max_tokens < 2 or args.limit < 1 or args.threads < 1 or args.repeats < 1:
         p.error("--max-tokens must be >= 2, --limit, --threads and --repeats >= 1")
@@ -468,8 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "seconds": round(r[i].seconds, 4),
                         "passes": r[i].passes,
                         "tau": r[i].tau,
-                        "identical_to_plain": r[i].token_ids == runs["plain"][i].token_ids,
-                        "divergence": divergence(target, p, r[i], runs["plain"][i]),
+                        "identical_to_plain": r[i].token_ids == runs[reference(key)][i].token_ids,
+                        "divergence": divergence(target, p, r[i], runs[reference(key)][i]),
                     }
                     for key, r in runs.items()
                 },

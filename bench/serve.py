@@ -1,12 +1,18 @@
 """Serving speed: the cluster (router, draft pool and target pool over gRPC on a local Ray) against
-the in-process engine, in one run, on the same prompts, weights, drafter and thread count.
+the in-process engine, in one run, on the same prompts, weights, drafter, kernels and threads.
 
-- single stream: tokens/s through the cluster vs the engine (prompts interleaved, so a busy spell
-  of a shared machine slows both), and the router's overhead per target pass in ms;
-- aggregate tokens/s at 1, 4 and 16 concurrent streams (continuous batching on one target replica).
+Fair by construction: the engine and the cluster's target replica get the same torch thread count
+(both share the same cores; the router and draft worker are extra processes on them), the two
+sides alternate which goes first, each side's tokens/s counts its own tokens, and N concurrent
+cluster streams are compared with the engine decoding the same N requests as one batch.
+
+- single stream: tokens/s of each side prompt by prompt, and the router's overhead per target pass;
+- N streams (``--concurrency``): aggregate tokens/s of the cluster vs the engine at batch N.
+
+Every figure is measured ``--repeats`` times and reported as min / median / max.
 
     python bench/serve.py                                        # 2 prompts each, 64 tokens
-    python bench/serve.py --limit 1 --max-tokens 16 --concurrency 1,4   # a quick smoke run
+    python bench/serve.py --limit 1 --max-tokens 16 --concurrency 1,4 --repeats 1   # a quick smoke run
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import platform
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -29,9 +36,10 @@ from decode import MAX_DRAFT_NODES, Prompt, load_prompts
 from cluster.app import start
 from cluster.client import generate, prompt_request
 from cluster.config import load_config
-from tandem.drafters import make_drafter
+from tandem.drafters import default_drafter, make_drafter
 from tandem.engine import Engine, Request
 from tandem.models.catalog import DEFAULT_MODEL
+from tandem.profile import scheduled_drafter
 from tandem.sampling import SamplingParams
 from tandem.target import load_target
 from tandem_proto.v1 import api_pb2
@@ -51,36 +59,82 @@ def _cluster_request(prompt: Prompt, args: argparse.Namespace) -> api_pb2.Genera
 
 
 def single_stream(engine: Engine, channel: grpc.Channel, prompts: list[Prompt], args: argparse.Namespace) -> dict:
-    """Engine and cluster alternate prompt by prompt; a target pass is a round or the prefill."""
-    totals = {"engine_s": 0.0, "cluster_s": 0.0, "tokens": 0, "passes": 0, "identical": 0}
-    for prompt in prompts:
-        start_s = time.perf_counter()
-        [result] = engine.generate([Request(prompt.ids, SamplingParams(max_tokens=args.max_tokens))])
-        totals["engine_s"] += time.perf_counter() - start_s
-        start_s = time.perf_counter()
-        out = generate(channel, _cluster_request(prompt, args), timeout=600)
-        totals["cluster_s"] += time.perf_counter() - start_s
-        totals["tokens"] += len(result.token_ids)
-        totals["passes"] += result.stats.rounds + 1
-        totals["identical"] += out.token_ids == result.token_ids
+    """One request at a time; the sides alternate which goes first; a target pass is a round or
+    the prefill (the engine's count, the same for both sides when their tokens are equal)."""
+    seconds, tokens = {"engine": 0.0, "cluster": 0.0}, {"engine": 0, "cluster": 0}
+    passes = identical = 0
+    for i, prompt in enumerate(prompts):
+        outputs: dict[str, list[int]] = {}
+
+        def engine_run(prompt: Prompt = prompt) -> list[int]:
+            nonlocal passes
+            [result] = engine.generate([Request(prompt.ids, SamplingParams(max_tokens=args.max_tokens))])
+            passes += result.stats.rounds + 1
+            return result.token_ids
+
+        def cluster_run(prompt: Prompt = prompt) -> list[int]:
+            return list(generate(channel, _cluster_request(prompt, args), timeout=600).token_ids)
+
+        sides = [("engine", engine_run), ("cluster", cluster_run)]
+        for side, run in sides if i % 2 == 0 else sides[::-1]:
+            start_s = time.perf_counter()
+            outputs[side] = run()
+            seconds[side] += time.perf_counter() - start_s
+            tokens[side] += len(outputs[side])
+        identical += outputs["engine"] == outputs["cluster"]
     return {
-        "engine_tok_s": totals["tokens"] / totals["engine_s"],
-        "cluster_tok_s": totals["tokens"] / totals["cluster_s"],
-        "ratio": totals["engine_s"] / totals["cluster_s"],
-        "router_overhead_ms_per_pass": 1000 * (totals["cluster_s"] - totals["engine_s"]) / totals["passes"],
-        "identical_outputs": f"{totals['identical']}/{len(prompts)}",
+        "engine_tok_s": tokens["engine"] / seconds["engine"],
+        "cluster_tok_s": tokens["cluster"] / seconds["cluster"],
+        "cluster_vs_engine": (tokens["cluster"] / seconds["cluster"]) / (tokens["engine"] / seconds["engine"]),
+        "router_overhead_ms_per_pass": 1000 * (seconds["cluster"] - seconds["engine"]) / passes,
+        "identical_outputs": identical,
+        "prompts": len(prompts),
     }
 
 
-def aggregate(channel: grpc.Channel, prompts: list[Prompt], streams: int, args: argparse.Namespace) -> dict:
-    """``streams`` clients at once, each running ``args.requests_per_stream`` requests back to back."""
-    jobs = [prompts[i % len(prompts)] for i in range(streams * args.requests_per_stream)]
-    start_s = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        outputs = list(pool.map(lambda p: generate(channel, _cluster_request(p, args), timeout=1800), jobs))
-    seconds = time.perf_counter() - start_s
-    tokens = sum(len(o.token_ids) for o in outputs)
-    return {"streams": streams, "requests": len(jobs), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+def concurrent(
+    engine: Engine, channel: grpc.Channel, prompts: list[Prompt], streams: int, args: argparse.Namespace
+) -> dict:
+    """The same ``streams`` requests through ``streams`` concurrent cluster clients and through the
+    engine as one batch (the order alternates with ``streams``)."""
+    jobs = [prompts[i % len(prompts)] for i in range(streams)]
+    params = SamplingParams(max_tokens=args.max_tokens)
+
+    def engine_run() -> dict:
+        start_s = time.perf_counter()
+        results = engine.generate([Request(p.ids, params) for p in jobs])
+        return {"seconds": time.perf_counter() - start_s, "tokens": sum(len(r.token_ids) for r in results)}
+
+    def cluster_run() -> dict:
+        start_s = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            outputs = list(pool.map(lambda p: generate(channel, _cluster_request(p, args), timeout=1800), jobs))
+        return {"seconds": time.perf_counter() - start_s, "tokens": sum(len(o.token_ids) for o in outputs)}
+
+    figures = {}
+    for side, run in [("engine", engine_run), ("cluster", cluster_run)][:: 1 if streams % 2 else -1]:
+        figures[side] = run()
+        figures[side]["tok_s"] = figures[side]["tokens"] / figures[side]["seconds"]
+    return {
+        "streams": streams,
+        "engine_tok_s": figures["engine"]["tok_s"],
+        "cluster_tok_s": figures["cluster"]["tok_s"],
+        "cluster_vs_engine": figures["cluster"]["tok_s"] / figures["engine"]["tok_s"],
+    }
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def summarize(repeats: list[dict], key: str) -> dict[str, dict[str, float]]:
+    """min / median / max over repeats of every numeric figure in ``repeats[i][key]``."""
+    first = repeats[0][key]
+    return {
+        name: spread([r[key][name] for r in repeats])
+        for name, value in first.items()
+        if isinstance(value, float | int) and name not in ("prompts", "streams")
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -89,17 +143,38 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    single, runs = results["single_stream"], results["aggregate"]
+    single, runs = results["single_stream"], results["concurrent"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(["engine (in process)", "cluster (gRPC)"], [single["engine_tok_s"], single["cluster_tok_s"]])
+    names = ["engine (in process)", "cluster (gRPC)"]
+    medians = [single["engine_tok_s"]["median"], single["cluster_tok_s"]["median"]]
+    errors = [
+        [m - single[k]["min"] for m, k in zip(medians, ("engine_tok_s", "cluster_tok_s"))],
+        [single[k]["max"] - m for m, k in zip(medians, ("engine_tok_s", "cluster_tok_s"))],
+    ]
+    left.bar(names, medians, yerr=errors, capsize=4)
     left.set_ylabel("tokens/s")
-    left.set_title(f"single stream ({single['ratio']:.2f}x)")
-    right.plot([r["streams"] for r in runs], [r["tok_s"] for r in runs], marker="o")
+    left.set_title(f"single stream (cluster {single['cluster_vs_engine']['median']:.2f}x engine)")
+    streams = [r["streams"] for r in runs]
+    for side in ("engine", "cluster"):
+        figures = [r[f"{side}_tok_s"] for r in runs]
+        label = "engine, batch N" if side == "engine" else "cluster, N streams"
+        right.errorbar(
+            streams,
+            [f["median"] for f in figures],
+            yerr=[[f["median"] - f["min"] for f in figures], [f["max"] - f["median"] for f in figures]],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     right.set_xscale("log", base=2)
-    right.set_xlabel("concurrent streams")
+    right.set_xlabel("N")
     right.set_ylabel("aggregate tokens/s")
-    right.set_title("cluster, one target replica")
-    fig.suptitle(f"{results['model']} {results['dtype']}, {results['drafter']}, {results['max_tokens']} tokens")
+    right.set_title("one target replica vs one engine")
+    right.legend()
+    fig.suptitle(
+        f"{results['model']} {results['dtype']}, {results['drafter']}, {results['max_tokens']} tokens, "
+        f"{results['threads']} threads each, {results['repeats']} repeats (min/median/max)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -108,53 +183,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--drafter", default="dspark", help="as for tandem generate (shipped DSpark by default)")
+    parser.add_argument("--drafter", default=None, help="as for tandem generate (default: the model's default)")
     parser.add_argument("--benchmarks", default="humaneval,mt-bench")
     parser.add_argument("--limit", type=int, default=2, help="prompts per benchmark")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--requests-per-stream", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads: the engine's and the target replica's")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the engine and of the target replica")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    args.drafter = args.drafter or default_drafter(args.model)
     concurrency = [int(n) for n in args.concurrency.split(",")]
     torch.set_num_threads(args.threads)
 
     target = load_target(args.model, args.dtype)
     prompts = load_prompts(target, args.benchmarks.split(","), args.limit)
-    drafter = make_drafter(args.drafter, target.model, args.model)
-    engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode)
+    drafter = scheduled_drafter(make_drafter(args.drafter, target.model, args.model), target.model, args.model)
+    engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode, MAX_DRAFT_NODES)
     config = load_config(
         None,
         model=args.model,
         dtype=args.dtype,
         address=f"127.0.0.1:{_free_port()}",
-        ray={"num_cpus": 2},
-        draft={"drafter": args.drafter, "num_cpus": 0.1, "max_draft_nodes": MAX_DRAFT_NODES},
+        http_address=f"127.0.0.1:{_free_port()}",
+        ray={"num_cpus": args.threads + 1},
+        draft={"drafter": args.drafter, "num_cpus": 0.5, "max_draft_nodes": MAX_DRAFT_NODES},
         target={"num_cpus": args.threads, "max_ongoing_requests": max(concurrency)},
     )
     print("starting the cluster ...", file=sys.stderr)
     start(config)
+    repeats = []
     with grpc.insecure_channel(config.address) as channel:
         generate(channel, _cluster_request(prompts[0], args), timeout=600)  # warm up both paths
         engine.generate([Request(prompts[0].ids, SamplingParams(max_tokens=args.max_tokens))])
-        single = single_stream(engine, channel, prompts, args)
-        print(json.dumps(single, indent=1), file=sys.stderr)
-        runs = []
-        for streams in concurrency:
-            runs.append(aggregate(channel, prompts, streams, args))
-            print(json.dumps(runs[-1]), file=sys.stderr)
+        for r in range(args.repeats):
+            single = single_stream(engine, channel, prompts, args)
+            runs = [concurrent(engine, channel, prompts, n, args) for n in concurrency]
+            print(json.dumps({"repeat": r + 1, "single": single, "concurrent": runs}), file=sys.stderr)
+            repeats.append({"single": single, **{f"n{run['streams']}": run for run in runs}})
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "model": args.model,
         "dtype": args.dtype,
+        "exact_kernels": target.model.exact,
         "drafter": args.drafter,
         "max_tokens": args.max_tokens,
         "prompts": len(prompts),
-        "single_stream": single,
-        "aggregate": runs,
-        "scaling_vs_1_stream": {r["streams"]: r["tok_s"] / runs[0]["tok_s"] for r in runs},
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "single_stream": summarize(repeats, "single"),
+        "identical_outputs": f"{repeats[0]['single']['identical_outputs']}/{len(prompts)}",
+        "concurrent": [{"streams": n, **summarize(repeats, f"n{n}")} for n in concurrency],
+        "raw": repeats,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

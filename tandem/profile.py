@@ -55,7 +55,7 @@ def measure(
     model: Transformer,
     batches: Sequence[int] = BATCHES,
     widths: Sequence[int] = WIDTHS,
-    repeats: int = 3,
+    repeats: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> PassCost:
     """Median seconds of :meth:`Verifier.verify` for every batch size and width (chains of random

@@ -76,7 +76,10 @@ def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
 def ranked_gains(tree: TokenTree, greedy: bool) -> tuple[list[int], list[float]]:
     """The tree's draft nodes in the order the scheduler admits them, and their survival."""
     assert tree.survival is not None
-    survival = tree.survival
+    survival = list(tree.survival)
+    for i, parent in enumerate(tree.parents):  # a node survives no more than its parent does
+        if parent >= 0:
+            survival[i] = min(survival[i], survival[parent])
     nodes = list(range(1, len(tree)))
     if greedy:
         depths = tree.depths

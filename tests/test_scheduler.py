@@ -65,6 +65,15 @@ def test_greedy_keeps_the_best_nodes_closed_under_ancestors():
     assert out.survival == pytest.approx([1.0, 0.9, 0.7])
 
 
+def test_a_child_rated_above_its_parent_never_leaves_the_parent_out():
+    """A drafter's estimate may rise along a path by a rounding (the suffix drafter's
+    ``prob * count / total`` did, crashing the benchmark); the cut must still keep ancestors."""
+    tree = _tree([1.0, 0.3, 0.31, 0.2], [-1, 0, 1, 0])
+    cost = PassCost((1,), (1, 2, 3, 4), ((1.0, 1.0, 9.0, 9.0),))
+    out = schedule([tree], [True], cost)[0]  # room for one draft node: the parent, not its child
+    assert out.tokens == (0, 1) and out.parents == (-1, 0)
+
+
 def test_sampling_keeps_a_prefix_in_draw_order():
     """The same tree under sampling: nodes kept in id order (node 2 before the better node 3),
     since a node's fate may not depend on anything drawn after it."""

@@ -45,7 +45,8 @@ def build_drafter(spec: DraftSpec) -> Drafter:
     else:
         from tandem.target import load_target
 
-        target = load_target(spec.model, spec.dtype, spec.device).model
+        # The drafter reads only the target's embedding and LM-head rows: no packed kernel weights.
+        target = load_target(spec.model, spec.dtype, spec.device, exact=False).model
         drafter = make_drafter(spec.drafter, target=target, model_name=spec.model)
     if drafter is None:
         raise ValueError("the draft pool needs a drafter; 'none' means no draft pool")

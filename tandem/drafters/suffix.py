@@ -245,7 +245,7 @@ class SuffixDrafter(Drafter):
         def push_children(where: Where, prob: float, parent: int, unseen: int) -> None:
             total = trie.count[where[0]] + unseen
             for token, child, count in trie.next_tokens(where):
-                p = prob * count / total
+                p = min(prob, prob * (count / total))  # never above the parent's, rounding included
                 if p >= self.min_prob:
                     heapq.heappush(heap, (-p, next(order), token, child, parent))
 

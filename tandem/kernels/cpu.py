@@ -149,3 +149,11 @@ def exact_kernels() -> ExactKernels:
     """The kernels, built on first use (about a second) and cached in ``$TANDEM_CACHE/kernels``;
     :class:`KernelUnavailable` says why not."""
     return ExactKernels(ctypes.CDLL(str(_build())))
+
+
+if __name__ == "__main__":  # `python -m tandem.kernels.cpu`: build now (e.g. into an image), say how it went
+    try:
+        exact_kernels()
+        print(f"exact kernels built in {cache_root() / 'kernels'}")
+    except KernelUnavailable as exc:
+        print(f"exact kernels not built: {exc}")
