@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.dspark import DSparkDrafter, DSparkModel
@@ -14,6 +16,7 @@ from tandem.drafters.neural import ALGORITHMS, DraftConfig, DraftModel, NeuralDr
 from tandem.drafters.ngram import NgramDrafter
 from tandem.drafters.suffix import SuffixDrafter
 from tandem.errors import InvalidRequest
+from tandem.kernels.cpu import exact_kernels
 from tandem.models.decoder import Transformer
 from tandem.tree_search import TreeShape
 
@@ -33,7 +36,10 @@ def load_drafter(folder: str | Path, target: Transformer, tree: TreeShape | None
     """A trained drafter from its folder (``config.json`` + ``model.safetensors``); chains, or
     trees of ``tree``'s shape."""
     cfg = read_config(folder)
-    return ADAPTERS[cfg.algo](load_weights(MODELS[cfg.algo], cfg, folder, target), tree=tree)
+    model = load_weights(MODELS[cfg.algo], cfg, folder, target)
+    if target.exact and model.fc.weight.dtype == torch.bfloat16:  # the target's kernels are there: faster drafts
+        model.use_exact_kernels(exact_kernels())
+    return ADAPTERS[cfg.algo](model, tree=tree)
 
 
 def split_spec(spec: str) -> tuple[str, TreeShape | str | None]:

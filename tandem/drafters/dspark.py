@@ -14,7 +14,7 @@ from torch import nn
 
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.neural import ChildLogits, DraftConfig, DraftState, Pick
-from tandem.models.decoder import Transformer
+from tandem.models.decoder import Linear, Transformer
 from tandem.sampling import SamplingParams
 from tandem.tree import TokenTree
 from tandem.tree_search import Growth, TreeShape
@@ -27,10 +27,10 @@ class DSparkModel(DFlashModel):
         super().__init__(cfg, target, vocab_map)
         r = cfg.markov_rank
         self.markov_in = nn.Embedding(cfg.draft_vocab + 1, r)  # W1; the last row: "not in the draft vocab"
-        self.markov_out = nn.Linear(r, cfg.draft_vocab, bias=False)  # W2
+        self.markov_out = Linear(r, cfg.draft_vocab, bias=False)  # W2
         nn.init.normal_(self.markov_in.weight, std=0.02)
         nn.init.zeros_(self.markov_out.weight)  # starts as plain DFlash
-        self.confidence = nn.Linear(cfg.hidden_size + r, 1)
+        self.confidence = Linear(cfg.hidden_size + r, 1)
 
     def transition(self, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``W1[x_{k-1}]`` and the logit bias ``W1[x_{k-1}] W2`` for previous target ids."""

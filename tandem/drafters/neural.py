@@ -24,7 +24,8 @@ from torch import nn
 from tandem.devices import host_tensor, to_host
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.errors import ModelLoadError
-from tandem.models.decoder import RMSNorm, Rotary, Transformer, apply_rotary
+from tandem.kernels.cpu import ExactKernels
+from tandem.models.decoder import Linear, RMSNorm, Rotary, Transformer, apply_rotary
 from tandem.sampling import SamplingParams, target_probs
 from tandem.tree import TokenTree, chain
 from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
@@ -123,14 +124,14 @@ class DraftLayer(nn.Module):
         inp = input_size or d
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.attn_norm = RMSNorm(inp, cfg.rms_norm_eps)
-        self.wq = nn.Linear(inp, cfg.num_heads * hd, bias=False)
-        self.wk = nn.Linear(inp, cfg.num_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(inp, cfg.num_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.wq = Linear(inp, cfg.num_heads * hd, bias=False)
+        self.wk = Linear(inp, cfg.num_kv_heads * hd, bias=False)
+        self.wv = Linear(inp, cfg.num_kv_heads * hd, bias=False)
+        self.wo = Linear(cfg.num_heads * hd, d, bias=False)
         self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.w1 = nn.Linear(d, cfg.intermediate_size, bias=False)
-        self.w3 = nn.Linear(d, cfg.intermediate_size, bias=False)
-        self.w2 = nn.Linear(cfg.intermediate_size, d, bias=False)
+        self.w1 = Linear(d, cfg.intermediate_size, bias=False)
+        self.w3 = Linear(d, cfg.intermediate_size, bias=False)
+        self.w2 = Linear(cfg.intermediate_size, d, bias=False)
 
     def kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, kv_heads, T, head_dim]`` of inputs ``x`` ``[B, T, input]``."""
@@ -176,7 +177,7 @@ class DraftModel(nn.Module):
         if target.config.hidden_size != cfg.hidden_size or target.config.vocab_size != cfg.target_vocab_size:
             raise ModelLoadError(f"this {cfg.algo} drafter was trained for {cfg.target!r}, not for this target")
         self.config = cfg
-        self.fc = nn.Linear(cfg.feature_size, cfg.hidden_size, bias=False)
+        self.fc = Linear(cfg.feature_size, cfg.hidden_size, bias=False)
         self.feature_norm = RMSNorm(cfg.feature_size, cfg.rms_norm_eps)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
@@ -192,6 +193,8 @@ class DraftModel(nn.Module):
         self.target_embed = target.embed.weight.detach()
         self.target_lm_head = target.lm_head.weight.detach()[self.vocab_map]
         self.embed_scale = cfg.hidden_size**0.5 if target.config.embedding_scale else 1.0
+        self.kernels: ExactKernels | None = None  # see use_exact_kernels
+        self.packed_head: torch.Tensor | None = None
 
     def embed(self, target_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(target_ids, self.target_embed).to(self.fc.weight.dtype) * self.embed_scale
@@ -202,7 +205,17 @@ class DraftModel(nn.Module):
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the draft vocabulary."""
+        if self.kernels is not None:
+            return self.kernels.linear(self.norm(hidden), self.packed_head, len(self.vocab_map), None, torch.float32)
         return (self.norm(hidden) @ self.target_lm_head.to(hidden.dtype).T).float()
+
+    def use_exact_kernels(self, kernels: ExactKernels) -> None:
+        """Run the drafter's linears and draft LM head on the packed bf16 kernels (for speed: a
+        bf16 block of γ tokens through oneDNN costs about γ one-token passes on this CPU)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack(kernels)
+        self.kernels, self.packed_head = kernels, kernels.pack(self.target_lm_head)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` ``[B, T]`` -> cos/sin ``[B, 1, T, D]``."""
