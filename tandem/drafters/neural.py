@@ -205,9 +205,10 @@ class DraftModel(nn.Module):
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the draft vocabulary."""
+        normed = self.norm(hidden)
         if self.kernels is not None:
-            return self.kernels.linear(self.norm(hidden), self.packed_head, len(self.vocab_map), None, torch.float32)
-        return (self.norm(hidden) @ self.target_lm_head.to(hidden.dtype).T).float()
+            return self.kernels.linear(normed, self.packed_head, len(self.vocab_map), None, torch.float32)
+        return (normed @ self.target_lm_head.to(hidden.dtype).T).float()
 
     def use_exact_kernels(self, kernels: ExactKernels) -> None:
         """Run the drafter's linears and draft LM head on the packed bf16 kernels (for speed: a

@@ -210,14 +210,25 @@ class Transformer(nn.Module):
         """Whether passes run on the batch-invariant kernels (:meth:`use_exact_kernels`)."""
         return self.lm_head.kernels is not None
 
+    def exact_unsupported(self) -> str | None:
+        """Why this model cannot run on the exact kernels (None: it can)."""
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            dtype = str(self.dtype).removeprefix("torch.")
+            return (
+                f"the exact kernels need a bf16 model on the CPU (this one is {dtype} on {self.device}); "
+                "float32 runs the stock kernels, where plain and speculative decoding agree"
+            )
+        if self.config.head_dim % 8:
+            return f"the exact kernels need a head size divisible by 8, not {self.config.head_dim}"
+        return None
+
     def use_exact_kernels(self, kernels: ExactKernels) -> None:
         """Run every op that decides a token (linears, attention, norms, activation, an fp32 LM
         head) on ``kernels``, so a row's logits no longer depend on what shares its pass. bf16 on
         the CPU only; call after any tp sharding (it packs the local weights)."""
-        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
-            raise ValueError(f"the exact kernels run bf16 models on the CPU, not {self.dtype} on {self.device}")
-        if self.config.head_dim % 8:
-            raise ValueError(f"the exact kernels need a head size divisible by 8, not {self.config.head_dim}")
+        reason = self.exact_unsupported()
+        if reason:
+            raise ValueError(reason)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack(kernels)
@@ -281,11 +292,12 @@ class Transformer(nn.Module):
         positions = starts[:, None] + depths
         mask, key_positions = _attention_mask(starts, tree_mask, depths, length)
         write_index = cache.block_index(rows, starts, tokens.shape[1])
+        row_ids = write_index[0].view(-1)
         ctx = PassContext(
             cache=cache,
-            row_ids=write_index[0].view(-1),
+            row_ids=row_ids,
             write_index=write_index,
-            read_rows=cache.row_selector(rows),
+            read_rows=cache.row_selector(rows, row_ids),
             length=length,
             mask=mask,
             rope=self.rotary.tables(positions, self.dtype),

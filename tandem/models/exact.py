@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from tandem.kernels.cpu import KernelUnavailable, exact_kernels
 from tandem.models.decoder import Transformer
 
@@ -22,18 +20,14 @@ def apply_exact(model: Transformer, exact: bool | None = None) -> bool:
     whether it runs on them. :class:`KernelUnavailable` when ``exact=True`` cannot be met."""
     if exact is False:
         return False
-    if model.dtype != torch.bfloat16 or model.device.type != "cpu":
-        if exact:
-            raise KernelUnavailable(
-                f"--exact needs a bf16 model on the CPU (this one is {str(model.dtype).removeprefix('torch.')} "
-                f"on {model.device}); float32 runs the stock kernels, where plain and speculative decoding agree"
-            )
-        return False
     try:
+        reason = model.exact_unsupported()
+        if reason:
+            raise KernelUnavailable(reason)
         model.use_exact_kernels(exact_kernels())
-    except (KernelUnavailable, ValueError) as exc:
+    except KernelUnavailable as exc:
         if exact:
-            raise KernelUnavailable(str(exc)) from None
+            raise
         log.info("exact kernels off: %s", exc)
         return False
     return True

@@ -47,11 +47,12 @@ class KVCache:
         heads = torch.arange(self.k.shape[2], device=self.device)[None, :, None]
         return host_tensor(list(rows), torch.long, self.device)[:, None, None], heads, slots[:, None, :]
 
-    def row_selector(self, rows: Sequence[int]) -> slice | torch.Tensor:
-        """A slice when ``rows`` are consecutive, so reads are views instead of gathers."""
+    def row_selector(self, rows: Sequence[int], row_ids: torch.Tensor) -> slice | torch.Tensor:
+        """A slice when ``rows`` are consecutive, so reads are views instead of gathers; else
+        ``row_ids``, the same rows already on the device (from :meth:`block_index`)."""
         if list(rows) == list(range(rows[0], rows[0] + len(rows))):
             return slice(rows[0], rows[0] + len(rows))
-        return host_tensor(list(rows), torch.long, self.device)
+        return row_ids
 
     def write(self, layer: int, index: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new ``[B, H, T, D]`` keys/values at ``index`` (from :meth:`block_index`)."""
