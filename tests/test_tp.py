@@ -4,6 +4,7 @@ two GPUs where a machine has them)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 
 from tandem.drafters import NgramDrafter
 from tandem.engine import Engine, Request
+from tandem.kernels.cpu import KernelUnavailable, exact_kernels
 from tandem.models.config import ModelConfig
 from tandem.models.loading import load_model
 from tandem.models.tp import apply_tp, check_tp_size, rank0_verdicts
@@ -82,6 +84,46 @@ def test_tp2_matches_tp1(family: str, overrides: dict, tmp_path: Path) -> None:
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-5, rtol=1e-5)
         assert result["outputs"] == reference["outputs"]
+
+
+def _exact_rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    """A tp rank in bf16 on the exact kernels (packed after sharding, as workers/tp.py does):
+    plain decoding, and speculation with n-gram trees at batch 12."""
+    from tandem.models.exact import apply_exact
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, _ = load_model(folder, torch.bfloat16)
+        apply_tp(model, dist.group.WORLD)
+        assert apply_exact(model, True)
+        rng = random.Random(0)
+        prompts = [[rng.randrange(64) for _ in range(rng.randint(3, 20))] for _ in range(12)]
+        params = SamplingParams(max_tokens=24)
+        plain = [Engine(model).generate([Request(p, params)])[0].token_ids for p in prompts]
+        engine = Engine(model, NgramDrafter(depth=3, branches=2), max_draft_nodes=6)
+        speculative = [r.token_ids for r in engine.generate([Request(p, params) for p in prompts])]
+        torch.save({"plain": plain, "speculative": speculative}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp2_on_the_exact_kernels_keeps_bf16_plain_output(tmp_path: Path) -> None:
+    """bf16 tp ranks on the exact kernels: speculative output equals the same ranks' plain decoding
+    token for token (the all-reduce sums partial outputs elementwise, so rows stay independent)."""
+    try:
+        exact_kernels()
+    except KernelUnavailable as exc:
+        pytest.skip(f"exact kernels unavailable: {exc}")
+    folder = tmp_path / "model"
+    build_tiny("llama", folder, vocab=64, **UNEVEN)
+    mp.start_processes(
+        _exact_rank_main, args=(2, _free_port(), str(folder), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["speculative"] == result["plain"]
 
 
 def _sampled_tokens(verifier: Verifier, seed: int, rounds: int = 8) -> list[int]:
