@@ -35,7 +35,7 @@ from decode import MAX_DRAFT_NODES, Prompt, load_prompts
 
 from cluster.app import start
 from cluster.client import generate, prompt_request
-from cluster.config import load_config
+from cluster.config import ClusterConfig, load_config
 from tandem.drafters import default_drafter, make_drafter
 from tandem.engine import Engine, Request
 from tandem.models.catalog import DEFAULT_MODEL
@@ -51,6 +51,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_cluster_args(parser: argparse.ArgumentParser, benchmarks: str, limit: int) -> None:
+    """The arguments bench/serve.py and bench/soak.py share: model, drafter, prompts, threads."""
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--drafter", default=None, help="as for tandem generate (default: the model's default)")
+    parser.add_argument("--benchmarks", default=benchmarks)
+    parser.add_argument("--limit", type=int, default=limit, help="prompts per benchmark")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the target replica (and the engine)")
+
+
+def local_config(args: argparse.Namespace, sessions: int) -> ClusterConfig:
+    """A cluster on free loopback ports: the target replica gets ``args.threads`` torch threads,
+    each pool room for ``sessions`` live sessions."""
+    room = {"max_ongoing_requests": sessions}
+    return load_config(
+        None,
+        model=args.model,
+        dtype=args.dtype,
+        address=f"127.0.0.1:{_free_port()}",
+        http_address=f"127.0.0.1:{_free_port()}",
+        ray={"num_cpus": args.threads + 1},
+        draft={"drafter": args.drafter, "num_cpus": 0.5, "max_draft_nodes": MAX_DRAFT_NODES, **room},
+        target={"num_cpus": args.threads, **room},
+    )
 
 
 def _cluster_request(prompt: Prompt, args: argparse.Namespace) -> api_pb2.GenerateRequest:
@@ -181,15 +207,10 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--drafter", default=None, help="as for tandem generate (default: the model's default)")
-    parser.add_argument("--benchmarks", default="humaneval,mt-bench")
-    parser.add_argument("--limit", type=int, default=2, help="prompts per benchmark")
+    add_cluster_args(parser, "humaneval,mt-bench", 2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the engine and of the target replica")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.drafter = args.drafter or default_drafter(args.model)
@@ -200,16 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = load_prompts(target, args.benchmarks.split(","), args.limit)
     drafter = scheduled_drafter(make_drafter(args.drafter, target.model, args.model), target.model, args.model)
     engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode, MAX_DRAFT_NODES)
-    config = load_config(
-        None,
-        model=args.model,
-        dtype=args.dtype,
-        address=f"127.0.0.1:{_free_port()}",
-        http_address=f"127.0.0.1:{_free_port()}",
-        ray={"num_cpus": args.threads + 1},
-        draft={"drafter": args.drafter, "num_cpus": 0.5, "max_draft_nodes": MAX_DRAFT_NODES},
-        target={"num_cpus": args.threads, "max_ongoing_requests": max(concurrency)},
-    )
+    config = local_config(args, max(concurrency))
     print("starting the cluster ...", file=sys.stderr)
     start(config)
     repeats = []

@@ -16,6 +16,7 @@ from ray.serve import Application
 
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.router import Router
+from cluster.security import http_tls_options
 from tandem.drafters import check_drafter_name, trained_folder
 from tandem.drafters.neural import read_config
 from tandem.errors import InvalidRequest
@@ -46,7 +47,7 @@ def build_app(config: ClusterConfig) -> Application:
             host=config.worker_host,
             device=pool.torch_device,
         )
-        options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+        options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": dict(pool.resources)}
         pool_options = pool.serve_options(config.grace_period_s)
         draft = serve.deployment(DraftWorker, name="Draft", ray_actor_options=options, **pool_options)
         draft = draft.bind(spec)
@@ -94,9 +95,10 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
 
 def _target_deployment(config: ClusterConfig) -> serve.Deployment:
     pool = config.target
-    rank = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+    rank = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {}), **pool.resources}
     if pool.tp == 1:
-        options: dict[str, Any] = {"ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}}
+        actor = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": dict(pool.resources)}
+        options: dict[str, Any] = {"ray_actor_options": actor}
     else:  # bundle 0: the replica; bundles 1..tp: its ranks, all on one node
         options = {
             "ray_actor_options": {"num_cpus": RELAY_CPUS},
@@ -136,5 +138,6 @@ def start(config: ClusterConfig) -> None:
     host, port = config.http_host_port
     # Serve logs every call (and every replica change) at INFO: noise next to Tandem's own lines.
     quiet = {"log_level": "WARNING"}
-    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port}, logging_config=quiet)
+    http_options = {"host": host, "port": port, **http_tls_options(config.tls)}
+    serve.start(proxy_location="HeadOnly", http_options=http_options, logging_config=quiet)
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=quiet)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -29,9 +30,28 @@ def prompt_request(prompt: str | list[int], raw: bool = False, **fields: object)
     return api_pb2.GenerateRequest(chat=chat, **fields)
 
 
-def stream(channel: grpc.Channel, request: api_pb2.GenerateRequest, timeout: float | None = None) -> Iterator:
+Metadata = Sequence[tuple[str, str]]
+
+
+def connect(address: str, tls: bool = False, ca_file: str | None = None) -> grpc.Channel:
+    """A channel to the public API: plain text, or TLS when ``tls`` or ``ca_file`` (a PEM CA
+    certificate to trust instead of the system's) is given."""
+    if not (tls or ca_file):
+        return grpc.insecure_channel(address)
+    root = Path(ca_file).read_bytes() if ca_file else None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root))
+
+
+def bearer(token: str | None) -> Metadata:
+    """The metadata that carries an API token (none without one)."""
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def stream(
+    channel: grpc.Channel, request: api_pb2.GenerateRequest, timeout: float | None = None, metadata: Metadata = ()
+) -> Iterator:
     """The raw response stream (``GenerateResponse`` messages)."""
-    return api_pb2_grpc.TandemStub(channel).Generate(request, timeout=timeout)
+    return api_pb2_grpc.TandemStub(channel).Generate(request, timeout=timeout, metadata=metadata)
 
 
 def generate(
@@ -39,10 +59,11 @@ def generate(
     request: api_pb2.GenerateRequest,
     timeout: float | None = None,
     on_delta: Callable[[api_pb2.Delta], None] | None = None,
+    metadata: Metadata = (),
 ) -> Output:
     """Run a stream to its end; raises ``grpc.RpcError`` with the server's status."""
     out = Output()
-    for response in stream(channel, request, timeout):
+    for response in stream(channel, request, timeout, metadata):
         if response.HasField("delta"):
             out.token_ids.extend(response.delta.token_ids)
             out.text += response.delta.text

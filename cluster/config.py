@@ -35,6 +35,8 @@ class RayConfig:
 class RouterConfig:
     num_cpus: float = 0.1
     draft_timeout_s: float = 5.0  # a drafter silent this long is dropped: the session goes on target-only
+    # a session whose target replica is lost looks this long for another (or the restarted one)
+    resume_timeout_s: float = 60.0
     resources: dict[str, float] = field(default_factory=dict)  # e.g. pin the router to the head node
     max_ongoing_requests: int = 1024  # HTTP requests in flight through Serve's proxy (gRPC ones are not capped)
 
@@ -51,6 +53,10 @@ class PoolConfig:
     batch_wait_ms: float = 2.0  # continuous batching window
     num_replicas: int = 1  # without autoscaling_config
     autoscaling_config: dict[str, Any] | None = None  # Serve's AutoscalingConfig, as is
+    # custom Ray resources per replica (target: per rank), e.g. {"gpu-node": 1} pins a pool to labelled nodes
+    resources: dict[str, float] = field(default_factory=dict)
+    max_replicas_per_node: int | None = None  # spread replicas over nodes, so one node lost takes one replica
+    health_check_period_s: float = 5.0  # Serve probes each replica this often and replaces one that fails
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -61,6 +67,10 @@ class PoolConfig:
             raise ConfigError("device cuda needs num_gpus > 0: Ray gives a replica only the GPUs it asks for")
         if self.device == "cpu" and self.num_gpus:
             raise ConfigError("device cpu with num_gpus > 0 would hold GPUs it never uses")
+        if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
+            raise ConfigError(f"max_replicas_per_node must be >= 1, got {self.max_replicas_per_node}")
+        if self.health_check_period_s <= 0:
+            raise ConfigError(f"health_check_period_s must be > 0, got {self.health_check_period_s}")
 
     @property
     def threads(self) -> int:
@@ -77,7 +87,10 @@ class PoolConfig:
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": grace_period_s,
+            "health_check_period_s": self.health_check_period_s,
         }
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
         if self.autoscaling_config:
             options["autoscaling_config"] = self.autoscaling_config
         else:
@@ -106,6 +119,58 @@ class TargetConfig(PoolConfig):
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one request, or one client, may ask of the public APIs (gRPC and HTTP alike)."""
+
+    max_request_bytes: int = 1 << 20  # a gRPC message or an HTTP body (RESOURCE_EXHAUSTED / 413)
+    max_prompt_tokens: int | None = None  # None: what the context holds (max_model_len - 1)
+    max_tokens: int | None = None  # a request's max_tokens; None: up to the end of the context
+    max_stop: int = 16  # stop strings per request
+    max_stop_length: int = 256  # characters of one stop string
+    max_stop_token_ids: int = 64
+    # requests streaming at once per client (its token's name, else its host): RESOURCE_EXHAUSTED / 429
+    max_streams_per_client: int = 64
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"limits.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the public ports: the gRPC API, and Serve's HTTP proxy where `tandem serve` starts it."""
+
+    cert_file: str | None = None  # PEM certificate chain; with key_file, TLS is on
+    key_file: str | None = None
+    client_ca_file: str | None = None  # gRPC only: clients must present a certificate this CA signed
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("tls needs both cert_file and key_file")
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError("tls.client_ca_file needs cert_file and key_file")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens for the public APIs, one per line (``NAME:TOKEN`` or a bare token); read by the
+    router from a file or an environment variable, so they never appear on a command line or in
+    the Serve application's arguments."""
+
+    tokens_file: str | None = None
+    tokens_env: str | None = None  # the name of an environment variable holding them (whitespace-separated)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens_file or self.tokens_env)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     address: str = DEFAULT_ADDRESS  # the public gRPC API
     http_address: str = DEFAULT_HTTP_ADDRESS  # Serve's HTTP proxy: the OpenAI API, /health, /metrics
@@ -118,12 +183,20 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.target.tp < 1 or self.max_model_len < 2 or self.draft.max_draft_nodes < 0:
             raise ConfigError("need target.tp >= 1, max_model_len >= 2 and draft.max_draft_nodes >= 0")
+        if self.target.tp > 1 and self.target.max_replicas_per_node is not None:
+            raise ConfigError(
+                "target.max_replicas_per_node needs tp = 1: a tp group is one placement group, "
+                "packed on one node; pin groups to nodes with target.resources instead"
+            )
         if self.target.num_gpus not in (0, 1):
             raise ConfigError(
                 f"target.num_gpus is per tensor-parallel rank and must be 0 or 1 (one GPU per NCCL rank), "
@@ -184,4 +257,6 @@ def parse(cls: type, data: Any, where: str) -> Any:
 
 
 # Field types are strings (postponed annotations); the sections that are dataclasses themselves.
-_nested = {c.__name__: c for c in (RayConfig, RouterConfig, DraftConfig, TargetConfig)}
+_nested = {
+    c.__name__: c for c in (RayConfig, RouterConfig, DraftConfig, TargetConfig, LimitsConfig, TlsConfig, AuthConfig)
+}

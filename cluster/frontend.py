@@ -1,7 +1,8 @@
 """What the two public APIs (gRPC in router.py, OpenAI HTTP in openai_api.py) share: prompt to token
 ids, request to :class:`~cluster.session.Session`, session to a stream of text chunks, the live
-sessions by request id, and the request-level metrics. One code path, so the same request gives
-the same tokens through either API.
+sessions by owner and request id, the limits (``limits:``: prompt, values, stop lists, streams
+per client) and the request-level metrics. One code path, so the same request gives the same
+tokens, and the same refusals, through either API; bad input never reaches a worker.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
-import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 
 from cluster.config import ClusterConfig
 from cluster.metrics import Metrics
+from cluster.security import Caller, Tokens
 from cluster.session import Pools, Session
 from tandem.errors import InvalidRequest
 from tandem.models.catalog import resolve_model_path
@@ -29,12 +33,15 @@ from tandem.sequence import with_seed
 from tandem.tokenizer import Detokenizer, Messages, Tokenizer
 
 log = logging.getLogger(__name__)
+# gRPC sends a refusal's message in a trailer (16 KiB at most): one that echoes a huge input is cut.
+MAX_MESSAGE = 1000
 
 
 class Refused(Exception):
     """A request that cannot run or went wrong, with the gRPC status saying why (HTTP maps it)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "..."
         super().__init__(message)
         self.code, self.message = code, message
 
@@ -59,6 +66,11 @@ class Frontend:
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         self.model_name = config.model
         self.max_model_len = config.max_model_len
+        self.vocab_size = model.vocab_size
+        self.limits = config.limits
+        # the most a request may ask for: over the limit is refused, over the context stops there
+        self.max_output = config.limits.max_tokens or config.max_model_len
+        self.tokens = Tokens.load(config.auth)
         self.drafter = config.draft.drafter
         self.metrics = Metrics()
         self.pools = Pools(
@@ -69,36 +81,74 @@ class Frontend:
             decode=self.tokenizer.decode if self.tokenizer else None,
             max_draft_nodes=config.draft.max_draft_nodes,
             draft_timeout_s=config.router.draft_timeout_s,
+            resume_timeout_s=config.router.resume_timeout_s,
             metrics=self.metrics,
         )
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[tuple[str, str], Session] = {}  # by (caller's owner, request id)
+        self._streams: Counter[str] = Counter()  # live sessions per client
+        # One thread: a megabyte prompt's tokenizing (about 0.6 s) leaves the event loop, and the
+        # streams it serves, running; the tokenizer is not safe to share between threads.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.draining = False  # set once on shutdown: new requests are refused, live ones finish
 
-    def encode(self, prompt: str | list[int] | Messages, chat: bool = False) -> list[int]:
+    async def encode(self, prompt: str | list[int] | Messages, chat: bool = False) -> list[int]:
         """Token ids as given, or of raw text, or of chat messages through the chat template."""
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return prompt
         if self.tokenizer is None:
             raise InvalidRequest("this model has no tokenizer: send token ids")
-        return self.tokenizer.encode(prompt, chat=chat)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.tokenizer.encode, prompt, chat)
 
-    def open(self, prompt_ids: list[int], params: SamplingParams, drafter: str = "", request_id: str = "") -> Session:
+    def open(self, prompt_ids: list[int], params: SamplingParams, drafter: str = "") -> Session:
         """A session for the request, not started yet; :class:`Refused` when it cannot run here."""
         if self.draining:
             raise self.refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         try:
-            if params.stop and self.tokenizer is None:
-                raise InvalidRequest("stop strings need a tokenizer; this model has none")
+            self._check(prompt_ids, params)
             use_drafter = self._use(drafter)
-            return Session(self.pools, request_id or uuid.uuid4().hex, prompt_ids, with_seed(params), use_drafter)
+            return Session(self.pools, secrets.token_hex(16), prompt_ids, with_seed(params), use_drafter)
         except InvalidRequest as exc:
             raise self.refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
-    async def stream(self, session: Session) -> AsyncIterator[Chunk]:
-        """Run the session; its chunks, the last one with the finish reason. Raises :class:`Refused`."""
-        if session.session_id in self.sessions:
-            raise self.refused(grpc.StatusCode.ALREADY_EXISTS, f"request {session.session_id!r} is already running")
-        self.sessions[session.session_id] = session
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse what the model or the limits cannot take (InvalidRequest), before any worker sees it."""
+        limits, vocab = self.limits, self.vocab_size
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
+        if limits.max_prompt_tokens and len(prompt_ids) > limits.max_prompt_tokens:
+            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the limit is {limits.max_prompt_tokens}")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
+        if params.max_tokens > self.max_output:
+            raise InvalidRequest(f"max_tokens {params.max_tokens} is over the limit of {self.max_output}")
+        if params.top_k > vocab:
+            raise InvalidRequest(f"top_k must lie in [0, {vocab}] (0: no cut), got {params.top_k}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; this model has none")
+        if len(params.stop) > limits.max_stop:
+            raise InvalidRequest(f"{len(params.stop)} stop strings; the limit is {limits.max_stop}")
+        if any(len(s) > limits.max_stop_length for s in params.stop):
+            raise InvalidRequest(f"a stop string is longer than the limit of {limits.max_stop_length} characters")
+        if len(params.stop_token_ids) > limits.max_stop_token_ids:
+            raise InvalidRequest(
+                f"{len(params.stop_token_ids)} stop token ids; the limit is {limits.max_stop_token_ids}"
+            )
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequest(f"stop token ids must lie in [0, {vocab})")
+
+    async def stream(self, session: Session, caller: Caller, request_id: str) -> AsyncIterator[Chunk]:
+        """Run the session for ``caller``, who knows it as ``request_id``; its chunks, the last one
+        with the finish reason. Raises :class:`Refused`."""
+        key = (caller.owner, request_id)
+        if key in self.sessions:
+            raise self.refused(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
+        if self._streams[caller.client] >= self.limits.max_streams_per_client:
+            limit = self.limits.max_streams_per_client
+            raise self.refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{limit} requests of this client are running")
+        self.sessions[key] = session
+        self._streams[caller.client] += 1
         tokenizer, metrics = self.tokenizer, self.metrics
         detokenizer = Detokenizer(tokenizer, session.params.stop) if tokenizer else None
         started, first, emitted = time.perf_counter(), None, 0
@@ -118,7 +168,10 @@ class Frontend:
         except Exception as exc:  # Serve could not place the session, or a worker went away
             raise self.refused(*_failure_status(exc)) from None
         finally:
-            self.sessions.pop(session.session_id, None)
+            del self.sessions[key]
+            self._streams[caller.client] -= 1
+            if not self._streams[caller.client]:
+                del self._streams[caller.client]
             session.close()
         stats = session.state.stats
         metrics.requests.labels(session.state.finish_reason).inc()

@@ -44,6 +44,9 @@ class Metrics:
         self.prompt_tokens = counter("tandem:prompt_tokens", "Prompt tokens of the requests run")
         self.generation_tokens = counter("tandem:generation_tokens", "Tokens streamed to clients")
         self.requests = counter("tandem:request_success", "Finished requests by finish reason", ["finished_reason"])
+        self.resumes = counter(
+            "tandem:session_resumes", "Sessions moved to another target replica after losing theirs (none failed)"
+        )
         self.failures = counter("tandem:request_failure", "Requests refused or failed, by gRPC status", ["code"])
         # Histograms
         taus = self._bind(Histogram, buckets=TAU)

@@ -6,13 +6,16 @@ response starts only once the first tokens are out, so a request the workers ref
 long, cluster full) still gets an HTTP status and OpenAI's error JSON, never a broken stream.
 Extensions, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``,
 ``drafter``, and τ / rounds / drafted and accepted tokens in ``usage``.
+
+Before any route, :class:`_Gate` checks the bearer token (401; ``/health`` stays open for probes)
+and the body's size (413); the frontend checks the rest (400, or 429 past a client's streams).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -21,8 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.frontend import Chunk, Frontend, Refused
+from cluster.security import Caller, Tokens
 from cluster.session import Session
 from tandem.errors import InvalidRequest
 from tandem.sampling import SamplingParams
@@ -63,8 +69,8 @@ class _Generation(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # -1 or 0: no top-k cut
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**64)
@@ -130,6 +136,7 @@ def build_http_app(frontend: Frontend) -> FastAPI:
     app.add_exception_handler(InvalidRequest, _invalid)
     app.add_exception_handler(Refused, _refusal)
     app.add_exception_handler(Exception, _internal)
+    app.add_middleware(_Gate, tokens=frontend.tokens, max_body=frontend.limits.max_request_bytes)
 
     @app.get("/health")
     async def health() -> Response:
@@ -151,45 +158,42 @@ def build_http_app(frontend: Frontend) -> FastAPI:
         return JSONResponse(_model_card(frontend))
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Response:
+    async def completions(request: CompletionRequest, http: Request) -> Response:
         _accept(frontend, request)
         prompt = request.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise InvalidRequest(f"one prompt per request, got {len(prompt)}")
             prompt = prompt[0]
-        prompt_ids = frontend.encode(prompt)
-        return await _respond(frontend, request, prompt_ids, request.max_tokens or COMPLETIONS_MAX_TOKENS, chat=False)
+        prompt_ids = await frontend.encode(prompt)
+        max_tokens = request.max_tokens or min(COMPLETIONS_MAX_TOKENS, frontend.max_output)
+        return await _respond(frontend, request, http.state.caller, prompt_ids, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest) -> Response:
+    async def chat_completions(request: ChatRequest, http: Request) -> Response:
         _accept(frontend, request)
         if frontend.tokenizer is None or not frontend.tokenizer.has_chat_template:
             raise InvalidRequest("this model has no chat template: use /v1/completions")
-        prompt_ids = frontend.encode([m.as_dict() for m in request.messages], chat=True)
-        max_tokens = request.max_completion_tokens or request.max_tokens or frontend.max_model_len - len(prompt_ids)
-        return await _respond(frontend, request, prompt_ids, max_tokens, chat=True)
+        prompt_ids = await frontend.encode([m.as_dict() for m in request.messages], chat=True)
+        max_tokens = request.max_completion_tokens or request.max_tokens  # None: to the end of the context
+        return await _respond(frontend, request, http.state.caller, prompt_ids, max_tokens, chat=True)
 
     return app
 
 
 async def _respond(
-    frontend: Frontend, request: _Generation, prompt_ids: list[int], max_tokens: int, chat: bool
+    frontend: Frontend, request: _Generation, caller: Caller, prompt_ids: list[int], max_tokens: int | None, chat: bool
 ) -> Response:
     """Run the request; the whole response, or a stream of server-sent events."""
+    reply = _Reply(frontend.model_name, chat, request.return_token_ids)
+    session = frontend.open(prompt_ids, request.sampling(max_tokens or frontend.max_output), request.drafter)
     limit = frontend.max_model_len
-    if not prompt_ids:
-        raise InvalidRequest("prompt is empty")
-    if len(prompt_ids) >= limit:
-        raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the context holds {limit}")
-    if len(prompt_ids) + max_tokens > limit:
+    if max_tokens and len(prompt_ids) + max_tokens > limit:  # OpenAI's rule: what is asked for must fit
         raise InvalidRequest(
             f"the context holds {limit} tokens: {len(prompt_ids)} in the prompt leave room for "
             f"{limit - len(prompt_ids)}, not max_tokens {max_tokens}"
         )
-    reply = _Reply(frontend.model_name, chat, request.return_token_ids)
-    session = frontend.open(prompt_ids, request.sampling(max_tokens), request.drafter, reply.id)
-    chunks = frontend.stream(session)
+    chunks = frontend.stream(session, caller, reply.id)
     try:
         first = await anext(chunks)  # refusals surface here, before any byte is sent
         if request.stream:
@@ -233,7 +237,7 @@ class _Reply:
     """The ids, names and shapes of one response's JSON (completion or chat, whole or chunked)."""
 
     def __init__(self, model: str, chat: bool, with_token_ids: bool) -> None:
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(16)}"
         self.model, self.chat, self.with_token_ids = model, chat, with_token_ids
         self.created = int(time.time())
 
@@ -297,6 +301,65 @@ def _check_model(frontend: Frontend, model: str) -> None:
     if model != frontend.model_name:
         message = f"the model {model!r} does not exist; this server serves {frontend.model_name!r}"
         raise Refused(grpc.StatusCode.NOT_FOUND, message)
+
+
+class _Gate:
+    """ASGI middleware: the caller's bearer token (401 without a known one, except ``/health``) and
+    the body, read whole up to ``max_body`` bytes (413 beyond) before any route parses it. The
+    caller lands in ``request.state.caller``."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens | None, max_body: int) -> None:
+        self.app, self.tokens, self.max_body = app, tokens, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        name = None
+        if self.tokens is not None and scope["path"] != "/health":
+            name = self.tokens.name(headers.get("authorization"))
+            if name is None:
+                message = "send a valid API key as `Authorization: Bearer KEY`"
+                refusal = JSONResponse(
+                    _error_body(401, "authentication_error", message),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                return await refusal(scope, receive, send)
+        body = await self._body(headers, receive)
+        if body is None:
+            return await _error(413, f"the body is larger than {self.max_body} bytes")(scope, receive, send)
+        host, port = scope.get("client") or ("unknown", 0)
+        scope.setdefault("state", {})["caller"] = Caller.of(name, host, port)
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _body(self, headers: Headers, receive: Receive) -> bytes | None:
+        """The whole body; None when it is (or says it is) over the limit."""
+        declared = headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > self.max_body:
+            return None
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                return None
+            if not message.get("more_body"):
+                return body
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for the app: the body read already, then the client's own messages (a disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 def _event(body: dict[str, Any]) -> str:

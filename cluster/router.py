@@ -7,11 +7,17 @@ A gRPC request becomes token ids and sampling params (INVALID_ARGUMENT with a me
 cannot), then a session whose tokens and text are streamed out. Client cancel, deadline or
 disconnect cancels the handler, and with it the session's worker streams. Draining (shutdown,
 rollout, scale-down) turns health to NOT_SERVING, refuses new requests and lets live ones finish.
+
+With ``auth`` on, Tandem's own methods need a bearer token (cluster/security.py); a message over
+``limits.max_request_bytes`` is refused by gRPC itself (RESOURCE_EXHAUSTED). A request id is the
+caller's own: another caller can neither abort that request nor collide with its id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -21,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.config import ClusterConfig
 from cluster.frontend import Frontend, Refused
+from cluster.security import TokenGate, grpc_caller, server_credentials
 from cluster.session import Session
 from tandem.errors import InvalidRequest
 from tandem_proto.v1 import api_pb2, api_pb2_grpc
@@ -28,6 +35,7 @@ from workers.wire import CHANNEL_OPTIONS, params_from_proto
 
 log = logging.getLogger(__name__)
 SERVICE = api_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
+MAX_REQUEST_ID = 128  # characters; the id comes back in every response
 
 
 class Router(api_pb2_grpc.TandemServicer):
@@ -35,12 +43,22 @@ class Router(api_pb2_grpc.TandemServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.frontend = Frontend(config, draft, target, self._channel)
         self.grace_period_s = config.grace_period_s
-        self._server = grpc.aio.server()
+        tokens = self.frontend.tokens
+        self._server = grpc.aio.server(
+            interceptors=[TokenGate(tokens, SERVICE)] if tokens else [],
+            options=[("grpc.max_receive_message_length", config.limits.max_request_bytes)],
+        )
         api_pb2_grpc.add_TandemServicer_to_server(self, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
-        if not self._server.add_insecure_port(config.address):
+        credentials = server_credentials(config.tls)
+        port = (
+            self._server.add_secure_port(config.address, credentials)
+            if credentials
+            else self._server.add_insecure_port(config.address)
+        )
+        if not port:
             raise RuntimeError(f"cannot listen on {config.address}")
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -62,11 +80,15 @@ class Router(api_pb2_grpc.TandemServicer):
         return await self.frontend.drain(self.grace_period_s if grace_s is None else grace_s)
 
     async def __del__(self) -> None:
-        """Serve stops this replica (rollout, scale-down, shutdown): drain first."""
+        """Serve stops this replica (rollout, scale-down, shutdown): drain first. In a rollout the
+        new router already listens on the same port (gRPC binds with SO_REUSEPORT), so this one
+        stops listening at once: the new one takes every new connection, and this one's clients
+        reconnect there on their next call, while its live streams get the grace period."""
+        stopping = asyncio.ensure_future(self._server.stop(grace=self.grace_period_s + 1.0))
         left = await self.drain()
         if left:
             log.warning("stopping with %d live sessions after the %.0f s grace period", left, self.grace_period_s)
-        await self._server.stop(grace=1.0)
+        await stopping
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -83,38 +105,47 @@ class Router(api_pb2_grpc.TandemServicer):
         frontend = self.frontend
         try:
             try:
+                if len(request.request_id) > MAX_REQUEST_ID:
+                    raise InvalidRequest(f"request_id has more than {MAX_REQUEST_ID} characters")
                 params = params_from_proto(request.params)
-                session = frontend.open(self._prompt_ids(request), params, request.drafter, request.request_id)
+                if not request.params.HasField("max_tokens"):  # the default stays within a lower limit
+                    params = dataclasses.replace(params, max_tokens=min(params.max_tokens, frontend.max_output))
+                session = frontend.open(await self._prompt_ids(request), params, request.drafter)
             except InvalidRequest as exc:
                 raise frontend.refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             # Cancel, deadline or disconnect: free the workers now, not when the generators are collected.
             context.add_done_callback(lambda _: session.close())
-            async with contextlib.aclosing(frontend.stream(session)) as chunks:
+            request_id = request.request_id or session.session_id
+            caller = grpc_caller(frontend.tokens, context)
+            async with contextlib.aclosing(frontend.stream(session, caller, request_id)) as chunks:
                 async for chunk in chunks:
                     delta = api_pb2.Delta(token_ids=chunk.token_ids, text=chunk.text)
-                    yield api_pb2.GenerateResponse(request_id=session.session_id, delta=delta)
-            yield api_pb2.GenerateResponse(request_id=session.session_id, finished=_finished(session))
+                    yield api_pb2.GenerateResponse(request_id=request_id, delta=delta)
+            yield api_pb2.GenerateResponse(request_id=request_id, finished=_finished(session))
         except Refused as exc:
             await context.abort(exc.code, exc.message)
 
     async def Abort(  # noqa: N802 - the gRPC method name
         self, request: api_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.AbortResponse:
-        session = self.frontend.sessions.get(request.request_id)
+        """Only the caller that started a request may abort it; to anyone else it does not exist."""
+        owner = grpc_caller(self.frontend.tokens, context).owner
+        session = self.frontend.sessions.get((owner, request.request_id))
         if session is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no running request {request.request_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such request is running for this caller")
         session.abort()
         return api_pb2.AbortResponse()
 
-    def _prompt_ids(self, request: api_pb2.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, request: api_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind is None:
             raise InvalidRequest("prompt is empty")
         if kind == "token_ids":
             return list(request.token_ids.ids)
         if kind == "text":
-            return self.frontend.encode(request.text)
-        return self.frontend.encode([{"role": m.role, "content": m.content} for m in request.chat.messages], chat=True)
+            return await self.frontend.encode(request.text)
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        return await self.frontend.encode(messages, chat=True)
 
 
 def _finished(session: Session) -> api_pb2.Finished:
@@ -128,5 +159,6 @@ def _finished(session: Session) -> api_pb2.Finished:
         accepted_tokens=stats.accepted,
         tau=stats.tau,
         drafter_lost=session.drafter_lost,
+        target_resumes=session.target_resumes,
     )
     return api_pb2.Finished(finish_reason=state.finish_reason, usage=usage)

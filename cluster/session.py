@@ -5,6 +5,11 @@ bidirectional gRPC stream to each chosen replica. The per-sequence logic (draft 
 :class:`tandem.sequence.SequenceState`, the very code the in-process engine runs, so both emit the
 same tokens. A drafter that fails or goes silent is dropped and the session goes on target-only:
 the same tokens under greedy decoding, the same distribution under sampling.
+
+A target replica lost mid-stream (process, tp rank or node gone) costs the client nothing: the
+session is placed again (on another replica or the restarted one), prefills everything up to its
+anchor, and replays the round in flight. The target's draws depend only on (seed, position)
+(:func:`tandem.sampling.round_seed`), so the stream goes on exactly as it would have.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ from workers.wire import params_to_proto, step_from_proto, tensor_to_proto, tree
 
 log = logging.getLogger(__name__)
 
+# A target stream that ended with one of these lost its replica (or the replica lost a tp rank);
+# a refusal of the request itself (INVALID_ARGUMENT, ...) is the client's to see.
+LOST = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.ABORTED,
+}
+RETRY_S = 0.5  # between attempts to place a session whose replica was lost
+
 
 @dataclass
 class Pools:
@@ -39,6 +55,7 @@ class Pools:
     decode: Callable[[list[int]], str] | None
     max_draft_nodes: int
     draft_timeout_s: float
+    resume_timeout_s: float  # how long a session whose target replica was lost looks for another
     metrics: Metrics
 
 
@@ -96,12 +113,14 @@ class Session:
         self.params = params  # seed resolved: the target and the drafter share it
         self.state: SequenceState | None = None
         self.drafter_lost = False
-        self._target = Link("target", pools.target, worker_pb2_grpc.VerifyStub, pools)
+        self.target_resumes = 0
+        self._target: Link | None = None
         self._draft_link = Link("draft", pools.draft, worker_pb2_grpc.DraftStub, pools) if use_drafter else None
         self._draft: Link | None = None  # the draft link once it works
         self._draft_sent = 0  # tokens the drafter has seen
         self._placing: asyncio.Task | None = None
         self._aborted = False
+        self._closed = False
         self._holds_row = False
 
     def abort(self) -> None:
@@ -110,6 +129,7 @@ class Session:
 
     def close(self) -> None:
         """Free the session's state on both pools (idempotent)."""
+        self._closed = True
         if self._placing is not None:
             self._placing.cancel()
         if self._holds_row:
@@ -121,18 +141,9 @@ class Session:
 
     async def run(self) -> AsyncIterator[tuple[list[int], str | None]]:
         """The new tokens after each target pass, with the finish reason on the last."""
-        pools, target, draft = self.pools, self._target, self._draft_link
+        pools = self.pools
         try:
-            await target.place(self.session_id)
-            if draft is not None:  # placed while the target runs the prefill
-                self._placing = asyncio.create_task(self._open_draft(draft))
-            opening = worker_pb2.VerifyOpen(
-                session_id=self.session_id,
-                prompt_ids=self.prompt_ids,
-                params=params_to_proto(self.params),
-                want_features=draft is not None,
-            )
-            reply = await target.ask(worker_pb2.VerifyIn(open=opening))
+            reply = await self._connect_target()
             self._holds_row = True
             pools.metrics.kv_rows.inc()
             state = self.state = SequenceState.start(
@@ -149,7 +160,7 @@ class Session:
                     return
                 tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
                 asked = time.perf_counter()
-                reply = await target.ask(worker_pb2.VerifyIn(tree=tree_to_proto(tree)))
+                reply = await self._verify(tree)
                 verified = time.perf_counter()
                 state.record_round(len(tree) - 1, reply.accepted)
                 # Router time: the consumer's since the last verdict, plus this round's own work.
@@ -159,6 +170,51 @@ class Session:
                 yield state.advance(step_from_proto(reply)), state.finish_reason
         finally:
             self.close()
+
+    async def _verify(self, tree: TokenTree) -> worker_pb2.VerifyOut:
+        """The target's verdict on ``tree``; a lost replica is replaced and the round replayed."""
+        message = worker_pb2.VerifyIn(tree=tree_to_proto(tree))
+        while True:
+            try:
+                return await self._target.ask(message)
+            except Exception as exc:
+                if self._closed or not _lost(exc):
+                    raise
+                self.target_resumes += 1
+                self.pools.metrics.resumes.inc()
+                log.warning("session %s: target replica lost (%s); resuming on another", self.session_id, exc)
+                await self._connect_target()
+
+    async def _connect_target(self) -> worker_pb2.VerifyOut:
+        """Place the session on a target replica and open it there: with its prompt, or (resuming)
+        with its tokens up to the anchor. A lost replica is retried until ``resume_timeout_s``."""
+        deadline = time.monotonic() + self.pools.resume_timeout_s
+        while True:
+            if self._target is not None:
+                self._target.close()
+            self._target = Link("target", self.pools.target, worker_pb2_grpc.VerifyStub, self.pools)
+            try:
+                await self._target.place(self.session_id)
+                if self._draft_link is not None and self._placing is None:  # placed while the target prefills
+                    self._placing = asyncio.create_task(self._open_draft(self._draft_link))
+                return await self._target.ask(worker_pb2.VerifyIn(open=self._opening()))
+            except Exception as exc:
+                resuming = self.state is not None
+                if self._closed or not _lost(exc, resuming) or time.monotonic() > deadline:
+                    raise
+                log.info("session %s: no target replica yet (%s); retrying", self.session_id, exc)
+            await asyncio.sleep(RETRY_S)
+
+    def _opening(self) -> worker_pb2.VerifyOpen:
+        state, features = self.state, self._draft_link is not None
+        if state is None:
+            prompt_ids, resume = self.prompt_ids, False
+        else:  # everything but the anchor, which heads the round being replayed
+            prompt_ids, resume = state.token_ids[:-1], True
+        params = params_to_proto(self.params)
+        return worker_pb2.VerifyOpen(
+            session_id=self.session_id, prompt_ids=prompt_ids, params=params, want_features=features, resume=resume
+        )
 
     async def _open_draft(self, draft: Link) -> None:
         try:
@@ -196,3 +252,16 @@ class Session:
         if self._draft is not None:
             self._draft.close()
             self._draft = None
+
+
+def _lost(exc: BaseException, resuming: bool = True) -> bool:
+    """Whether ``exc`` says the target replica went away (worth placing the session again) rather
+    than that the request is bad. A live session also waits out a full pool; a new one is refused."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, (ConnectionError, RayActorError)):
+        return True
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in LOST or (resuming and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    return resuming and isinstance(exc, BackPressureError)

@@ -6,16 +6,21 @@ distribution speculation reproduces is, by construction, the one plain sampling 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from tandem.errors import InvalidRequest
 
+# Below this temperature decoding is greedy, as it is in the limit (vLLM does the same): dividing
+# float32 logits by a smaller one overflows them to inf and the probabilities to NaN.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings; ``temperature == 0`` means greedy."""
+    """Per-request decoding settings; ``temperature`` 0 (below ``MIN_TEMPERATURE``) means greedy."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
@@ -27,8 +32,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise InvalidRequest(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -40,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -63,6 +68,21 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def round_seed(seed: int, position: int) -> int:
+    """The seed of the target's draws in the round whose anchor sits at ``position``.
+
+    A function of (seed, position) alone, not of a generator's history: a session resumed on
+    another replica (after prefilling what it already emitted) draws exactly what it would have
+    drawn. splitmix64's finaliser decorrelates neighbouring positions."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: any torch generator takes it
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -46,7 +46,12 @@ class Tokenizer:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not messages:
             raise InvalidRequest("no chat messages")
-        ids = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # e.g. roles a template does not take (Gemma's raise_exception)
+            raise InvalidRequest(f"the chat template refused the messages: {exc}") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def decode(self, ids: Sequence[int]) -> str:

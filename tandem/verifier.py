@@ -16,7 +16,7 @@ import torch
 from tandem.devices import HOST, host_tensor
 from tandem.errors import InvalidRequest, TandemError
 from tandem.models.decoder import Transformer
-from tandem.sampling import SamplingParams
+from tandem.sampling import SamplingParams, round_seed
 from tandem.tree import TokenTree, ancestor_rows, chain, tree_depths
 from tandem.verify import Verdict, verify_batch
 
@@ -37,7 +37,8 @@ class Step:
 @dataclass
 class _Slot:
     params: SamplingParams
-    generator: torch.Generator  # on the host, where verification walks (tandem.verify)
+    seed: int
+    generator: torch.Generator  # on the host, where verification walks (tandem.verify); reseeded per round
     prompt_ids: list[int]
 
 
@@ -89,7 +90,7 @@ class Verifier:
             raise NoRoom(f"all {self.cache.num_rows} sequences are in use")
         row = min(set(range(self.cache.num_rows)) - self._slots.keys())
         self.cache.reset(row)
-        self._slots[row] = _Slot(params, torch.Generator(device=HOST).manual_seed(seed), list(prompt_ids))
+        self._slots[row] = _Slot(params, seed, torch.Generator(device=HOST), list(prompt_ids))
         return row
 
     def close(self, row: int) -> None:
@@ -111,7 +112,7 @@ class Verifier:
         causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril().expand(len(rows), -1, -1)
         last = host_tensor([[n - 1] for n in lengths], torch.long, device)
         logits, features = self._pass(tokens, depths, causal, rows, last)
-        verdicts = self._verdicts(rows, [chain(p[-1], []) for p in prompts], logits)
+        verdicts = self._verdicts(rows, [chain(p[-1], []) for p in prompts], logits, [n - 1 for n in lengths])
         for row, n in zip(rows, lengths):  # only now: a pass that raised changed nothing
             self.cache.commit(row, range(n))
         return [
@@ -144,7 +145,7 @@ class Verifier:
             host_tensor(mask, torch.bool, device),
             rows,
         )
-        verdicts = self._verdicts(rows, trees, logits)
+        verdicts = self._verdicts(rows, trees, logits, [self.cache.lengths[row] for row in rows])
         steps = []
         for b, (row, tree, verdict) in enumerate(zip(rows, trees, verdicts)):
             self.cache.commit(row, verdict.accepted_nodes)
@@ -152,8 +153,13 @@ class Verifier:
             steps.append(Step(verdict.emitted(tree), verdict.accepted_drafts, kept))
         return steps
 
-    def _verdicts(self, rows: Sequence[int], trees: Sequence[TokenTree], logits: torch.Tensor) -> list[Verdict]:
+    def _verdicts(
+        self, rows: Sequence[int], trees: Sequence[TokenTree], logits: torch.Tensor, anchors: Sequence[int]
+    ) -> list[Verdict]:
+        """``anchors``: each tree's root position in its sequence, which keys the round's draws."""
         slots = [self._slots[r] for r in rows]
+        for slot, position in zip(slots, anchors):
+            slot.generator.manual_seed(round_seed(slot.seed, position))
         verdicts = verify_batch(trees, logits, [s.params for s in slots], [s.generator for s in slots])
         return verdicts if self.agree is None else self.agree(verdicts)
 

@@ -70,11 +70,25 @@ def test_concurrent_streams_match_the_engine(channel: grpc.Channel, model: Path)
         (request([1, 2], 0), "max_tokens must be > 0"),
         (request([1, 2], -3), "max_tokens must be > 0"),
         (request([1, 2], 8, temperature=-0.5), "temperature must be >= 0"),
+        (request([1, 2], 8, temperature=float("inf")), "temperature must be >= 0 and finite"),
+        (request([1, 2], 8, stop_token_ids=[64]), "stop token ids must lie in [0, 64)"),
         (request([1, 2] * 2500, 8), "prompt has 5000 tokens"),
         (request([1, 99], 8), "prompt token ids must lie in [0, 64)"),
         (api_pb2.GenerateRequest(text="hello"), "no tokenizer"),
     ],
-    ids=["empty", "no-prompt", "drafter", "max-tokens-0", "max-tokens-neg", "temperature", "too-long", "vocab", "text"],
+    ids=[
+        "empty",
+        "no-prompt",
+        "drafter",
+        "max-tokens-0",
+        "max-tokens-neg",
+        "temperature",
+        "temperature-inf",
+        "stop-id",
+        "too-long",
+        "vocab",
+        "text",
+    ],
 )
 def test_invalid_requests(channel: grpc.Channel, req: api_pb2.GenerateRequest, message: str) -> None:
     with pytest.raises(grpc.RpcError) as failure:

@@ -193,6 +193,26 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     assert runs[0] == runs[1]
 
 
+def test_a_resumed_sequence_draws_what_it_would_have_drawn(llama):
+    """The target's draws depend only on (seed, position): a verifier that prefills a sequence's
+    tokens up to its anchor (a session moved to another replica) then verifies the same tree
+    emits what the first verifier emitted, under sampling, with rejections and resampling."""
+    prompt = _tiny_prompts(1, seed=8)[0]
+    params = SamplingParams(temperature=1.0, seed=11)
+    first = Verifier(llama, rows=1, capacity=128)
+    row = first.open(prompt, params, params.seed)
+    tokens = prompt + first.prefill([row])[0].tokens
+    rng = random.Random(0)
+    for _ in range(12):  # random trees: most drafts are rejected, each round draws several numbers
+        tree = from_paths(tokens[-1], [[rng.randrange(64) for _ in range(3)] for _ in range(2)])
+        moved = Verifier(llama, rows=1, capacity=128)
+        moved_row = moved.open(tokens[:-1], params, params.seed)
+        moved.prefill([moved_row])
+        expected = first.verify([row], [tree])[0].tokens
+        assert moved.verify([moved_row], [tree])[0].tokens == expected
+        tokens += expected
+
+
 # --- stops, limits and bad input ---------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,8 +18,6 @@ import pytest
 
 from cluster.client import generate, prompt_request
 from cluster.config import ClusterConfig
-from tandem.models.catalog import DEFAULT_MODEL, resolve_model_path
-from tandem.models.loading import resolve_model_dir
 from tandem_proto.v1 import api_pb2
 from tests.cluster_helpers import (
     config_for,
@@ -28,9 +25,9 @@ from tests.cluster_helpers import (
     free_port,
     one_torch_thread,  # noqa: F401 - autouse
     running,
+    tiny_chat_target,
     wait_for,
 )
-from tests.tiny_models import build_tiny
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -41,13 +38,7 @@ LONG = 400  # tokens: a stream that outlives what a test does next to it
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random llama over SmolLM2's vocabulary, with its tokenizer and chat template."""
-    source = resolve_model_dir(resolve_model_path(DEFAULT_MODEL))
-    folder = tmp_path_factory.mktemp("openai") / "tiny-chat"
-    build_tiny("llama", folder, vocab=49152, max_position_embeddings=CONTEXT)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(source / name, folder / name)
-    return folder
+    return tiny_chat_target(tmp_path_factory.mktemp("openai") / "tiny-chat", CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +184,8 @@ USER = [{"role": "user", "content": "Hi"}]
         ({"messages": USER, "model": "gpt-7"}, 404, "the model 'gpt-7' does not exist"),
         ({"messages": USER, "n": 2}, 400, "n must be 1"),
         ({"messages": USER, "temperature": -1}, 400, "temperature"),
+        ({"messages": USER, "temperature": float("inf")}, 400, "temperature"),
+        ({"messages": USER, "stop_token_ids": [60000]}, 400, "stop token ids must lie in [0, 49152)"),
         ({"messages": USER, "top_p": 0}, 400, "top_p"),
         ({"messages": USER, "stream_options": {"include_usage": True}}, 400, "stream_options needs stream"),
         ({"messages": USER, "logprobs": True}, 400, "logprobs is not supported"),
@@ -208,6 +201,8 @@ USER = [{"role": "user", "content": "Hi"}]
         "unknown-model",
         "n",
         "temperature",
+        "temperature-inf",
+        "stop-id",
         "top-p",
         "stream-options",
         "logprobs",

@@ -71,7 +71,8 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_DraftServicer_to_server(self, server))
 
     async def stats(self) -> dict[str, int]:
-        return {"sessions": self.live_sessions(), "batches": self.batcher.batches}
+        held = await asyncio.get_running_loop().run_in_executor(self._thread, self.drafter.held)
+        return {"sessions": self.live_sessions(), "batches": self.batcher.batches, "drafter_states": held}
 
     async def _propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._propose_on_host, requests)

@@ -10,6 +10,7 @@ failure with a verification.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from tandem.verifier import NoRoom, Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher
 from workers.server import WorkerServer
-from workers.tp import LocalRanks, Ranks, RayRanks, ShardSpec
+from workers.tp import LocalRanks, Ranks, RanksLost, RayRanks, ShardSpec
 from workers.wire import params_from_proto, step_to_proto, tree_from_proto
 
 # A verification: (row, tree, greedy); greedy: the session's target is greedy, which frees the
@@ -54,7 +55,13 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
 
     async def stats(self) -> dict[str, int]:
         batches = self.prefills.batches + self.verifies.batches
-        return {"sessions": self.live_sessions(), "batches": batches, "capacity": self.capacity}
+        rows = await self.ranks.call("rows_in_use")
+        return {"sessions": self.live_sessions(), "batches": batches, "capacity": self.capacity, "rows": rows}
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: a tp group that lost a rank fails it, so Serve replaces the
+        replica with a whole new group (its sessions resume on other replicas meanwhile)."""
+        await self.ranks.check()
 
     async def _prefill(self, rows: list[int]) -> list[tuple[Step, int]]:
         return await self.ranks.call("prefill", rows)
@@ -77,13 +84,21 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except NoRoom as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target replica is full: {exc}")
+            except RanksLost as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             try:
                 step, room = await self.prefills.submit(row)
+                # Resuming: the drafter saw these tokens' features on the lost replica already.
+                features = opening.want_features and not opening.resume
                 while True:
-                    yield step_to_proto(step, room, self.capacity, opening.want_features)
+                    yield step_to_proto(step, room, self.capacity, features)
                     message = await anext(requests, None)
                     if message is None:
                         break
                     step, room = await self.verifies.submit((row, tree_from_proto(message.tree), params.greedy))
+                    features = opening.want_features
+            except RanksLost as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:  # also on cancellation: the row must come back
-                await asyncio.shield(self.ranks.call("close", row))
+                with contextlib.suppress(RanksLost):
+                    await asyncio.shield(self.ranks.call("close", row))

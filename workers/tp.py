@@ -82,15 +82,24 @@ OPERATIONS = {
     "open": Verifier.open,
     "close": Verifier.close,
     "capacity": lambda verifier: verifier.capacity,
+    "rows_in_use": lambda verifier: verifier.cache.num_rows - verifier.free_rows,
     "prefill": _prefill,
     "verify": _verify,
     "pass_cost": _pass_cost,
 }
 
 
+class RanksLost(RuntimeError):
+    """A rank of the tp group died: the group cannot run another collective pass. Its replica
+    fails Serve's health check, so Serve replaces the whole group; its sessions resume elsewhere."""
+
+
 class Ranks(Protocol):
     async def call(self, operation: str, *args: Any) -> Any:
         """Run ``OPERATIONS[operation](verifier, *args)`` on every rank; rank 0's result."""
+
+    async def check(self) -> None:
+        """Raise :class:`RanksLost` if the group lost a rank."""
 
 
 class LocalRanks:
@@ -103,6 +112,12 @@ class LocalRanks:
     async def call(self, operation: str, *args: Any) -> Any:
         run = OPERATIONS[operation]
         return await asyncio.get_running_loop().run_in_executor(self._thread, run, self.verifier, *args)
+
+    async def check(self) -> None:
+        """Its ranks live and die with the replica's process, which Serve watches itself."""
+
+
+RANK_NAME = "tandem-tp-rank"
 
 
 class Rank:
@@ -120,6 +135,9 @@ class Rank:
         result = OPERATIONS[operation](self.verifier, *args)
         return result if self.rank == 0 else None
 
+    def alive(self) -> bool:
+        return True
+
 
 class RayRanks:
     """tp > 1: one actor per rank on bundles 1..tp of the replica's placement group (bundle 0
@@ -135,17 +153,32 @@ class RayRanks:
         actor = ray.remote(Rank)
         self.actors = [
             actor.options(
+                name=f"{RANK_NAME}{rank}-{group.id.hex()}",  # ray list actors: which group, which rank
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank + 1),
             ).remote(spec, rank, tp, init_method)
             for rank in range(tp)
         ]
+        self.lost: BaseException | None = None  # once a rank died, the survivors may hang in a collective
 
     async def call(self, operation: str, *args: Any) -> Any:
         # Submitted in one order from one caller, so every rank runs the same sequence of calls.
-        results = await asyncio.gather(*[a.call.remote(operation, *args) for a in self.actors])
-        return results[0]
+        return (await self._all([a.call.remote(operation, *args) for a in self.actors]))[0]
+
+    async def check(self) -> None:
+        await self._all([a.alive.remote() for a in self.actors])
+
+    async def _all(self, calls: list[Any]) -> list[Any]:
+        from ray.exceptions import RayActorError
+
+        if self.lost is not None:
+            raise RanksLost(f"the tp group lost a rank: {self.lost}")
+        try:
+            return await asyncio.gather(*calls)
+        except RayActorError as exc:
+            self.lost = exc
+            raise RanksLost(f"the tp group lost a rank: {exc}") from exc
 
 
 def _free_port() -> int:

@@ -38,3 +38,8 @@ class Drafter(ABC):
 
     def release(self, seq_id: int) -> None:  # noqa: B027 - stateless drafters keep nothing
         """Forget what is kept for ``seq_id`` (its sequence finished or was aborted)."""
+
+    def held(self) -> int:
+        """Sequences whose state this drafter keeps: back to 0 once every one is released (a
+        serving replica reports it, so a leak shows)."""
+        return 0

@@ -52,6 +52,9 @@ class HybridDrafter(Drafter):
         self.suffix.release(seq_id)
         self.neural.release(seq_id)
 
+    def held(self) -> int:
+        return max(self.suffix.held(), self.neural.held())
+
     def _confident(self, tree: TokenTree) -> bool:
         survival = tree.survival  # suffix trees always carry it; node 1 is their best guess
         return len(tree) > self.min_tokens and survival is not None and survival[1] >= self.min_survival

@@ -294,6 +294,9 @@ class NeuralDrafter(Drafter):
     def release(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
 
+    def held(self) -> int:
+        return len(self._states)
+
     @torch.inference_mode()
     def absorb(self, request: DraftRequest) -> DraftState:
         """Take the request's new target features into the sequence's context cache, without

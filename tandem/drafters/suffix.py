@@ -165,6 +165,9 @@ class SuffixDrafter(Drafter):
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
         return [self._propose_one(r) for r in requests]
 
+    def held(self) -> int:
+        return len(self._states)
+
     def release(self, seq_id: int) -> None:
         """Forget the sequence; its output joins the shared trie, which is rebuilt from the last
         ``history`` outputs once it holds twice as many (bounded; each output is added twice at most)."""
