@@ -46,6 +46,7 @@ def build_app(config: ClusterConfig) -> Application:
             threads=pool.threads,
             host=config.worker_host,
             device=pool.torch_device,
+            tls=config.internal_tls,
         )
         options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": dict(pool.resources)}
         pool_options = pool.serve_options(config.grace_period_s)
@@ -88,8 +89,9 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
         device=pool.torch_device,
         exact=pool.exact,
     )
+    wait_s = pool.batch_wait_ms / 1000
     return TargetSpec(
-        shard, pool.tp, pool.num_cpus, pool.num_gpus, pool.batch_wait_ms / 1000, config.worker_host, pool.schedule
+        shard, pool.tp, pool.num_cpus, pool.num_gpus, wait_s, config.worker_host, pool.schedule, config.internal_tls
     )
 
 

@@ -87,10 +87,15 @@ def _check_exposure(config: ClusterConfig, insecure: bool) -> None:
 
 def _check_secrets(config: ClusterConfig) -> None:
     """The token and certificate files the router will read (here, on a local cluster) are readable."""
+    from cluster.config import ConfigError
     from cluster.security import Tokens, server_credentials
 
     Tokens.load(config.auth)
     server_credentials(config.tls)
+    try:
+        config.internal_tls.server_credentials()
+    except OSError as exc:
+        raise ConfigError(f"internal_tls: cannot read {exc.filename} ({exc.strerror})") from None
 
 
 def _check_free(key: str, address: str) -> None:

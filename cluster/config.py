@@ -16,6 +16,7 @@ import yaml
 from tandem.drafters import default_drafter
 from tandem.errors import TandemError
 from tandem.models.catalog import DEFAULT_MODEL
+from workers.tls import InternalTls
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_HTTP_ADDRESS = "127.0.0.1:8000"
@@ -186,6 +187,9 @@ class ClusterConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # mutual TLS on the router's streams to both pools (cert_file, key_file, ca_file, server_name):
+    # for a multi-node cluster whose worker_host is reachable from other machines
+    internal_tls: InternalTls = field(default_factory=InternalTls)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -206,6 +210,9 @@ class ClusterConfig:
             raise ConfigError(f"target.exact must be true, false or null (auto), got {self.target.exact!r}")
         if self.grace_period_s < 0:
             raise ConfigError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
+        files = (self.internal_tls.cert_file, self.internal_tls.key_file, self.internal_tls.ca_file)
+        if any(files) and not all(files):
+            raise ConfigError("internal_tls needs cert_file, key_file and ca_file, or none of them")
         host, _, port = self.http_address.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"http_address must be HOST:PORT, got {self.http_address!r}")
@@ -258,5 +265,6 @@ def parse(cls: type, data: Any, where: str) -> Any:
 
 # Field types are strings (postponed annotations); the sections that are dataclasses themselves.
 _nested = {
-    c.__name__: c for c in (RayConfig, RouterConfig, DraftConfig, TargetConfig, LimitsConfig, TlsConfig, AuthConfig)
+    c.__name__: c
+    for c in (RayConfig, RouterConfig, DraftConfig, TargetConfig, LimitsConfig, TlsConfig, AuthConfig, InternalTls)
 }

@@ -31,7 +31,7 @@ from cluster.security import TokenGate, grpc_caller, server_credentials
 from cluster.session import Session
 from tandem.errors import InvalidRequest
 from tandem_proto.v1 import api_pb2, api_pb2_grpc
-from workers.wire import CHANNEL_OPTIONS, params_from_proto
+from workers.wire import params_from_proto
 
 log = logging.getLogger(__name__)
 SERVICE = api_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
@@ -41,6 +41,7 @@ MAX_REQUEST_ID = 128  # characters; the id comes back in every response
 class Router(api_pb2_grpc.TandemServicer):
     async def __init__(self, config: ClusterConfig, draft: object | None, target: object) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._internal_tls = config.internal_tls
         self.frontend = Frontend(config, draft, target, self._channel)
         self.grace_period_s = config.grace_period_s
         tokens = self.frontend.tokens
@@ -92,7 +93,7 @@ class Router(api_pb2_grpc.TandemServicer):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = self._internal_tls.channel(address)
         return self._channels[address]
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

@@ -1,6 +1,7 @@
 """A real multi-node Ray cluster on this machine (a head and two worker nodes, each its own raylet,
-from ``ray.cluster_utils``): the pools land where the placement settings say, and losing the node
-under a target replica loses no session (they resume on the other node's replica)."""
+from ``ray.cluster_utils``): the pools land where the placement settings say, losing the node
+under a target replica loses no session (they resume on the other node's replica), and the
+worker streams run over mutual TLS (a peer without the CA's certificate is refused)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.cluster_helpers import (
     config_for,
     engine_outputs,
     free_port,
+    make_certificates,
     one_torch_thread,  # noqa: F401 - autouse
     running,
     tiny_target,
@@ -49,11 +51,18 @@ def ray_cluster() -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def config(model: Path, ray_cluster: object) -> ClusterConfig:
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_certificates(tmp_path_factory.mktemp("internal-tls"))
+
+
+@pytest.fixture(scope="module")
+def config(model: Path, ray_cluster: object, certificates: dict[str, Path]) -> ClusterConfig:
     head = {"resources": {"head": 0.1}}
+    tls = {"cert_file": "server", "key_file": "server_key", "ca_file": "ca"}
     return config_for(
         model,
         free_port(),
+        internal_tls={**{key: str(certificates[name]) for key, name in tls.items()}, "server_name": "localhost"},
         ray={"address": ray_cluster.address},
         router={**head, "resume_timeout_s": 120.0},
         draft=head,
@@ -95,3 +104,33 @@ def test_losing_a_target_node_loses_no_session(channel: grpc.Channel, ray_cluste
     ray_cluster.remove_node(ray_cluster.target_nodes[0], allow_graceful=False)
     assert [s.result() for s in streams] == expected
     assert sum(s.finished.usage.target_resumes for s in streams) >= 1  # the lost node held sessions
+
+
+@pytest.mark.parametrize("pool", ["Draft", "Target"])
+def test_workers_refuse_peers_without_the_internal_certificate(
+    channel: grpc.Channel, certificates: dict[str, Path], pool: str
+) -> None:
+    from ray import serve
+
+    from cluster.app import APP_NAME
+    from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
+
+    placement = serve.get_deployment_handle(pool, app_name=APP_NAME).options(stream=True).session.remote("probe")
+    address = next(iter(placement))  # the replica's gRPC address
+    placement.cancel()
+    ca = certificates["ca"].read_bytes()
+    stub = worker_pb2_grpc.DraftStub if pool == "Draft" else worker_pb2_grpc.VerifyStub
+    message = worker_pb2.DraftIn() if pool == "Draft" else worker_pb2.VerifyIn()
+    server_name = [("grpc.ssl_target_name_override", "localhost")]
+    key, cert = certificates["server_key"].read_bytes(), certificates["server"].read_bytes()
+    member = grpc.ssl_channel_credentials(ca, key, cert)  # the cluster's own certificate
+    stranger = grpc.ssl_channel_credentials(ca)  # trusts the worker, shows no certificate of its own
+    for peer, code in (
+        (grpc.insecure_channel(address), grpc.StatusCode.UNAVAILABLE),  # plain text
+        (grpc.secure_channel(address, stranger, options=server_name), grpc.StatusCode.UNAVAILABLE),
+        # the cluster's own certificate gets through, to the worker's refusal of a stream without an opening
+        (grpc.secure_channel(address, member, options=server_name), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with peer, pytest.raises(grpc.RpcError) as refused:
+            list(stub(peer).Session(iter([message]), timeout=30))
+        assert refused.value.code() == code

@@ -12,6 +12,7 @@ import itertools
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import torch
@@ -23,6 +24,7 @@ from tandem.tree import TokenTree
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher
 from workers.server import WorkerServer
+from workers.tls import InternalTls
 from workers.wire import params_from_proto, tensor_from_proto, tree_to_proto
 
 
@@ -36,6 +38,7 @@ class DraftSpec:
     threads: int
     host: str
     device: str = "cpu"  # "cuda" when the pool asks for a GPU
+    tls: InternalTls = InternalTls()  # mutual TLS on its gRPC server
 
 
 def build_drafter(spec: DraftSpec) -> Drafter:
@@ -68,7 +71,7 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         self.batcher: Batcher[DraftRequest, TokenTree] = Batcher(
             self._propose, spec.batch_wait_s, self.live_sessions, isolate=False
         )
-        await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_DraftServicer_to_server(self, server))
+        await self.start_server(spec.host, partial(worker_pb2_grpc.add_DraftServicer_to_server, self), spec.tls)
 
     async def stats(self) -> dict[str, int]:
         held = await asyncio.get_running_loop().run_in_executor(self._thread, self.drafter.held)

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from workers.tls import InternalTls
 from workers.wire import CHANNEL_OPTIONS
 
 # A placement whose gRPC stream never comes (the router died in between) is given up after this.
@@ -32,12 +33,17 @@ class WorkerServer:
     address: str
     _server: grpc.aio.Server
 
-    async def start_server(self, host: str, add_servicer: Callable[[grpc.aio.Server], None]) -> None:
-        """Serve on an ephemeral port of ``host``; ``0.0.0.0`` advertises the node's IP."""
+    async def start_server(self, host: str, add_servicer: Callable[[grpc.aio.Server], None], tls: InternalTls) -> None:
+        """Serve on an ephemeral port of ``host`` (mutual TLS when ``tls`` is on); ``0.0.0.0``
+        advertises the node's IP."""
         self._placements: dict[str, _Placement] = {}
         self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
         add_servicer(self._server)
-        port = self._server.add_insecure_port(f"{host}:0")
+        credentials = tls.server_credentials()
+        listen = f"{host}:0"
+        port = (
+            self._server.add_secure_port(listen, credentials) if credentials else self._server.add_insecure_port(listen)
+        )
         await self._server.start()
         if host in ("0.0.0.0", "[::]"):
             import ray

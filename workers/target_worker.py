@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 
@@ -23,6 +24,7 @@ from tandem.verifier import NoRoom, Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher
 from workers.server import WorkerServer
+from workers.tls import InternalTls
 from workers.tp import LocalRanks, Ranks, RanksLost, RayRanks, ShardSpec
 from workers.wire import params_from_proto, step_to_proto, tree_from_proto
 
@@ -40,6 +42,7 @@ class TargetSpec:
     batch_wait_s: float
     host: str
     schedule: bool = True  # cut the batch's trees to the width that pays (tandem.scheduler)
+    tls: InternalTls = InternalTls()  # mutual TLS on its gRPC server
 
 
 class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
@@ -51,7 +54,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         self.cost: PassCost | None = await self.ranks.call("pass_cost", spec.shard.model) if spec.schedule else None
         self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, spec.batch_wait_s, self.live_sessions)
         self.verifies: Batcher[Job, tuple[Step, int]] = Batcher(self._verify, spec.batch_wait_s, self.live_sessions)
-        await self.start_server(spec.host, lambda server: worker_pb2_grpc.add_VerifyServicer_to_server(self, server))
+        await self.start_server(spec.host, partial(worker_pb2_grpc.add_VerifyServicer_to_server, self), spec.tls)
 
     async def stats(self) -> dict[str, int]:
         batches = self.prefills.batches + self.verifies.batches
