@@ -430,7 +430,7 @@ def test_fuzzed_requests_leave_the_server_and_other_sessions_intact(
     def finishes(data: bytes) -> None:
         assert list(raw(data, timeout=120, metadata=ALICE))[-1].HasField("finished")
 
-    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(WIRE)
     @example((request(PROMPT, 8, temperature=5e-324).SerializeToString(), OK))  # greedy, not NaN
     @example((request([7] * 300_000, 8).SerializeToString(), REFUSED))  # 1.5 MB
