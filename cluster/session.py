@@ -72,9 +72,14 @@ class Link:
 
     async def place(self, session_id: str) -> None:
         """Wait for a replica (Serve queues the call while every replica is full), then connect."""
+        from ray.serve.exceptions import RequestCancelledError
+
         self._placement = self._handle.options(stream=True).session.remote(session_id)
         with self._waiting.track_inprogress():
-            address = await self._placement.__anext__()
+            try:
+                address = await self._placement.__anext__()
+            except RequestCancelledError:  # close() while it waited: a cancellation, not a failure to report
+                raise asyncio.CancelledError from None
         self._placed = True
         self._running.inc()
         self._call = self._stub(self._channel(address)).Session()
