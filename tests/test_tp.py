@@ -3,9 +3,11 @@ two GPUs where a machine has them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from tandem.drafters import NgramDrafter
 from tandem.engine import Engine, Request
 from tandem.kernels.cpu import KernelUnavailable, exact_kernels
 from tandem.models.config import ModelConfig
+from tandem.models.decoder import Transformer
 from tandem.models.loading import load_model
 from tandem.models.tp import apply_tp, check_tp_size, rank0_verdicts
 from tandem.sampling import SamplingParams
@@ -49,7 +52,11 @@ def _outputs(model) -> list[list[int]]:
     return [r.token_ids for r in engine.generate([Request(p, SamplingParams(max_tokens=16)) for p in PROMPTS])]
 
 
-def _rank_main(rank: int, world: int, port: int, folder: str, out: str, device: str = "cpu") -> None:
+@contextlib.contextmanager
+def _shard(
+    rank: int, world: int, port: int, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Iterator[Transformer]:
+    """In a spawned rank: join the group (gloo, or NCCL on CUDA) and yield this rank's shard."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if device == "cuda":
@@ -57,12 +64,17 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out: str, device: 
         device = f"cuda:{rank}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
     try:
-        model, _ = load_model(folder, torch.float32, device)
+        model, _ = load_model(folder, dtype, device)
         apply_tp(model, dist.group.WORLD)
-        logits = _tree_logits(model).cpu()
-        torch.save({"logits": logits, "outputs": _outputs(model)}, f"{out}/rank{rank}.pt")
+        yield model
     finally:
         dist.destroy_process_group()
+
+
+def _rank_main(rank: int, world: int, port: int, folder: str, out: str, device: str = "cpu") -> None:
+    with _shard(rank, world, port, folder, device=device) as model:
+        logits = _tree_logits(model).cpu()
+        torch.save({"logits": logits, "outputs": _outputs(model)}, f"{out}/rank{rank}.pt")
 
 
 # SmolLM2-like head counts (6 query heads over 3 KV heads) split unevenly, 2 + 1 KV groups.
@@ -91,12 +103,7 @@ def _exact_rank_main(rank: int, world: int, port: int, folder: str, out: str) ->
     plain decoding, and speculation with n-gram trees at batch 12."""
     from tandem.models.exact import apply_exact
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, _ = load_model(folder, torch.bfloat16)
-        apply_tp(model, dist.group.WORLD)
+    with _shard(rank, world, port, folder, torch.bfloat16) as model:
         assert apply_exact(model, True)
         rng = random.Random(0)
         prompts = [[rng.randrange(64) for _ in range(rng.randint(3, 20))] for _ in range(12)]
@@ -105,8 +112,6 @@ def _exact_rank_main(rank: int, world: int, port: int, folder: str, out: str) ->
         engine = Engine(model, NgramDrafter(depth=3, branches=2), max_draft_nodes=6)
         speculative = [r.token_ids for r in engine.generate([Request(p, params) for p in prompts])]
         torch.save({"plain": plain, "speculative": speculative}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tp2_on_the_exact_kernels_keeps_bf16_plain_output(tmp_path: Path) -> None:
@@ -137,16 +142,9 @@ def _sampled_tokens(verifier: Verifier, seed: int, rounds: int = 8) -> list[int]
 
 
 def _agreeing_rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, _ = load_model(folder, torch.float32)
-        apply_tp(model, dist.group.WORLD)
+    with _shard(rank, world, port, folder) as model:
         verifier = Verifier(model, 1, 64, agree=rank0_verdicts(dist.group.WORLD))
         torch.save(_sampled_tokens(verifier, seed=100 + rank), f"{out}/rank{rank}.pt")  # each rank its own draws
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ranks_commit_rank0s_verdicts(tmp_path: Path) -> None:
