@@ -202,6 +202,17 @@ class Stream:
         return self.token_ids
 
 
+def replica_actors(deployment: str = "") -> list[object]:
+    """Ray actor handles of the application's Serve replicas (of ``deployment``, or all of them)."""
+    import ray
+
+    return [
+        ray.get_actor(actor["name"], namespace=actor["namespace"])
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::") and (not deployment or f"#{deployment}#" in actor["name"])
+    ]
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -19,6 +19,7 @@ from tests.cluster_helpers import (
     engine_outputs,
     free_port,
     one_torch_thread,  # noqa: F401 - autouse
+    replica_actors,
     request,
     run,
     running,
@@ -136,11 +137,7 @@ def test_killed_draft_replica_leaves_the_output_unchanged(channel: grpc.Channel,
 
     max_tokens = LONG
     [expected] = engine_outputs(model, [(PROMPTS[0], max_tokens)], ignore_eos=True)
-    [replica] = [
-        ray.get_actor(actor["name"], namespace=actor["namespace"])
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith("SERVE_REPLICA::") and "#Draft#" in actor["name"]
-    ]
+    [replica] = replica_actors("Draft")
     responses = stream(channel, request(PROMPTS[0], max_tokens, ignore_eos=True), timeout=120)
     token_ids: list[int] = []
     while len(token_ids) < 20:  # rounds are running: the draft stream is up

@@ -22,6 +22,7 @@ from tests.cluster_helpers import (
     engine_outputs,
     free_port,
     one_torch_thread,  # noqa: F401 - autouse
+    replica_actors,
     request,
     run,
     running,
@@ -68,22 +69,13 @@ def channel(config: ClusterConfig) -> Iterator[grpc.Channel]:
         yield channel
 
 
-def _replicas(deployment: str) -> list[dict]:
-    import ray
-
-    return [
-        actor
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in actor["name"]
-    ]
-
-
 def _kill_replica(deployment: str) -> None:
     import ray
 
-    wait_for(lambda: len(_replicas(deployment)) == 1, 120, f"a single {deployment} replica")  # a rollout's old one gone
-    [replica] = _replicas(deployment)
-    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    # a rollout's old replica may still be on its way out
+    wait_for(lambda: len(replica_actors(deployment)) == 1, 120, f"a single {deployment} replica")
+    [replica] = replica_actors(deployment)
+    ray.kill(replica, no_restart=True)
 
 
 def _kill_a_rank() -> None:

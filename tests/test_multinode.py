@@ -21,6 +21,7 @@ from tests.cluster_helpers import (
     free_port,
     make_certificates,
     one_torch_thread,  # noqa: F401 - autouse
+    replica_actors,
     running,
     tiny_target,
     wait_for,
@@ -80,13 +81,10 @@ def _replica_nodes(deployment: str) -> list[str]:
     """The node id of each of the deployment's replicas, asked of the replica process itself."""
     import ray
 
-    nodes = []
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in actor["name"]:
-            replica = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            where = replica.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
-            nodes.append(ray.get(where, timeout=30))
-    return nodes
+    def node_id(_: object) -> str:  # runs inside the replica
+        return ray.get_runtime_context().get_node_id()
+
+    return ray.get([replica.__ray_call__.remote(node_id) for replica in replica_actors(deployment)], timeout=30)
 
 
 def test_the_pools_spread_over_the_nodes_as_configured(channel: grpc.Channel, ray_cluster: object) -> None:

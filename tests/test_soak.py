@@ -24,6 +24,7 @@ from tests.cluster_helpers import (
     engine_outputs,
     free_port,
     one_torch_thread,  # noqa: F401 - autouse
+    replica_actors,
     running,
     tiny_target,
     wait_for,
@@ -51,16 +52,11 @@ def address(model: Path) -> Iterator[str]:
         yield config.address
 
 
-def _ongoing_requests() -> dict[str, int]:
+def _ongoing_requests() -> list[int]:
     """Serve's own count of ongoing requests, per replica."""
     import ray
 
-    counts = {}
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith("SERVE_REPLICA::"):
-            replica = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            counts[actor["name"]] = ray.get(replica.get_num_ongoing_requests.remote(), timeout=30)
-    return counts
+    return ray.get([replica.get_num_ongoing_requests.remote() for replica in replica_actors()], timeout=30)
 
 
 def _router_sessions() -> int:
@@ -72,7 +68,7 @@ def _router_sessions() -> int:
 def _all_state_freed() -> bool:
     target, draft = deployment_stats("Target"), deployment_stats("Draft")
     live = target["sessions"] + target["rows"] + draft["sessions"] + draft["drafter_states"] + _router_sessions()
-    return live == 0 and not any(_ongoing_requests().values())
+    return live == 0 and not any(_ongoing_requests())
 
 
 def test_soak_32_streams_with_cancels_and_aborts(address: str, model: Path) -> None:
