@@ -11,9 +11,10 @@ within one run, which is why HF greedy is measured here rather than quoted.
     python bench/decode.py --drafters suffix+sched --stock-kernels plain suffix+sched --repeats 3   # vs stock kernels
 
 A drafter name ending in ``+sched`` runs behind the draft scheduler (as ``tandem generate`` does by
-default). ``--stock-kernels`` also runs every engine method on a second copy of the target with the
-stock kernels (oneDNN on the CPU) instead of the exact batch-invariant ones. ``--repeats N``
-decodes every prompt N times per method, interleaved, and reports min / median / max tok/s.
+default), ``+rawsched`` behind it without calibrating the drafter's survival predictions.
+``--stock-kernels`` also runs every engine method on a second copy of the target with the stock
+kernels (oneDNN on the CPU) instead of the exact batch-invariant ones. ``--repeats N`` decodes
+every prompt N times per method, interleaved, and reports min / median / max tok/s.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ MAX_DRAFT_NODES = 16  # the engine's and the CLI's default
 @dataclass(frozen=True)
 class Method:
     label: str
-    drafter: str | None  # for our engine (NAME or NAME+sched); None: Hugging Face generate
+    drafter: str | None  # for our engine (NAME, NAME+sched or NAME+rawsched); None: Hugging Face generate
     hf_kwargs: dict
     stock: bool = False  # our engine on the stock kernels instead of the exact ones
 
@@ -92,11 +93,16 @@ class TandemRunner:
     """Our engine with one drafter; timing comes from the stream so prefill can be told apart."""
 
     def __init__(self, target: Target, drafter: str, model_name: str) -> None:
-        name, scheduled = drafter.removesuffix("+sched"), drafter.endswith("+sched")
+        name, how = drafter, ""
+        for suffix in ("+sched", "+rawsched"):
+            if drafter.endswith(suffix):
+                name, how = drafter.removesuffix(suffix), suffix
         spec = make_drafter(name, target.model, model_name)
+        if how:
+            spec = scheduled_drafter(spec, target.model, model_name, calibrate=how == "+sched")
         self.engine = Engine(
             target.model,
-            scheduled_drafter(spec, target.model, model_name) if scheduled else spec,
+            spec,
             target.eos_token_ids,
             target.tokenizer.decode,
             MAX_DRAFT_NODES,

@@ -116,8 +116,15 @@ def load_or_measure(
 
 
 def scheduled_drafter(
-    drafter: Drafter | None, model: Transformer, model_name: str, progress: Callable[[str], None] | None = None
+    drafter: Drafter | None,
+    model: Transformer,
+    model_name: str,
+    progress: Callable[[str], None] | None = None,
+    calibrate: bool = True,
 ) -> Drafter | None:
-    """``drafter`` behind the draft scheduler with this machine's profile (measured on first use);
-    ``None`` (plain decoding) stays ``None``."""
-    return None if drafter is None else ScheduledDrafter(drafter, load_or_measure(model, model_name, progress=progress))
+    """``drafter`` behind the draft scheduler with this machine's profile (measured on first use),
+    its survival predictions calibrated online unless ``calibrate`` is off; ``None`` (plain
+    decoding) stays ``None``."""
+    if drafter is None:
+        return None
+    return ScheduledDrafter(drafter, load_or_measure(model, model_name, progress=progress), calibrate)

@@ -17,7 +17,8 @@ tokens, and stays lossless:
   survival is known before their draw (:mod:`tandem.tree_search`), and the width grows only while
   the objective rises: the decision to keep node k reads nothing after node k.
 
-Trees without survival (the n-gram drafter) are verified whole.
+Trees without survival (the n-gram drafter) are verified whole. Survival is calibrated online
+before the cut (:mod:`tandem.calibration`): drafters' own predictions are far off.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tandem.calibration import SurvivalCalibration
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.tree import TokenTree
 
@@ -134,17 +136,37 @@ def schedule(
 
 class ScheduledDrafter(Drafter):
     """A drafter whose trees come out cut by :func:`schedule` for the whole batch it is asked
-    for, counting its own drafting time: the in-process engine's scheduler."""
+    for, counting its own drafting time: the in-process engine's scheduler. With ``calibrate``
+    the drafter's survival predictions are first calibrated online (:mod:`tandem.calibration`)
+    from what the tokens of each sequence's next request show was accepted."""
 
-    def __init__(self, inner: Drafter, cost: PassCost) -> None:
+    def __init__(self, inner: Drafter, cost: PassCost, calibrate: bool = True) -> None:
         self.inner, self.cost = inner, cost
         self.name = inner.name
         self.feature_layers = inner.feature_layers
+        self.calibration = SurvivalCalibration() if calibrate else None
+        self._sent: dict[int, tuple[TokenTree, int]] = {}  # seq_id -> (tree verified, tokens known then)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
         start = time.perf_counter()
+        greedy = [r.params.greedy for r in requests]
         trees = self.inner.propose(requests)
-        return schedule(trees, [r.params.greedy for r in requests], self.cost, time.perf_counter() - start)
+        if self.calibration is not None:
+            for r in requests:
+                sent = self._sent.pop(r.seq_id, None)
+                if sent is not None:
+                    self.calibration.observe(r.seq_id, sent[0], r.token_ids[sent[1] :])
+            trees = [self.calibration.apply(r.seq_id, t, g) for r, t, g in zip(requests, trees, greedy)]
+        trees = schedule(trees, greedy, self.cost, time.perf_counter() - start)
+        if self.calibration is not None:
+            self._sent.update((r.seq_id, (t, len(r.token_ids))) for r, t in zip(requests, trees))
+        return trees
 
     def release(self, seq_id: int) -> None:
         self.inner.release(seq_id)
+        self._sent.pop(seq_id, None)
+        if self.calibration is not None:
+            self.calibration.forget(seq_id)
+
+    def held(self) -> int:
+        return max(self.inner.held(), len(self._sent), self.calibration.held() if self.calibration else 0)

@@ -170,6 +170,14 @@ def deployment_stats(name: str) -> dict[str, int]:
     return serve.get_deployment_handle(name, app_name=APP_NAME).stats.remote().result(timeout_s=30)
 
 
+def pool_state_held() -> int:
+    """Sessions, KV rows, calibration counts and drafter states both pools still hold (0 when idle)."""
+    target, draft = deployment_stats("Target"), deployment_stats("Draft")
+    return sum(
+        (target["sessions"], target["rows"], target["calibrated_rows"], draft["sessions"], draft["drafter_states"])
+    )
+
+
 class Stream:
     """A generation (ignoring EOS) running in a thread, for tests that break something under it;
     ``started`` once it has streamed a few tokens."""

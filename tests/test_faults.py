@@ -18,10 +18,10 @@ from tests.cluster_helpers import (
     PROMPTS,
     Stream,
     config_for,
-    deployment_stats,
     engine_outputs,
     free_port,
     one_torch_thread,  # noqa: F401 - autouse
+    pool_state_held,
     replica_actors,
     request,
     run,
@@ -87,8 +87,7 @@ def _kill_a_rank() -> None:
 
 
 def _idle() -> bool:
-    target, draft = deployment_stats("Target"), deployment_stats("Draft")
-    return target["sessions"] == target["rows"] == draft["sessions"] == draft["drafter_states"] == 0
+    return pool_state_held() == 0
 
 
 def _survives(

@@ -1,6 +1,7 @@
 """The draft scheduler alone: the pass-cost profile, which nodes it keeps and why that stays
 lossless (greedy: ranked by survival; sampling: a prefix in draw order, grown only while it
-pays), and the profile measured on a real (tiny) model and cached."""
+pays), the profile measured on a real (tiny) model and cached, and, in the engine, calibration
+that stops verifying what never survives (the calibration itself: tests/test_calibration.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import pytest
 import torch
 
 from tandem import profile
+from tandem.drafters.base import Drafter, DraftRequest
+from tandem.engine import Engine, Request
 from tandem.models.loading import load_model
-from tandem.scheduler import PassCost, best_width, schedule
+from tandem.sampling import SamplingParams
+from tandem.scheduler import PassCost, ScheduledDrafter, best_width, schedule
 from tandem.tree import TokenTree, chain
 from tests.tiny_models import build_tiny
 
@@ -123,3 +127,27 @@ def test_profile_is_measured_once_and_cached(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(profile, "measure", no_measuring)
     assert profile.load_or_measure(tiny, "tiny-llama") == first
     assert json.loads(path.read_text())["machine"] == profile.machine_id()
+
+
+class _Overconfident(Drafter):
+    """Always proposes 3 tokens that are almost never right, each predicted to survive 0.9."""
+
+    name = "overconfident"
+
+    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+        return [chain(r.token_ids[-1], [1, 1, 1], survival=[0.9, 0.81, 0.73]) for r in requests]
+
+
+def test_the_scheduler_stops_verifying_what_never_survives(tiny):
+    cost = PassCost((1, 8), (1, 4), ((1.0, 1.3), (1.0, 1.3)))  # 3 drafts cost 30 % of a pass
+    params = SamplingParams(max_tokens=40)
+    prompts = [[3, 7, 11, 5], [2, 9, 4]]
+    plain = Engine(tiny).generate([Request(p, params) for p in prompts])
+    runs = {}
+    for calibrate in (False, True):
+        engine = Engine(tiny, ScheduledDrafter(_Overconfident(), cost, calibrate=calibrate), max_draft_nodes=3)
+        runs[calibrate] = engine.generate([Request(p, params) for p in prompts])
+        assert [r.token_ids for r in runs[calibrate]] == [r.token_ids for r in plain]
+    drafted = {c: sum(r.stats.drafted for r in out) for c, out in runs.items()}
+    assert drafted[False] >= 3 * sum(r.stats.rounds for r in runs[False])  # trusted: every node verified
+    assert drafted[True] < drafted[False] / 3  # calibrated: the scheduler soon stops

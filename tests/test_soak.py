@@ -20,10 +20,10 @@ from cluster.loadgen import random_jobs, replica_rss, soak
 from tests.cluster_helpers import (
     VOCAB,
     config_for,
-    deployment_stats,
     engine_outputs,
     free_port,
     one_torch_thread,  # noqa: F401 - autouse
+    pool_state_held,
     replica_actors,
     running,
     tiny_target,
@@ -66,9 +66,7 @@ def _router_sessions() -> int:
 
 
 def _all_state_freed() -> bool:
-    target, draft = deployment_stats("Target"), deployment_stats("Draft")
-    live = target["sessions"] + target["rows"] + draft["sessions"] + draft["drafter_states"] + _router_sessions()
-    return live == 0 and not any(_ongoing_requests())
+    return pool_state_held() + _router_sessions() == 0 and not any(_ongoing_requests())
 
 
 def test_soak_32_streams_with_cancels_and_aborts(address: str, model: Path) -> None:

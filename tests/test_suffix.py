@@ -25,6 +25,7 @@ from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
+from tandem.scheduler import PassCost, ScheduledDrafter
 from tandem.tree import TokenTree, path_to
 from tandem.tree_search import TreeShape
 from tests.test_engine import assert_follows_the_target
@@ -250,6 +251,16 @@ def test_hybrid_greedy_output_equals_plain_decoding_and_uses_both(target, batch)
     assert calls["suffix"] > 0 and calls["neural"] > 0, calls
     assert sum(r.stats.accepted for r in spec) > 0
     assert neural._states == {} and hybrid.suffix._states == {}  # released with the sequences
+
+
+def test_hybrid_sampled_output_follows_the_target_behind_the_calibrated_scheduler(target):
+    """Sampled DSpark trees where the suffix trie has nothing, its point masses where it has, cut
+    by the scheduler on calibrated survival: first three tokens of 2,000 seeded requests against
+    the exact law of the target."""
+    neural = ADAPTERS["dspark"](_untrained(target), tree=TreeShape(2, 3, 6))
+    cost = PassCost((1, 8), (1, 17), ((1.0, 1.5), (1.0, 1.5)))  # a token of width costs 1/32 of a pass
+    engine = Engine(target, ScheduledDrafter(HybridDrafter(SuffixDrafter(), neural), cost), max_draft_nodes=6)
+    assert_follows_the_target(engine, [5, 17, 33, 2, 5, 17, 33, 2, 5, 17], top_k=3)
 
 
 def test_drafter_names(target, tmp_path):

@@ -17,6 +17,7 @@ from functools import partial
 
 import grpc
 
+from tandem.calibration import SurvivalCalibration
 from tandem.errors import InvalidRequest
 from tandem.scheduler import PassCost, schedule
 from tandem.tree import TokenTree
@@ -52,6 +53,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         )
         self.capacity: int = await self.ranks.call("capacity")
         self.cost: PassCost | None = await self.ranks.call("pass_cost", spec.shard.model) if spec.schedule else None
+        self.calibration = SurvivalCalibration()  # per cache row: the scheduler's survival, calibrated
         self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, spec.batch_wait_s, self.live_sessions)
         self.verifies: Batcher[Job, tuple[Step, int]] = Batcher(self._verify, spec.batch_wait_s, self.live_sessions)
         await self.start_server(spec.host, partial(worker_pb2_grpc.add_VerifyServicer_to_server, self), spec.tls)
@@ -59,7 +61,13 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
     async def stats(self) -> dict[str, int]:
         batches = self.prefills.batches + self.verifies.batches
         rows = await self.ranks.call("rows_in_use")
-        return {"sessions": self.live_sessions(), "batches": batches, "capacity": self.capacity, "rows": rows}
+        return {
+            "sessions": self.live_sessions(),
+            "batches": batches,
+            "capacity": self.capacity,
+            "rows": rows,
+            "calibrated_rows": self.calibration.held(),
+        }
 
     async def check_health(self) -> None:
         """Serve's periodic probe: a tp group that lost a rank fails it, so Serve replaces the
@@ -71,9 +79,16 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
 
     async def _verify(self, jobs: list[Job]) -> list[tuple[Step, int]]:
         rows, trees = [row for row, _, _ in jobs], [tree for _, tree, _ in jobs]
-        if self.cost is not None:  # drafting ran elsewhere: only the pass's own cost counts
-            trees = schedule(trees, [greedy for _, _, greedy in jobs], self.cost)
-        return await self.ranks.call("verify", rows, trees)
+        if self.cost is None:
+            return await self.ranks.call("verify", rows, trees)
+        greedy = [g for _, _, g in jobs]
+        trees = [self.calibration.apply(row, tree, g) for row, tree, g in jobs]
+        # drafting ran elsewhere: only the pass's own cost counts
+        trees = schedule(trees, greedy, self.cost)
+        results = await self.ranks.call("verify", rows, trees)
+        for row, tree, (step, _) in zip(rows, trees, results):
+            self.calibration.observe(row, tree, step.tokens)
+        return results
 
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
@@ -103,5 +118,6 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:  # also on cancellation: the row must come back
+                self.calibration.forget(row)
                 with contextlib.suppress(RanksLost):
                     await asyncio.shield(self.ranks.call("close", row))
