@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from tandem.tree import TokenTree
+from tandem.tree import TokenTree, matched_path, path_to
 
 BINS = 10  # step factors in [0, 1], in bins of 0.1
 GLOBAL_PRIOR = 20.0  # pseudo-observations at the drafter's own factor, for all sequences
@@ -52,19 +52,6 @@ def step_factors(tree: TokenTree) -> list[float]:
     assert tree.survival is not None
     s = tree.survival
     return [1.0] + [min(1.0, s[i] / s[p]) if s[p] > 0 else 0.0 for i, p in enumerate(tree.parents[1:], 1)]
-
-
-def accepted_path(tree: TokenTree, emitted: Sequence[int]) -> set[int]:
-    """The nodes verification accepted, read from the tokens it emitted after the anchor
-    (accepted drafts, then the bonus token): the deepest path that spells them."""
-    node, path = 0, set()
-    for token in emitted:
-        nxt = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
-        if nxt is None:
-            break
-        node = nxt
-        path.add(node)
-    return path
 
 
 class SurvivalCalibration:
@@ -97,7 +84,7 @@ class SurvivalCalibration:
         if sent is None or len(verified) == 1:
             return
         bin_of = _bins_by_path(sent.tree, sent.bins)
-        accepted = accepted_path(verified, emitted)
+        accepted = set(matched_path(verified, emitted))
         counts = [self._all[sent.greedy], self._seqs.setdefault(key, _Counts())]
         for i, parent in enumerate(verified.parents[1:], 1):
             if parent and parent not in accepted:
@@ -130,14 +117,10 @@ class SurvivalCalibration:
         return rate
 
 
-def _path(tree: TokenTree, node: int) -> tuple[int, ...]:
-    tokens = []
-    while node > 0:
-        tokens.append(tree.tokens[node])
-        node = tree.parents[node]
-    return tuple(reversed(tokens))
-
-
 def _bins_by_path(tree: TokenTree, bins: list[int]) -> dict[tuple[int, ...], int]:
     """A cut keeps token paths, not node ids: each node's bin by the tokens leading to it."""
     return {_path(tree, i): bins[i] for i in range(1, len(tree))}
+
+
+def _path(tree: TokenTree, node: int) -> tuple[int, ...]:
+    return tuple(tree.path_tokens(path_to(tree.parents, node)[1:]))

@@ -153,3 +153,17 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def matched_path(tree: TokenTree, tokens: Sequence[int]) -> list[int]:
+    """Node ids (root excluded) of the deepest path that spells the start of ``tokens``: what
+    greedy verification accepts of a known continuation, or what a round accepted, read from the
+    tokens it emitted (accepted drafts, then the bonus token)."""
+    node, path = 0, []
+    for token in tokens:
+        nxt = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
+        if nxt is None:
+            break
+        node = nxt
+        path.append(node)
+    return path

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.calibration import SurvivalCalibration, accepted_path, step_factors
-from tandem.tree import TokenTree, chain
+from tandem.calibration import SurvivalCalibration, step_factors
+from tandem.tree import TokenTree, chain, matched_path
 
 
 def _rounds(cal: SurvivalCalibration, key, tree: TokenTree, emitted: list[int], n: int, greedy: bool = True) -> None:
@@ -18,9 +18,9 @@ def _rounds(cal: SurvivalCalibration, key, tree: TokenTree, emitted: list[int], 
 def test_step_factors_and_the_accepted_path():
     tree = TokenTree((9, 1, 2, 3), (-1, 0, 1, 0), survival=(1.0, 0.5, 0.25, 0.2))
     assert step_factors(tree) == pytest.approx([1.0, 0.5, 0.5, 0.2])
-    assert accepted_path(tree, [1, 2, 7]) == {1, 2}
-    assert accepted_path(tree, [3, 5]) == {3}
-    assert accepted_path(tree, [4]) == set()
+    assert matched_path(tree, [1, 2, 7]) == [1, 2]
+    assert matched_path(tree, [3, 5]) == [3]
+    assert matched_path(tree, [4]) == []
 
 
 def test_predictions_move_toward_what_verification_accepts():

@@ -24,7 +24,7 @@ from tandem.engine import Engine, Request
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
 from tandem.train.features import sequence_features
-from tandem.tree import TokenTree
+from tandem.tree import matched_path
 
 
 @dataclass
@@ -91,7 +91,7 @@ def replay(drafter: Drafter, cases: Sequence[ReplayCase], max_draft: int = 16) -
             features = case.features[fed : known - 1]
             request = DraftRequest(seq_id, tokens[:known], min(max_draft, end - known - 1), params, features)
             fed = known - 1
-            accepted = _greedy_match(drafter.propose([request])[0], tokens[known:])
+            accepted = len(matched_path(drafter.propose([request])[0], tokens[known:]))
             step = min(accepted + 1, end - known)
             emitted[case.benchmark] = emitted.get(case.benchmark, 0) + step
             rounds[case.benchmark] = rounds.get(case.benchmark, 0) + 1
@@ -100,15 +100,3 @@ def replay(drafter: Drafter, cases: Sequence[ReplayCase], max_draft: int = 16) -
     tau = {b: round(emitted[b] / rounds[b], 4) for b in rounds}
     tau["all"] = round(sum(emitted.values()) / max(1, sum(rounds.values())), 4)
     return tau
-
-
-def _greedy_match(tree: TokenTree, continuation: list[int]) -> int:
-    """Depth of the deepest tree path that spells the start of ``continuation`` (what greedy
-    verification accepts)."""
-    node, accepted = 0, 0
-    while accepted < len(continuation):
-        nxt = [c for c in tree.children(node) if tree.tokens[c] == continuation[accepted]]
-        if not nxt:
-            break
-        node, accepted = nxt[0], accepted + 1
-    return accepted
