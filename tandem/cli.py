@@ -209,9 +209,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
     target = load_target(args.model, args.dtype, args.device, args.exact)
     cost = load_or_measure(target.model, str(args.model), args.force, _stderr)
-    path = profile_path(str(args.model), target.model.dtype, target.model.device, target.model.exact)
-    kernels = "exact kernels" if target.model.exact else "stock kernels"
-    print(f"verification pass, ms ({args.model}, {args.dtype}, {kernels}; {path})")
+    path = profile_path(str(args.model), target.model.dtype, target.model.device, target.model.kernels)
+    print(f"verification pass, ms ({args.model}, {args.dtype}, {target.model.kernels} kernels; {path})")
     print("batch \\ width " + "".join(f"{w:>9}" for w in cost.widths))
     for batch, row in zip(cost.batches, cost.seconds):
         print(f"{batch:>13}  " + "".join(f"{s * 1000:9.1f}" for s in row))

@@ -44,9 +44,10 @@ def machine_id(device: torch.device = HOST) -> str:
     return f"{cpu}|{accelerator}|threads={torch.get_num_threads()}"
 
 
-def profile_path(model_name: str, dtype: torch.dtype, device: torch.device = HOST, exact: bool = False) -> Path:
-    kernels = "|exact" if exact else ""  # the exact kernels cost differently by width
-    key = hashlib.sha256(f"{model_name}|{dtype}|{machine_id(device)}{kernels}".encode()).hexdigest()[:16]
+def profile_path(model_name: str, dtype: torch.dtype, device: torch.device = HOST, kernels: str = "stock") -> Path:
+    """Where the profile of one model, dtype, machine and set of kernels (``Transformer.kernels``:
+    each costs differently by width) is stored."""
+    key = hashlib.sha256(f"{model_name}|{dtype}|{machine_id(device)}|{kernels}".encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
     return cache_root() / "profiles" / f"{safe}-{str(dtype).removeprefix('torch.')}-{key}.json"
 
@@ -91,7 +92,7 @@ def load_or_measure(
     model: Transformer, model_name: str, force: bool = False, progress: Callable[[str], None] | None = None
 ) -> PassCost:
     """The cached profile of ``model`` on this machine, measured and stored when missing."""
-    path = profile_path(model_name, model.dtype, model.device, model.exact)
+    path = profile_path(model_name, model.dtype, model.device, model.kernels)
     if path.is_file() and not force:
         try:
             return PassCost.from_json(json.loads(path.read_text(encoding="utf-8"))["pass_seconds"])
@@ -106,6 +107,7 @@ def load_or_measure(
         "model": str(model_name),
         "dtype": str(model.dtype).removeprefix("torch."),
         "exact": model.exact,
+        "kernels": model.kernels,
         "machine": machine_id(model.device),
         "pass_seconds": cost.to_json(),
     }

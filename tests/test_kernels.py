@@ -1,6 +1,6 @@
-"""The batch-invariant bf16 CPU kernels (tandem/kernels): right against float32 references, and
-bit-identical for a row whatever shares its call; then the exact mode end to end, where
-speculative bf16 output equals plain bf16 decoding token for token."""
+"""The batch-invariant CPU kernels (tandem/kernels), in bf16 and float32: right against float32
+references, and bit-identical for a row whatever shares its call; then the exact mode end to end,
+where speculative output equals plain decoding token for token in either dtype."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tandem.drafters import NgramDrafter, make_drafter
 from tandem.engine import Engine
 from tandem.kernels.cpu import KernelUnavailable, exact_kernels
+from tandem.models.decoder import apply_rotary
 from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
@@ -26,27 +27,34 @@ except KernelUnavailable as exc:  # not x86 with AVX2, or no C compiler
     pytest.skip(f"exact kernels unavailable: {exc}", allow_module_level=True)
 
 
-def _bf16(*shape: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+DTYPES = [torch.bfloat16, torch.float32]
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}  # of a kernel's stored output vs float32 math
+
+
+def _rand(*shape: int, scale: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).bfloat16()
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
 
-@pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, False), (37, 50, True), (1000, 576, False)])
-def test_linear_matches_float32_and_is_row_invariant(n, k, bias):
-    w, x = _bf16(n, k, seed=1), _bf16(13, k, seed=2)
-    b = _bf16(n, seed=3) if bias else None
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, False), (37, 51, True), (1000, 576, False)])
+def test_linear_matches_float32_and_is_row_invariant(n, k, bias, dtype):
+    w, x = _rand(n, k, seed=1, dtype=dtype), _rand(13, k, seed=2, dtype=dtype)
+    b = _rand(n, seed=3, dtype=dtype) if bias else None
     packed = KERNELS.pack(w)
     out = KERNELS.linear(x, packed, n, b, torch.float32)
     ref = x.float() @ w.float().T + (b.float() if bias else 0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(KERNELS.linear(x, packed, n, b, torch.bfloat16), ref.bfloat16(), rtol=1e-2, atol=1e-2)
+    stored = KERNELS.linear(x, packed, n, b, dtype)
+    assert stored.dtype == dtype
+    torch.testing.assert_close(stored, ref.to(dtype), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
     for m in range(1, 13):  # every tile shape: alone, or at any place in a larger call
         assert torch.equal(KERNELS.linear(x[:m], packed, n, b, torch.float32), out[:m])
     assert torch.equal(KERNELS.linear(x[7:8], packed, n, b, torch.float32), out[7:8])
 
 
 def test_linear_does_not_depend_on_the_thread_count():
-    w, x = _bf16(300, 96, seed=4), _bf16(5, 96, seed=5)
+    w, x = _rand(300, 96, seed=4), _rand(5, 96, seed=5)
     packed = KERNELS.pack(w)
     before = torch.get_num_threads()
     try:
@@ -59,105 +67,150 @@ def test_linear_does_not_depend_on_the_thread_count():
     assert torch.equal(one, two)
 
 
-def _cache(rows: int, kv_heads: int, cap: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bf16(rows, kv_heads, cap, dim, seed=seed), _bf16(rows, kv_heads, cap, dim, seed=seed + 1)
+def _cache(
+    rows: int, kv_heads: int, cap: int, dim: int, seed: int, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_rand(rows, kv_heads, cap, dim, seed=seed + i, dtype=dtype) for i in range(2))
 
 
-def test_attention_matches_sdpa_with_gqa_and_a_tree_mask():
+def _rope(batch: int, steps: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin ``[B, T, D]`` shaped like the model's tables (two equal halves)."""
+    angles = _rand(batch, steps, dim // 2, scale=3.0, seed=seed, dtype=torch.float32).repeat(1, 1, 2)
+    return angles.cos(), angles.sin()
+
+
+def _new_tokens(batch, steps, heads, kv_heads, dim, seed, dtype):
+    """q ``[B, T, H, D]``, k and v ``[B, T, Hkv, D]``: views into one fused projection, as in the model."""
+    fused = _rand(batch, steps, (heads + 2 * kv_heads) * dim, seed=seed, dtype=dtype)
+    q, k, v = fused.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return q.view(batch, steps, heads, dim), k.view(batch, steps, kv_heads, dim), v.view(batch, steps, kv_heads, dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_attention_matches_sdpa_with_gqa_and_a_tree_mask(dtype):
+    """RoPE, the cache write and attention in one call, against apply_rotary, slicing and SDPA."""
     batch, heads, kv_heads, steps, dim, cap, length = 2, 4, 2, 5, 16, 40, 30
-    keys, values = _cache(3, kv_heads, cap, dim, seed=6)
-    q = _bf16(batch, heads, steps, dim, seed=8)
-    row_ids = torch.tensor([2, 0])
-    g = torch.Generator().manual_seed(9)
+    keys, values = _cache(3, kv_heads, cap, dim, seed=6, dtype=dtype)
+    before_keys, before_values = keys.clone(), values.clone()
+    q, k, v = _new_tokens(batch, steps, heads, kv_heads, dim, seed=8, dtype=dtype)
+    cos, sin = _rope(batch, steps, dim, seed=9)
+    row_ids, starts = torch.tensor([2, 0]), torch.tensor([20, 25])
+    g = torch.Generator().manual_seed(10)
     mask = torch.rand(batch, steps, length, generator=g) < 0.6
     mask[:, :, 0] = True  # every query sees at least one key
-    out = KERNELS.attention(q, keys, values, row_ids, mask, 0.3)
+    out = KERNELS.rope_attention(q, k, v, (cos, sin), starts, keys, values, row_ids, mask, 0.3)
+
+    def rotated(t):
+        return apply_rotary(t.float().transpose(1, 2), cos[:, None], sin[:, None]).to(dtype)
+
+    ref_keys, ref_values = before_keys.clone(), before_values.clone()
+    for b, (row, start) in enumerate(zip(row_ids.tolist(), starts.tolist())):
+        ref_keys[row, :, start : start + steps] = rotated(k)[b]
+        ref_values[row, :, start : start + steps] = v[b].transpose(0, 1)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(keys.float(), ref_keys.float(), atol=tol, rtol=tol)  # written where they belong
+    assert torch.equal(values, ref_values)
     ref = F.scaled_dot_product_attention(
-        q.float(),
-        keys[row_ids, :, :length].float(),
-        values[row_ids, :, :length].float(),
+        rotated(q).float(),
+        ref_keys[row_ids, :, :length].float(),
+        ref_values[row_ids, :, :length].float(),
         attn_mask=mask[:, None],
         scale=0.3,
         enable_gqa=True,
     )
-    torch.testing.assert_close(
-        out.float(), ref.transpose(1, 2).reshape(batch, steps, heads * dim), atol=2e-2, rtol=2e-2
-    )
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2).reshape(batch, steps, heads * dim), atol=tol, rtol=tol)
 
 
-def test_attention_of_a_query_depends_only_on_the_keys_it_sees():
-    """The same query against the same visible keys: alone over a short prefix, or inside a wide
-    tree pass with other queries and hidden slots in between (as plain decoding vs verification)."""
-    heads, kv_heads, dim, cap = 2, 1, 16, 64
-    keys, values = _cache(1, kv_heads, cap, dim, seed=10)
-    q = _bf16(1, heads, 6, dim, seed=12)
-    wide = torch.zeros(1, 6, 50, dtype=torch.bool)
-    wide[0, :, :40] = True
-    wide[0, 3, 41:45] = True  # query 3 also sees slots 41-44; the others see only the prefix
-    wide[0, 3, 42] = False
-    alone = torch.zeros(1, 1, 45, dtype=torch.bool)
-    alone[0, 0, :40] = True
-    alone[0, 0, [41, 43, 44]] = True
-    both = KERNELS.attention(q, keys, values, torch.tensor([0]), wide, 0.25)
-    single = KERNELS.attention(q[:, :, 3:4].contiguous(), keys, values, torch.tensor([0]), alone, 0.25)
-    assert torch.equal(both[:, 3], single[:, 0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_of_a_query_depends_only_on_the_keys_it_sees(dtype):
+    """The same query against the same visible keys: inside a wide tree pass with other queries
+    and hidden slots in between, or alone (as verification vs plain decoding)."""
+    heads, kv_heads, dim, cap, prefix = 2, 1, 16, 64, 40
+    keys, values = _cache(1, kv_heads, cap, dim, seed=11, dtype=dtype)
+    q, k, v = _new_tokens(1, 6, heads, kv_heads, dim, seed=12, dtype=dtype)
+    cos, sin = _rope(1, 6, dim, seed=13)
+    row, start = torch.tensor([0]), torch.tensor([prefix])
+    wide = torch.zeros(1, 6, prefix + 6, dtype=torch.bool)  # new token i sits at slot 40 + i
+    wide[0, :, :prefix] = True
+    wide[0, 3, [41, 43, 44]] = True  # token 3 also sees tokens 1, 3 (itself) and 4; the others the prefix
+    both = KERNELS.rope_attention(q, k, v, (cos, sin), start, keys, values, row, wide, 0.25)
+
+    def alone(visible: list[int]) -> torch.Tensor:  # token 3 again, at slot 43, beside the cached tokens
+        mask = torch.zeros(1, 1, 45, dtype=torch.bool)
+        mask[0, 0, :prefix] = True
+        mask[0, 0, visible] = True
+        three = (slice(None), slice(3, 4))
+        return KERNELS.rope_attention(
+            q[three], k[three], v[three], (cos[three], sin[three]), start + 3, keys, values, row, mask, 0.25
+        )[:, 0]
+
+    assert torch.equal(alone([41, 43, 44]), both[:, 3])
+    assert not torch.equal(alone([41, 43]), both[:, 3])  # the test can fail: other keys, other output
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_rms_norm_matches_float32_and_is_row_invariant(offset):
-    x, w = _bf16(9, 100, scale=3.0, seed=13), _bf16(100, scale=0.3, seed=14)
+def test_rms_norm_matches_float32_and_is_row_invariant(offset, dtype):
+    x, w = _rand(9, 100, scale=3.0, seed=13, dtype=dtype), _rand(100, scale=0.3, seed=14, dtype=dtype)
     out = KERNELS.rms_norm(x, w, 1e-6, offset)
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-    ref = normed * (offset + w.float()) if offset else w.float() * normed.bfloat16().float()
-    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    ref = normed * (offset + w.float()) if offset else w.float() * normed.to(dtype).float()
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
     assert torch.equal(KERNELS.rms_norm(x[4:5], w, 1e-6, offset), out[4:5])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gelu", [False, True])
-def test_gated_activation_matches_float32_and_is_row_invariant(gelu):
-    gate_up = _bf16(7, 2 * 45, scale=4.0, seed=15)  # 45: the tail goes through the vector code
+def test_gated_activation_matches_float32_and_is_row_invariant(gelu, dtype):
+    gate_up = _rand(7, 2 * 45, scale=4.0, seed=15, dtype=dtype)  # 45: the tail goes through the vector code
     out = KERNELS.act_mul(gate_up, gelu)
     gate, up = gate_up.float().split(45, dim=-1)
     act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
-    torch.testing.assert_close(out.float(), act * up, rtol=2e-2, atol=2e-2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), act * up, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
     assert torch.equal(KERNELS.act_mul(gate_up[3:4], gelu), out[3:4])
 
 
 # --- the exact mode end to end ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny_bf16(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(f"exact-{request.param}")
-    build_tiny(request.param, folder, vocab=64)
-    model, _ = load_model(folder, torch.bfloat16)
+@pytest.fixture(scope="module", params=[(f, d) for f in FAMILIES for d in DTYPES], ids=str)
+def tiny_exact(request, tmp_path_factory):
+    family, dtype = request.param
+    folder = tmp_path_factory.mktemp(f"exact-{family}")
+    build_tiny(family, folder, vocab=64)
+    model, _ = load_model(folder, dtype)
     assert apply_exact(model, True)
     return model
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_bf16_speculation_equals_plain_decoding_on_tiny_models(tiny_bf16, batch):
+def test_speculation_equals_plain_decoding_on_tiny_models(tiny_exact, batch):
     """Tiny random bf16 models are full of near-ties: the stock kernels break this test."""
     rng = random.Random(batch)
     prompts = [[rng.randrange(64) for _ in range(rng.randint(3, 30))] for _ in range(16)]
     params = SamplingParams(max_tokens=24)
-    plain = _outputs(Engine(tiny_bf16), prompts, params, batch=1)
-    engine = Engine(tiny_bf16, NgramDrafter(depth=3, branches=3), max_draft_nodes=8)
+    plain = _outputs(Engine(tiny_exact), prompts, params, batch=1)
+    engine = Engine(tiny_exact, NgramDrafter(depth=3, branches=3), max_draft_nodes=8)
     assert _outputs(engine, prompts, params, batch) == plain
     for start in range(0, len(prompts), batch):
         group = prompts[start : start + batch]
         refs = [p + plain[start + i] for i, p in enumerate(group)]
-        engine = Engine(tiny_bf16, OracleDrafter(refs, seed=start), max_draft_nodes=8)
+        engine = Engine(tiny_exact, OracleDrafter(refs, seed=start), max_draft_nodes=8)
         assert _outputs(engine, group, params, batch) == plain[start : start + batch]
 
 
 def test_exact_mode_is_refused_where_it_cannot_run(tmp_path):
     build_tiny("llama", tmp_path, vocab=64)
-    model, _ = load_model(tmp_path, torch.float32)
-    with pytest.raises(KernelUnavailable, match="bf16 model on the CPU"):
+    model, _ = load_model(tmp_path, torch.float16)
+    with pytest.raises(KernelUnavailable, match="bf16 or float32 model on the CPU"):
         apply_exact(model, True)
-    assert apply_exact(model, None) is False  # auto: float32 keeps the stock kernels
+    assert apply_exact(model, None) is False  # auto: float16 keeps the stock kernels
     assert not model.exact
+    with pytest.raises(TypeError, match="bf16 or float32 tensors"):
+        KERNELS.pack(torch.zeros(16, 8, dtype=torch.float16))
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.dspark import DSparkDrafter, DSparkModel
@@ -37,7 +35,7 @@ def load_drafter(folder: str | Path, target: Transformer, tree: TreeShape | None
     trees of ``tree``'s shape."""
     cfg = read_config(folder)
     model = load_weights(MODELS[cfg.algo], cfg, folder, target)
-    if target.exact and model.fc.weight.dtype == torch.bfloat16:  # the target's kernels are there: faster drafts
+    if target.exact and model.fc.weight.dtype == target.dtype:  # the target's kernels are there: faster drafts
         model.use_exact_kernels(exact_kernels())
     return ADAPTERS[cfg.algo](model, tree=tree)
 

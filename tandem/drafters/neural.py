@@ -211,8 +211,9 @@ class DraftModel(nn.Module):
         return (normed @ self.target_lm_head.to(hidden.dtype).T).float()
 
     def use_exact_kernels(self, kernels: ExactKernels) -> None:
-        """Run the drafter's linears and draft LM head on the packed bf16 kernels (for speed: a
-        bf16 block of γ tokens through oneDNN costs about γ one-token passes on this CPU)."""
+        """Run the drafter's linears and draft LM head on the packed kernels (for speed: a bf16
+        block of γ tokens through oneDNN costs about γ one-token passes on this CPU). Inference
+        only: the kernels have no backward."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack(kernels)

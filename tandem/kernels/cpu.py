@@ -1,11 +1,12 @@
-"""Batch-invariant bf16 kernels for the CPU (``exact_cpu.c``), built once per machine with the
-system C compiler and called through ctypes.
+"""Batch-invariant bf16 and float32 kernels for the CPU (``exact_cpu.c``), built once per machine
+with the system C compiler and called through ctypes.
 
 Why: in bf16, oneDNN's result for a token depends on how many tokens share the GEMM, so a
 verification pass and a one-token decode pass round near-ties differently and speculative output
 drifts from plain decoding. These kernels compute every row the same way whatever the pass holds
-(see the C file), and read the bf16 weights once for all rows of a pass, so verifying a few
-tokens costs about what decoding one does on this kind of CPU (AVX2, no bf16 units).
+(see the C file), and read the weights once for all rows of a pass, so verifying a few tokens
+costs about what decoding one does on this kind of CPU (AVX2, no bf16 units). In float32 they
+also stream the weights near the memory bandwidth at batch 1, where oneDNN's GEMV does not.
 """
 
 from __future__ import annotations
@@ -43,55 +44,98 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build() -> Path:
+def _build() -> tuple[Path, str]:
+    """The built library and its key (source and flags), building it if this machine has not."""
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= _cpu_flags():
-        raise KernelUnavailable("the exact bf16 kernels need an x86-64 CPU with AVX2 and FMA")
+        raise KernelUnavailable("the exact kernels need an x86-64 CPU with AVX2 and FMA")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        raise KernelUnavailable("the exact bf16 kernels need a C compiler (cc or gcc, or $CC)")
+        raise KernelUnavailable("the exact kernels need a C compiler (cc or gcc, or $CC)")
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     library = cache_root() / "kernels" / f"exact_cpu-{key}.so"
     if library.is_file():
-        return library
+        return library, key
     library.parent.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.tmp")
     built = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
     if built.returncode != 0:
-        raise KernelUnavailable(f"building the exact bf16 kernels failed: {built.stderr.strip()[-400:]}")
+        raise KernelUnavailable(f"building the exact kernels failed: {built.stderr.strip()[-400:]}")
     partial.replace(library)  # atomic: concurrent builders each write their own file
-    return library
+    return library, key
 
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "tandem_linear": (_P, _I, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int, ctypes.c_int),
-    "tandem_attention": (_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _F, _P, ctypes.c_int),
-    "tandem_rms_norm": (_P, _I, _I, _P, _F, _F, _P),
-    "tandem_act_mul": (_P, _I, _I, ctypes.c_int, _P),
+    "tandem_linear": (_P, _I, _I, _I, _P, _I, _P, _P, _I, _C, _C, _C, _C),
+    "tandem_rope_attention": (_P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, *[_I] * 7, _P, _F, _P, _C, _C),
+    "tandem_rms_norm": (_P, _I, _I, _P, _F, _F, _P, _C),
+    "tandem_act_mul": (_P, _I, _I, _C, _P, _C),
 }
+DTYPES = (torch.bfloat16, torch.float32)  # the storage types the kernels read and write
+AVX512 = {"avx512f", "avx512bw", "avx512_bf16"}  # the wide linear tiles: 16-lane FMA, bf16 dot products
+ISA_VARIABLE = "TANDEM_KERNEL_ISA"  # avx2 or avx512; unset: the widest this CPU has
+
+
+def _f32(t: torch.Tensor) -> int:
+    """The kernels' storage-type flag for ``t`` (1 float32, 0 bf16)."""
+    if t.dtype not in DTYPES:
+        raise TypeError(f"the exact kernels take bf16 or float32 tensors, not {t.dtype}")
+    return int(t.dtype == torch.float32)
+
+
+def _isa() -> str:
+    """The linear tiles to use: ``avx512`` where the CPU has :data:`AVX512`, else ``avx2``; the
+    environment's :data:`ISA_VARIABLE` may ask for the narrower ones (or insist on the wider)."""
+    has_avx512 = AVX512 <= _cpu_flags()
+    asked = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    if asked not in ("", "avx2", "avx512"):
+        raise KernelUnavailable(f"{ISA_VARIABLE} must be avx2 or avx512, not {asked!r}")
+    if asked == "avx512" and not has_avx512:
+        raise KernelUnavailable(f"{ISA_VARIABLE}=avx512, but this CPU lacks {' '.join(sorted(AVX512))}")
+    return asked or ("avx512" if has_avx512 else "avx2")
+
+
+def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t`` ``[B, T, heads, D]`` as evenly strided token rows of ``heads * D`` values (a view of a
+    fused projection where it is one), and the row stride."""
+    batch, steps, heads, dim = t.shape
+    if t.stride(3) != 1 or t.stride(2) != dim or t.stride(0) != steps * t.stride(1):
+        t = t.contiguous()
+    return t, t.stride(1)
 
 
 class ExactKernels:
-    """The loaded library; every call takes and returns bf16 CPU tensors."""
+    """The loaded library; every call takes and returns CPU tensors of one storage type, bf16 or
+    float32 (the model's), except that a linear may return float32 from bf16. ``isa``: which
+    linear tiles run (one per process, so every pass of a model computes a row the same way)."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, isa: str, key: str) -> None:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(library, name)
             fn.argtypes, fn.restype = argtypes, None
         self._lib = library
+        self.isa = isa
+        self.label = f"exact-{isa}-{key}"  # what a pass costs depends on it (cached profiles are keyed by it)
+        self._wide = isa == "avx512"
 
-    @staticmethod
-    def pack(weight: torch.Tensor) -> torch.Tensor:
-        """``[N, K]`` weights as ``[ceil(N/16), K, 16]`` blocks (zero rows pad the last one)."""
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` weights in the layout the linear tiles read: ``[ceil(N/16), K, 16]`` blocks
+        (zero rows pad the last one); for bf16 on AVX-512, ``[ceil(N/16), ceil(K/2), 16, 2]``
+        (pairs of k side by side for the dot-product instruction; a zero column pads odd K)."""
         n, k = weight.shape
-        padded = torch.zeros(-(-n // BLOCK) * BLOCK, k, dtype=torch.bfloat16, device=weight.device)
-        padded[:n] = weight.detach()
+        pairs = not _f32(weight) and self._wide
+        columns = k + (k % 2 if pairs else 0)
+        padded = torch.zeros(-(-n // BLOCK) * BLOCK, columns, dtype=weight.dtype, device=weight.device)
+        padded[:n, :k] = weight.detach()
+        if pairs:
+            return padded.view(-1, BLOCK, padded.shape[1] // 2, 2).transpose(1, 2).contiguous()
         return padded.view(-1, BLOCK, k).transpose(1, 2).contiguous()
 
     def linear(
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        """``x @ W.T (+ bias)`` for ``x`` ``[..., K]``; ``out_dtype`` bf16 or float32."""
+        """``x @ W.T (+ bias)`` for ``x`` ``[..., K]`` (the dtype of ``packed`` and ``bias``);
+        ``out_dtype``: ``x``'s or float32."""
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
@@ -99,30 +143,37 @@ class ExactKernels:
         self._lib.tandem_linear(
             rows.data_ptr(), rows.stride(0), rows.shape[0], rows.shape[1], packed.data_ptr(), n,
             None if bias is None else bias.data_ptr(), out.data_ptr(), n, out_dtype == torch.float32,
-            torch.get_num_threads(),
+            _f32(x), self._wide, torch.get_num_threads(),
         )  # fmt: skip
         return out.view(*x.shape[:-1], n)
 
-    def attention(
+    def rope_attention(
         self,
         q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        starts: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         row_ids: torch.Tensor,
         mask: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """``q`` ``[B, H, T, D]`` over one layer's cache ``keys``/``values`` ``[rows, Hkv, cap, D]``
-        (rows ``row_ids``), where ``mask`` ``[B, T, length]`` shows each query its keys; returns
-        ``[B, T, H * D]``."""
-        batch, heads, steps, dim = q.shape
-        if q.stride(-1) != 1:
-            q = q.contiguous()
+        """One attention layer after its projections: RoPE on ``q`` ``[B, T, H, D]`` and ``k``
+        ``[B, T, Hkv, D]`` (float32 ``cos``/``sin`` ``[B, T, D]``), the new keys and ``v`` stored
+        in one layer's cache ``keys``/``values`` ``[rows, Hkv, cap, D]`` at rows ``row_ids`` from
+        slot ``starts`` ``[B]`` on, then attention where ``mask`` ``[B, T, length]`` shows each
+        query its keys. Returns ``[B, T, H * D]``."""
+        batch, steps, heads, dim = q.shape
+        (q, ldq), (k, ldk), (v, ldv) = (_token_rows(t) for t in (q, k, v))
+        cos, sin = (t.contiguous() for t in rope)
         out = torch.empty(batch, steps, heads * dim, dtype=q.dtype, device=q.device)
-        self._lib.tandem_attention(
-            q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), keys.data_ptr(), values.data_ptr(),
-            row_ids.data_ptr(), batch, heads, keys.shape[1], steps, dim, keys.shape[2], mask.shape[-1],
-            mask.contiguous().data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
+        self._lib.tandem_rope_attention(
+            q.data_ptr(), ldq, k.data_ptr(), ldk, v.data_ptr(), ldv, cos.data_ptr(), sin.data_ptr(),
+            starts.data_ptr(), keys.data_ptr(), values.data_ptr(), row_ids.data_ptr(), batch, heads,
+            keys.shape[1], steps, dim, keys.shape[2], mask.shape[-1], mask.contiguous().data_ptr(), scale,
+            out.data_ptr(), torch.get_num_threads(), _f32(q),
         )  # fmt: skip
         return out
 
@@ -131,7 +182,7 @@ class ExactKernels:
         out = torch.empty_like(rows)
         dim = x.shape[-1]
         self._lib.tandem_rms_norm(
-            rows.data_ptr(), rows.numel() // dim, dim, weight.data_ptr(), eps, offset, out.data_ptr()
+            rows.data_ptr(), rows.numel() // dim, dim, weight.data_ptr(), eps, offset, out.data_ptr(), _f32(rows)
         )
         return out
 
@@ -140,7 +191,9 @@ class ExactKernels:
         rows = gate_up.contiguous()
         half = rows.shape[-1] // 2
         out = torch.empty(*rows.shape[:-1], half, dtype=rows.dtype, device=rows.device)
-        self._lib.tandem_act_mul(rows.data_ptr(), rows.numel() // rows.shape[-1], half, int(gelu), out.data_ptr())
+        self._lib.tandem_act_mul(
+            rows.data_ptr(), rows.numel() // rows.shape[-1], half, int(gelu), out.data_ptr(), _f32(rows)
+        )
         return out
 
 
@@ -148,12 +201,13 @@ class ExactKernels:
 def exact_kernels() -> ExactKernels:
     """The kernels, built on first use (about a second) and cached in ``$TANDEM_CACHE/kernels``;
     :class:`KernelUnavailable` says why not."""
-    return ExactKernels(ctypes.CDLL(str(_build())))
+    library, key = _build()
+    return ExactKernels(ctypes.CDLL(str(library)), _isa(), key)
 
 
 if __name__ == "__main__":  # `python -m tandem.kernels.cpu`: build now (e.g. into an image), say how it went
     try:
         exact_kernels()
-        print(f"exact kernels built in {cache_root() / 'kernels'}")
+        print(f"exact kernels built in {cache_root() / 'kernels'} ({exact_kernels().isa} linear tiles)")
     except KernelUnavailable as exc:
         print(f"exact kernels not built: {exc}")

@@ -1,15 +1,18 @@
-/* Batch-invariant bf16 kernels for x86 CPUs with AVX2 and FMA (see tandem/kernels/cpu.py).
+/* Batch-invariant kernels for x86 CPUs with AVX2 and FMA (see tandem/kernels/cpu.py), for bf16
+ * or float32 tensors: every function takes `f32` (1: float32 storage, 0: bf16) and computes in
+ * float32 either way; inputs, weights and outputs share the model's storage type.
  *
  * Every output element is computed by one fixed sequence of float32 operations that depends
  * only on that element's own inputs: never on how many rows, tree nodes or sequences share the
  * call, nor on the thread count. Plain decoding (one token a pass) and verification (a tree of
  * tokens a pass) therefore give bit-identical logits, and greedy speculative output equals plain
- * decoding in bf16, not only in float32.
+ * decoding by construction, in bf16 (where the stock kernels' near-ties break it) and float32.
  *
- *  - linear: weights packed as [N/16][K][16] bf16; a tile of up to 6 rows x 16 columns keeps
- *    float32 accumulators in registers and walks k in order (one FMA per k per element);
- *    threads split the columns. Reading bf16 weights once serves every row of the pass, so
- *    a pass over a few tokens costs about what one token costs.
+ *  - linear: weights packed in blocks of 16 columns; a tile of up to 6 rows (AVX2) or 16 rows
+ *    (AVX-512) x 16 columns keeps float32 accumulators in registers and walks k in order (one
+ *    FMA per k, or one bf16 dot product per pair of k, per element), prefetching the next
+ *    block; threads split the columns. Reading the weights once serves every row of the pass,
+ *    so a pass over a few tokens costs about what one token costs.
  *  - attention: each (sequence, head, query) visits the keys its mask shows in slot order; the
  *    softmax sum and the weighted sum of values run in that order.
  *  - rms_norm, act_mul: one row / one element at a time, in a fixed order.
@@ -42,6 +45,22 @@ static inline __m256 load8_bf16(const uint16_t *p) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+
+/* Element i of a bf16 or float32 array, as float32 (8 of them, 1, or one stored). Always inlined
+ * with a constant `f32`, so each caller compiles to one straight code path per storage type. */
+#define INLINE static inline __attribute__((always_inline))
+INLINE __m256 load8(const void *p, int64_t i, int f32) {
+    return f32 ? _mm256_loadu_ps((const float *)p + i) : load8_bf16((const uint16_t *)p + i);
+}
+INLINE float load1(const void *p, int64_t i, int f32) {
+    return f32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+INLINE void store1(void *p, int64_t i, float v, int f32) {
+    if (f32) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+/* v as the storage type holds it (an intermediate the model rounds, as torch does). */
+INLINE float rounded(float v, int f32) { return f32 ? v : bf16_to_f32(f32_to_bf16(v)); }
 
 /* Lanes summed in one fixed order. */
 static inline float hsum8(__m256 v) {
@@ -84,16 +103,21 @@ static void exp_inplace(float *v, int64_t n) {
 /* ---------------------------------------------------------------------------------------- */
 /* linear: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])                                  */
 
-#define TILE_ROWS 6
+#define NARROW_ROWS 6 /* AVX2: 6 rows x 2 ymm accumulators + 2 weight vectors fit in 16 registers */
+#define WIDE_ROWS 16  /* AVX-512: up to 16 zmm accumulators, so a pass of 16 tokens reads each weight once */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-static inline __attribute__((always_inline)) void tile(
-    int rows, const float *x, int64_t K, const uint16_t *w, float *acc /* [rows][16] */) {
-    __m256 a[TILE_ROWS][2];
+/* The tiles read x k-major, [K][rows] (one base pointer, each row a constant offset), and
+ * write acc [rows][16]. AVX2: x float32; w [K][16] bf16 or float32. */
+INLINE void tile(int rows, const void *xv, int64_t K, const void *w, float *acc, int f32) {
+    const float *x = (const float *)xv;
+    __m256 a[NARROW_ROWS][2];
     for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
-        __m256 w0 = load8_bf16(w + k * 16), w1 = load8_bf16(w + k * 16 + 8);
+        _mm_prefetch((const char *)w + (k + K) * 16 * (f32 ? 4 : 2), _MM_HINT_T0); /* the next block */
+        __m256 w0 = load8(w, k * 16, f32), w1 = load8(w, k * 16 + 8, f32);
         for (int r = 0; r < rows; r++) {
-            __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+            __m256 xb = _mm256_broadcast_ss(x + k * rows + r);
             a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
             a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
         }
@@ -104,57 +128,102 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
-static void tile_any(int rows, const float *x, int64_t K, const uint16_t *w, float *acc) {
-    switch (rows) { /* constant row counts let the compiler keep every accumulator in a register */
-        case 6: tile(6, x, K, w, acc); break;
-        case 5: tile(5, x, K, w, acc); break;
-        case 4: tile(4, x, K, w, acc); break;
-        case 3: tile(3, x, K, w, acc); break;
-        case 2: tile(2, x, K, w, acc); break;
-        default: tile(1, x, K, w, acc); break;
+/* AVX-512. float32: x float32, w [K][16], one FMA per k. bf16: x [K/2][rows] pairs of bf16 (K
+ * even), w [K/2][16][2], one VDPBF16PS per pair of k (acc += x[k] w[k] + x[k+1] w[k+1], a fixed
+ * per-lane sequence); the bf16 products are exact, so only the pairwise sums round. */
+AVX512 INLINE void tile512(int rows, const void *x, int64_t K, const void *w, float *acc, int f32) {
+    __m512 a[WIDE_ROWS];
+    for (int r = 0; r < rows; r++) a[r] = _mm512_setzero_ps();
+    if (f32) {
+        const float *xf = (const float *)x, *wf = (const float *)w;
+        for (int64_t k = 0; k < K; k++) {
+            _mm_prefetch((const char *)(wf + k * 16 + K * 16), _MM_HINT_T0); /* the next block */
+            __m512 wk = _mm512_loadu_ps(wf + k * 16);
+            for (int r = 0; r < rows; r++) a[r] = _mm512_fmadd_ps(wk, _mm512_set1_ps(xf[k * rows + r]), a[r]);
+        }
+    } else {
+        const int32_t *xp = (const int32_t *)x; /* a pair of bf16 as one 32-bit lane */
+        const uint16_t *wb = (const uint16_t *)w;
+        for (int64_t p = 0; p < K / 2; p++) {
+            _mm_prefetch((const char *)(wb + p * 32 + K * 16), _MM_HINT_T0); /* the next block */
+            __m512bh wk = (__m512bh)_mm512_loadu_si512(wb + p * 32);
+            for (int r = 0; r < rows; r++)
+                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(xp[p * rows + r]), wk);
+        }
     }
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(acc + r * 16, a[r]);
 }
 
-/* x: [M, K] bf16 rows (row stride ldx); packed: [ceil(N/16)][K][16] bf16; bias: [N] bf16 or NULL;
- * out: [M, N] (row stride ldo), float32 when out_f32 else bf16. */
-void tandem_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *packed, int64_t N,
-                   const uint16_t *bias, void *out, int64_t ldo, int out_f32, int threads) {
-    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_to_f32(x[m * ldx + k]);
-    int64_t blocks = (N + 15) / 16;
+/* Constant row counts and storage type let the compiler keep every accumulator in a register. */
+#define TILE(FN, R, F32) case R: FN(R, x, K, w, acc, F32); break;
+#define TILES_TO_6(FN, F32) TILE(FN, 6, F32) TILE(FN, 5, F32) TILE(FN, 4, F32) TILE(FN, 3, F32) TILE(FN, 2, F32) \
+    default: FN(1, x, K, w, acc, F32);
+#define TILES_7_TO_16(FN, F32) TILE(FN, 16, F32) TILE(FN, 15, F32) TILE(FN, 14, F32) TILE(FN, 13, F32) \
+    TILE(FN, 12, F32) TILE(FN, 11, F32) TILE(FN, 10, F32) TILE(FN, 9, F32) TILE(FN, 8, F32) TILE(FN, 7, F32)
+
+static void tile_any(int rows, const void *x, int64_t K, const void *w, float *acc, int f32) {
+    if (f32) switch (rows) { TILES_TO_6(tile, 1) }
+    else switch (rows) { TILES_TO_6(tile, 0) }
+}
+
+AVX512 static void tile512_any(int rows, const void *x, int64_t K, const void *w, float *acc, int f32) {
+    if (f32) switch (rows) { TILES_7_TO_16(tile512, 1) TILES_TO_6(tile512, 1) }
+    else switch (rows) { TILES_7_TO_16(tile512, 0) TILES_TO_6(tile512, 0) }
+}
+
+/* x: [M, K] rows (row stride ldx); bias: [N] or NULL; both in the storage type `f32` says, as the
+ * packed weights: [ceil(N/16)][K][16], except for bf16 with `wide` [ceil(N/16)][ceil(K/2)][16][2]
+ * (K padded with a zero to even). out: [M, N] (row stride ldo), float32 when out_f32 else the
+ * storage type. `wide`: the AVX-512 tiles (the caller checks the CPU has AVX-512 F, BW, BF16). */
+void tandem_linear(const void *x, int64_t ldx, int64_t M, int64_t K, const void *packed, int64_t N,
+                   const void *bias, void *out, int64_t ldo, int out_f32, int f32, int wide, int threads) {
+    int pairs = wide && !f32;
+    int64_t Kp = pairs ? (K + 1) / 2 * 2 : K, row_bytes = Kp * (pairs ? 2 : 4);
+    int64_t step = wide ? WIDE_ROWS : NARROW_ROWS;
+    /* x as the tiles read it: per tile of `step` rows, k-major ([Kp][rows] float32, or [Kp/2][rows]
+     * pairs of bf16, the odd K padded with a zero). */
+    char *xs = (char *)calloc((size_t)(M * row_bytes), 1);
+    for (int64_t m0 = 0; m0 < M; m0 += step) {
+        int64_t rows = M - m0 < step ? M - m0 : step;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t k = 0; k < K; k++) {
+                int64_t from = (m0 + r) * ldx + k;
+                if (pairs) ((uint16_t *)xs)[m0 * Kp + ((k / 2) * rows + r) * 2 + k % 2] = ((const uint16_t *)x)[from];
+                else ((float *)xs)[m0 * K + k * rows + r] = load1(x, from, f32);
+            }
+    }
+    int64_t blocks = (N + 15) / 16, block_bytes = Kp * 16 * (f32 ? 4 : 2);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t nb = 0; nb < blocks; nb++) {
-        float acc[TILE_ROWS * 16];
-        const uint16_t *w = packed + nb * K * 16;
+        float acc[WIDE_ROWS * 16];
+        const void *w = (const char *)packed + nb * block_bytes;
         int64_t n0 = nb * 16, width = N - n0 < 16 ? N - n0 : 16;
-        for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
-            int rows = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-            tile_any(rows, xf + m0 * K, K, w, acc);
+        for (int64_t m0 = 0; m0 < M; m0 += step) {
+            int rows = M - m0 < step ? (int)(M - m0) : (int)step;
+            if (wide) tile512_any(rows, xs + m0 * row_bytes, Kp, w, acc, f32);
+            else tile_any(rows, xs + m0 * row_bytes, Kp, w, acc, f32);
             for (int r = 0; r < rows; r++) {
                 for (int64_t j = 0; j < width; j++) {
                     float v = acc[r * 16 + j];
-                    if (bias) v += bf16_to_f32(bias[n0 + j]);
-                    int64_t at = (m0 + r) * ldo + n0 + j;
-                    if (out_f32) ((float *)out)[at] = v;
-                    else ((uint16_t *)out)[at] = f32_to_bf16(v);
+                    if (bias) v += load1(bias, n0 + j, f32);
+                    store1(out, (m0 + r) * ldo + n0 + j, v, out_f32 || f32);
                 }
             }
         }
     }
-    free(xf);
+    free(xs);
 }
 
 /* ---------------------------------------------------------------------------------------- */
 /* attention over a KV cache with a visibility mask                                          */
 
-/* q: [B, H, T, D] bf16 with strides (qb, qh, qt) and unit stride over D; kc/vc: one layer of
- * the cache, [rows, Hkv, cap, D] contiguous; row_ids: [B] cache rows; mask: [B, T, length]
- * uint8; out: [B, T, H, D] bf16 contiguous. D is a multiple of 8. */
-void tandem_attention(const uint16_t *q, int64_t qb, int64_t qh, int64_t qt, const uint16_t *kc,
-                      const uint16_t *vc, const int64_t *row_ids, int64_t B, int64_t H, int64_t Hkv, int64_t T,
-                      int64_t D, int64_t cap, int64_t length, const uint8_t *mask, float scale, uint16_t *out,
-                      int threads) {
+/* q: [B, H, T, D] with strides (qb, qh, qt) and unit stride over D; kc/vc: one layer of the
+ * cache, [rows, Hkv, cap, D] contiguous; row_ids: [B] cache rows; mask: [B, T, length] uint8;
+ * out: [B, T, H, D] contiguous; q, the cache and out in the storage type `f32` says. D is a
+ * multiple of 8. */
+INLINE void attention(const void *q, int64_t qb, int64_t qh, int64_t qt, const void *kc, const void *vc,
+                      const int64_t *row_ids, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t cap,
+                      int64_t length, const uint8_t *mask, float scale, void *out, int threads, int f32) {
     int64_t group = H / Hkv, chunks = D / 8;
 #pragma omp parallel num_threads(threads)
     {
@@ -166,32 +235,31 @@ void tandem_attention(const uint16_t *q, int64_t qb, int64_t qh, int64_t qt, con
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * H * T; task++) {
             int64_t b = task / (H * T), h = (task / T) % H, t = task % T;
-            const uint16_t *qrow = q + b * qb + h * qh + t * qt;
+            int64_t qrow = b * qb + h * qh + t * qt;
             const uint8_t *visible = mask + (b * T + t) * length;
-            int64_t head = row_ids[b] * Hkv + h / group;
-            const uint16_t *keys = kc + head * cap * D, *values = vc + head * cap * D;
+            int64_t keys = (row_ids[b] * Hkv + h / group) * cap * D; /* this head's slot 0, in kc and vc */
             int64_t n = 0;
             for (int64_t s = 0; s < length; s++)
                 if (visible[s]) seen[n++] = s;
-            for (int64_t c = 0; c < chunks; c++) qf[c] = load8_bf16(qrow + c * 8);
+            for (int64_t c = 0; c < chunks; c++) qf[c] = load8(q, qrow + c * 8, f32);
             int64_t i = 0;
             for (; i + 4 <= n; i += 4) { /* four independent dot products hide the FMA latency */
-                const uint16_t *k0 = keys + seen[i] * D, *k1 = keys + seen[i + 1] * D;
-                const uint16_t *k2 = keys + seen[i + 2] * D, *k3 = keys + seen[i + 3] * D;
+                int64_t k0 = keys + seen[i] * D, k1 = keys + seen[i + 1] * D;
+                int64_t k2 = keys + seen[i + 2] * D, k3 = keys + seen[i + 3] * D;
                 __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
                 for (int64_t c = 0; c < chunks; c++) {
-                    d0 = _mm256_fmadd_ps(qf[c], load8_bf16(k0 + c * 8), d0);
-                    d1 = _mm256_fmadd_ps(qf[c], load8_bf16(k1 + c * 8), d1);
-                    d2 = _mm256_fmadd_ps(qf[c], load8_bf16(k2 + c * 8), d2);
-                    d3 = _mm256_fmadd_ps(qf[c], load8_bf16(k3 + c * 8), d3);
+                    d0 = _mm256_fmadd_ps(qf[c], load8(kc, k0 + c * 8, f32), d0);
+                    d1 = _mm256_fmadd_ps(qf[c], load8(kc, k1 + c * 8, f32), d1);
+                    d2 = _mm256_fmadd_ps(qf[c], load8(kc, k2 + c * 8, f32), d2);
+                    d3 = _mm256_fmadd_ps(qf[c], load8(kc, k3 + c * 8, f32), d3);
                 }
                 score[i] = hsum8(d0) * scale, score[i + 1] = hsum8(d1) * scale;
                 score[i + 2] = hsum8(d2) * scale, score[i + 3] = hsum8(d3) * scale;
             }
             for (; i < n; i++) { /* the same per-key sequence as above */
-                const uint16_t *key = keys + seen[i] * D;
+                int64_t key = keys + seen[i] * D;
                 __m256 dot = _mm256_setzero_ps();
-                for (int64_t c = 0; c < chunks; c++) dot = _mm256_fmadd_ps(qf[c], load8_bf16(key + c * 8), dot);
+                for (int64_t c = 0; c < chunks; c++) dot = _mm256_fmadd_ps(qf[c], load8(kc, key + c * 8, f32), dot);
                 score[i] = hsum8(dot) * scale;
             }
             float best = -INFINITY;
@@ -204,15 +272,15 @@ void tandem_attention(const uint16_t *q, int64_t qb, int64_t qh, int64_t qt, con
             for (int64_t i = 0; i < n; i++) {
                 total += score[i];
                 __m256 p = _mm256_set1_ps(score[i]);
-                const uint16_t *value = values + seen[i] * D;
-                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(p, load8_bf16(value + c * 8), acc[c]);
+                int64_t value = keys + seen[i] * D;
+                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(p, load8(vc, value + c * 8, f32), acc[c]);
             }
-            uint16_t *orow = out + ((b * T + t) * H + h) * D;
+            int64_t orow = ((b * T + t) * H + h) * D;
             float inv = n > 0 ? 1.0f / total : 0.0f;
             for (int64_t c = 0; c < chunks; c++) {
                 float lane[8];
                 _mm256_storeu_ps(lane, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
-                for (int j = 0; j < 8; j++) orow[c * 8 + j] = f32_to_bf16(lane[j]);
+                for (int j = 0; j < 8; j++) store1(out, orow + c * 8 + j, lane[j], f32);
             }
         }
         free(score);
@@ -222,46 +290,155 @@ void tandem_attention(const uint16_t *q, int64_t qb, int64_t qh, int64_t qt, con
     }
 }
 
+
+/* RoPE (non-interleaved halves) of one head's D values, rounded to the storage type:
+ * out[d] = x[d] cos[d] + (d < D/2 ? -x[d + D/2] : x[d - D/2]) sin[d]. */
+INLINE void rotate(const void *x, int64_t at, const float *cos, const float *sin, int64_t D, void *out,
+                   int64_t to, int f32) {
+    int64_t half = D / 2;
+    for (int64_t d = 0; d < D; d++) {
+        float partner = d < half ? -load1(x, at + d + half, f32) : load1(x, at + d - half, f32);
+        store1(out, to + d, load1(x, at + d, f32) * cos[d] + partner * sin[d], f32);
+    }
+}
+
+/* One attention layer of a pass after its projections, in one call: RoPE on the new queries and
+ * keys, the new keys and values written into the cache after each row's prefix (slot
+ * starts[b] + t), then attention() over the mask. q, k, v: [B, T, heads * D] rows with row
+ * strides ldq, ldk, ldv (views into the fused projection); cos, sin: [B, T, D] float32; kc, vc,
+ * row_ids, mask, out as in attention(). */
+INLINE void rope_attention(const void *q, int64_t ldq, const void *k, int64_t ldk, const void *v, int64_t ldv,
+                           const float *cos, const float *sin, const int64_t *starts, void *kc, void *vc,
+                           const int64_t *row_ids, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D,
+                           int64_t cap, int64_t length, const uint8_t *mask, float scale, void *out, int threads,
+                           int f32) {
+    int64_t size = f32 ? 4 : 2;
+    void *qr = malloc((size_t)(B * H * T * D * size)); /* rotated queries, [B, H, T, D] */
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t token = b * T + t;
+            const float *c = cos + token * D, *s = sin + token * D;
+            for (int64_t h = 0; h < H; h++) rotate(q, token * ldq + h * D, c, s, D, qr, ((b * H + h) * T + t) * D, f32);
+            for (int64_t h = 0; h < Hkv; h++) {
+                int64_t slot = ((row_ids[b] * Hkv + h) * cap + starts[b] + t) * D;
+                rotate(k, token * ldk + h * D, c, s, D, kc, slot, f32);
+                memcpy((char *)vc + slot * size, (const char *)v + (token * ldv + h * D) * size, (size_t)(D * size));
+            }
+        }
+    attention(qr, H * T * D, T * D, D, kc, vc, row_ids, B, H, Hkv, T, D, cap, length, mask, scale, out, threads, f32);
+    free(qr);
+}
+
+void tandem_rope_attention(const void *q, int64_t ldq, const void *k, int64_t ldk, const void *v, int64_t ldv,
+                           const float *cos, const float *sin, const int64_t *starts, void *kc, void *vc,
+                           const int64_t *row_ids, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D,
+                           int64_t cap, int64_t length, const uint8_t *mask, float scale, void *out, int threads,
+                           int f32) {
+    if (f32)
+        rope_attention(q, ldq, k, ldk, v, ldv, cos, sin, starts, kc, vc, row_ids, B, H, Hkv, T, D, cap, length,
+                       mask, scale, out, threads, 1);
+    else
+        rope_attention(q, ldq, k, ldk, v, ldv, cos, sin, starts, kc, vc, row_ids, B, H, Hkv, T, D, cap, length,
+                       mask, scale, out, threads, 0);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* rms_norm and the gated activation                                                         */
 
-/* out = bf16(w * bf16(x * r)) (Llama/Qwen), or bf16(x * r * (offset + w)) (Gemma, offset != 0),
- * with r = 1 / sqrt(mean(x^2) + eps); x, out: [R, D] bf16 contiguous. */
-void tandem_rms_norm(const uint16_t *x, int64_t R, int64_t D, const uint16_t *w, float eps, float offset,
-                     uint16_t *out) {
+/* 8 floats rounded to bf16 as f32_to_bf16 does, in the low 16 bits of each 32-bit lane. */
+static inline __m256i bf16_bits8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+}
+
+INLINE __m256 rounded8(__m256 v, int f32) {
+    return f32 ? v : _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+}
+
+INLINE void store8(void *p, int64_t i, __m256 v, int f32) {
+    if (f32) {
+        _mm256_storeu_ps((float *)p + i, v);
+        return;
+    }
+    __m256i b = bf16_bits8(v);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
+}
+
+/* out = w * round(x * r) (Llama/Qwen), or x * r * (offset + w) (Gemma, offset != 0), with
+ * r = 1 / sqrt(mean(x^2) + eps) and round() to the storage type, as the model's reference does;
+ * x, out: [R, D] contiguous. 8 lanes at a time, then the tail element by element: a fixed order. */
+INLINE void rms_norm(const void *x, int64_t R, int64_t D, const void *w, float eps, float offset, void *out,
+                     int f32) {
     for (int64_t i = 0; i < R; i++) {
-        const uint16_t *row = x + i * D;
-        float sum = 0.0f;
-        for (int64_t d = 0; d < D; d++) {
-            float v = bf16_to_f32(row[d]);
+        const int64_t row = i * D;
+        __m256 squares = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) {
+            __m256 v = load8(x, row + d, f32);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float sum = hsum8(squares);
+        for (; d < D; d++) {
+            float v = load1(x, row + d, f32);
             sum = fmaf(v, v, sum);
         }
         float r = 1.0f / sqrtf(sum / (float)D + eps);
-        for (int64_t d = 0; d < D; d++) {
-            float normed = bf16_to_f32(row[d]) * r;
-            float scaled = offset != 0.0f ? normed * (offset + bf16_to_f32(w[d]))
-                                          : bf16_to_f32(w[d]) * bf16_to_f32(f32_to_bf16(normed));
-            out[i * D + d] = f32_to_bf16(scaled);
+        __m256 r8 = _mm256_set1_ps(r), off8 = _mm256_set1_ps(offset);
+        for (d = 0; d + 8 <= D; d += 8) {
+            __m256 normed = _mm256_mul_ps(load8(x, row + d, f32), r8), weight = load8(w, d, f32);
+            __m256 scaled = offset != 0.0f ? _mm256_mul_ps(normed, _mm256_add_ps(off8, weight))
+                                           : _mm256_mul_ps(weight, rounded8(normed, f32));
+            store8(out, row + d, scaled, f32);
+        }
+        for (; d < D; d++) {
+            float normed = load1(x, row + d, f32) * r, weight = load1(w, d, f32);
+            float scaled = offset != 0.0f ? normed * (offset + weight) : weight * rounded(normed, f32);
+            store1(out, row + d, scaled, f32);
         }
     }
 }
 
-/* gu: [R, 2I] bf16 (gate | up); out: [R, I] = bf16(bf16(act(gate)) * up); act: 0 SiLU
- * g / (1 + e^-g), 1 tanh GELU with tanh(y) = 1 - 2 / (e^2y + 1). */
-void tandem_act_mul(const uint16_t *gu, int64_t R, int64_t I, int gelu, uint16_t *out) {
-    float *act = (float *)malloc(sizeof(float) * (size_t)(I > 0 ? I : 1));
+void tandem_rms_norm(const void *x, int64_t R, int64_t D, const void *w, float eps, float offset, void *out,
+                     int f32) {
+    if (f32) rms_norm(x, R, D, w, eps, offset, out, 1);
+    else rms_norm(x, R, D, w, eps, offset, out, 0);
+}
+
+/* act(g) for 8 lanes: SiLU g / (1 + e^-g), or tanh GELU with tanh(y) = 1 - 2 / (e^2y + 1). */
+static inline __m256 act8(__m256 g, int gelu) {
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    if (!gelu) return _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    __m256 cube = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+    __m256 y = _mm256_mul_ps(_mm256_set1_ps(2.0f * 0.7978845608028654f),
+                             _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, g));
+    __m256 tanh = _mm256_sub_ps(two, _mm256_div_ps(two, _mm256_add_ps(exp8(y), one)));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), tanh);
+}
+
+/* gu: [R, 2I] (gate | up); out: [R, I] = round(act(gate)) * up. The tail goes through the same
+ * vector code, zero-padded. */
+INLINE void act_mul(const void *gu, int64_t R, int64_t I, int gelu, void *out, int f32) {
     for (int64_t i = 0; i < R; i++) {
-        const uint16_t *gate = gu + i * 2 * I, *up = gate + I;
-        for (int64_t j = 0; j < I; j++) {
-            float g = bf16_to_f32(gate[j]);
-            act[j] = gelu ? 2.0f * 0.7978845608028654f * (g + 0.044715f * g * g * g) : -g;
+        const int64_t gate = i * 2 * I, up = gate + I;
+        int64_t j = 0;
+        for (; j + 8 <= I; j += 8) {
+            __m256 a = rounded8(act8(load8(gu, gate + j, f32), gelu), f32);
+            store8(out, i * I + j, _mm256_mul_ps(a, load8(gu, up + j, f32)), f32);
         }
-        exp_inplace(act, I);
-        for (int64_t j = 0; j < I; j++) {
-            float g = bf16_to_f32(gate[j]);
-            float a = gelu ? 0.5f * g * (2.0f - 2.0f / (act[j] + 1.0f)) : g / (1.0f + act[j]);
-            out[i * I + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(a)) * bf16_to_f32(up[j]));
+        if (j < I) {
+            float lane[8] = {0};
+            for (int64_t t = j; t < I; t++) lane[t - j] = load1(gu, gate + t, f32);
+            _mm256_storeu_ps(lane, rounded8(act8(_mm256_loadu_ps(lane), gelu), f32));
+            for (int64_t t = j; t < I; t++) store1(out, i * I + t, lane[t - j] * load1(gu, up + t, f32), f32);
         }
     }
-    free(act);
+}
+
+void tandem_act_mul(const void *gu, int64_t R, int64_t I, int gelu, void *out, int f32) {
+    if (f32) act_mul(gu, R, I, gelu, out, 1);
+    else act_mul(gu, R, I, gelu, out, 0);
 }

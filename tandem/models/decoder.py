@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.devices import host_tensor
+from tandem.kernels.cpu import DTYPES as KERNEL_DTYPES
 from tandem.kernels.cpu import ExactKernels
 from tandem.models.config import ModelConfig
 from tandem.models.kv_cache import KVCache
@@ -53,9 +54,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for ``positions`` ``[B, T]``, shaped ``[B, 1, T, D]``."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+    def tables(
+        self, positions: torch.Tensor, dtype: torch.dtype, flat: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``positions`` ``[B, T]``, shaped ``[B, 1, T, D]`` (``[B, T, D]`` if ``flat``)."""
+        cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        return (cos, sin) if flat else (cos.unsqueeze(1), sin.unsqueeze(1))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,12 +90,13 @@ class PassContext:
     """What every layer of one forward pass shares: computed once, not per layer."""
 
     cache: KVCache
+    starts: torch.Tensor  # [B] cached lengths: the new tokens' first slot
     row_ids: torch.Tensor  # [B] cache rows of the pass
     write_index: tuple[torch.Tensor, ...]
     read_rows: slice | torch.Tensor
     length: int  # cache slots attended to
     mask: torch.Tensor  # [B, T, length]
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [B, 1, T, D] in the model's dtype; [B, T, D] float32 exact
     local_mask: torch.Tensor | None = None  # sliding-window layers, [B, T, length]
     local_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -116,18 +121,20 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(batch, steps, self.num_heads, self.head_dim)
         k = k.view(batch, steps, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.local_rope if sliding and ctx.local_rope is not None else ctx.rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        ctx.cache.write(self.layer, ctx.write_index, k, v)
+        rope = ctx.local_rope if sliding and ctx.local_rope is not None else ctx.rope
         mask = ctx.local_mask if sliding and ctx.local_mask is not None else ctx.mask
-        if self.kernels is not None:
-            cache = ctx.cache
-            out = self.kernels.attention(q, cache.k[self.layer], cache.v[self.layer], ctx.row_ids, mask, self.scale)
+        if self.kernels is not None:  # RoPE, the cache write and attention in one call
+            cache, layer = ctx.cache, self.layer
+            out = self.kernels.rope_attention(
+                q, k, v, rope, ctx.starts, cache.k[layer], cache.v[layer], ctx.row_ids, mask, self.scale
+            )
             return self.wo(out)
+        cos, sin = rope
+        q, k = apply_rotary(q.transpose(1, 2), cos, sin), apply_rotary(k.transpose(1, 2), cos, sin)
+        ctx.cache.write(self.layer, ctx.write_index, k, v.transpose(1, 2))
         keys, values = ctx.cache.read(self.layer, ctx.read_rows, ctx.length)
         out = F.scaled_dot_product_attention(
             q,
@@ -210,22 +217,24 @@ class Transformer(nn.Module):
         """Whether passes run on the batch-invariant kernels (:meth:`use_exact_kernels`)."""
         return self.lm_head.kernels is not None
 
+    @property
+    def kernels(self) -> str:
+        """Which kernels run its passes: ``stock``, or the exact ones' label (ISA and build)."""
+        return self.lm_head.kernels.label if self.lm_head.kernels is not None else "stock"
+
     def exact_unsupported(self) -> str | None:
         """Why this model cannot run on the exact kernels (None: it can)."""
-        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+        if self.dtype not in KERNEL_DTYPES or self.device.type != "cpu":
             dtype = str(self.dtype).removeprefix("torch.")
-            return (
-                f"the exact kernels need a bf16 model on the CPU (this one is {dtype} on {self.device}); "
-                "float32 runs the stock kernels, where plain and speculative decoding agree"
-            )
+            return f"the exact kernels need a bf16 or float32 model on the CPU (this one is {dtype} on {self.device})"
         if self.config.head_dim % 8:
             return f"the exact kernels need a head size divisible by 8, not {self.config.head_dim}"
         return None
 
     def use_exact_kernels(self, kernels: ExactKernels) -> None:
         """Run every op that decides a token (linears, attention, norms, activation, an fp32 LM
-        head) on ``kernels``, so a row's logits no longer depend on what shares its pass. bf16 on
-        the CPU only; call after any tp sharding (it packs the local weights)."""
+        head) on ``kernels``, so a row's logits no longer depend on what shares its pass. bf16 or
+        float32 on the CPU; call after any tp sharding (it packs the local weights)."""
         reason = self.exact_unsupported()
         if reason:
             raise ValueError(reason)
@@ -293,20 +302,22 @@ class Transformer(nn.Module):
         mask, key_positions = _attention_mask(starts, tree_mask, depths, length)
         write_index = cache.block_index(rows, starts, tokens.shape[1])
         row_ids = write_index[0].view(-1)
+        rope_dtype = torch.float32 if self.exact else self.dtype
         ctx = PassContext(
             cache=cache,
+            starts=starts,
             row_ids=row_ids,
             write_index=write_index,
             read_rows=cache.row_selector(rows, row_ids),
             length=length,
             mask=mask,
-            rope=self.rotary.tables(positions, self.dtype),
+            rope=self.rotary.tables(positions, rope_dtype, self.exact),
         )
         if cfg.sliding_window is not None:
             distance = positions[:, :, None] - key_positions[:, None, :]
             ctx.local_mask = mask & (distance < cfg.sliding_window)
         if self.local_rotary is not None:
-            ctx.local_rope = self.local_rotary.tables(positions, self.dtype)
+            ctx.local_rope = self.local_rotary.tables(positions, rope_dtype, self.exact)
         x = self.embed(tokens)
         if cfg.embedding_scale:
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)

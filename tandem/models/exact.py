@@ -1,8 +1,8 @@
 """The ``--exact`` mode: the batch-invariant kernels where they run, with one rule for ``auto``.
 
-``auto`` (``None``) turns them on for bf16 models on CPUs that have them: there they are also
-faster than oneDNN (docs/results.md), so nothing is traded. ``True`` insists and says why not;
-``False`` keeps the stock kernels (float32 and GPUs always do).
+``auto`` (``None``) turns them on for bf16 and float32 models on CPUs that have them: there they
+are also faster than oneDNN (docs/results.md), so nothing is traded. ``True`` insists and says why
+not; ``False`` keeps the stock kernels (GPUs and other dtypes always do).
 """
 
 from __future__ import annotations
