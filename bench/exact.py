@@ -1,7 +1,8 @@
-"""The exact kernels in bf16: speculative output against plain decoding at batch 4, and the
+"""The exact kernels: speculative output against plain decoding at batch 4 (and 1), and the
 first-token (prefill) latency on the exact and the stock kernels, on bench/decode.py's prompts.
 
-    python bench/exact.py                   # 7 prompts each of humaneval, mbpp, mt-bench; 128 tokens
+    python bench/exact.py                   # bf16; 7 prompts each of humaneval, mbpp, mt-bench; 128 tokens
+    python bench/exact.py --dtype float32 --batch 1 --out bench/results/exact-float32-batch1.json
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=7, help="prompts per benchmark")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "exact.json")
     args = p.parse_args(argv)
-    target = load_target(args.model, "bfloat16", exact=True)
+    target = load_target(args.model, args.dtype, exact=True)
     prompts = load_prompts(target, DEFAULT_BENCHMARKS, args.limit)
     plain = outputs(Engine(target.model, eos_token_ids=target.eos_token_ids), prompts, args.max_tokens, 1)
     equal = {}
@@ -65,9 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = Engine(target.model, drafter, target.eos_token_ids, max_draft_nodes=16)
         spec = outputs(engine, prompts, args.max_tokens, args.batch)
         equal[name] = sum(a == b for a, b in zip(spec, plain, strict=True))
-    stock = load_target(args.model, "bfloat16", exact=False)
+    stock = load_target(args.model, args.dtype, exact=False)
     report = {
         "model": args.model,
+        "dtype": args.dtype,
+        "kernels": target.model.kernels,
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "batch": args.batch,

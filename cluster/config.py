@@ -114,8 +114,8 @@ class TargetConfig(PoolConfig):
     tp: int = 1
     # the draft scheduler: verify only the draft nodes that pay on this hardware (profiled once)
     schedule: bool = True
-    # batch-invariant bf16 kernels (tandem/kernels): null = on where they run (bf16 on AVX2 CPUs),
-    # true = required, false = the stock kernels
+    # batch-invariant kernels (tandem/kernels): null = on where they run (bf16 and float32 on AVX2
+    # CPUs), true = required, false = the stock kernels
     exact: bool | None = None
 
 

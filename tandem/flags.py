@@ -14,8 +14,9 @@ def add_exact_flag(p: argparse.ArgumentParser) -> None:
         "--exact",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="batch-invariant bf16 kernels: speculative output equals plain decoding token for token "
-        "(default: on for bf16 on CPUs with AVX2, where they are also the fastest; --no-exact: stock kernels)",
+        help="batch-invariant kernels: speculative output equals plain decoding token for token "
+        "(default: on for bf16 and float32 on CPUs with AVX2, where they are also the fastest; "
+        "--no-exact: stock kernels)",
     )
 
 

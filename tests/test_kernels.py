@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from tandem.drafters import NgramDrafter, make_drafter
 from tandem.engine import Engine
-from tandem.kernels.cpu import KernelUnavailable, exact_kernels
+from tandem.kernels.cpu import AVX512, KernelUnavailable, _cpu_flags, exact_kernels
 from tandem.models.decoder import apply_rotary
 from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
 from tandem.target import load_target
+from tandem.tree import ancestor_mask, tree_depths
 from tests.test_engine import OracleDrafter, _benchmark_prompts, _outputs
 from tests.tiny_models import FAMILIES, build_tiny
 
@@ -28,6 +29,7 @@ except KernelUnavailable as exc:  # not x86 with AVX2, or no C compiler
 
 
 DTYPES = [torch.bfloat16, torch.float32]
+ISAS = ["avx2", *(["avx512"] if AVX512 <= _cpu_flags() else [])]  # the linear tiles this CPU can run
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}  # of a kernel's stored output vs float32 math
 
 
@@ -36,21 +38,23 @@ def _rand(*shape: int, scale: float = 1.0, seed: int = 0, dtype: torch.dtype = t
     return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, False), (37, 51, True), (1000, 576, False)])
-def test_linear_matches_float32_and_is_row_invariant(n, k, bias, dtype):
-    w, x = _rand(n, k, seed=1, dtype=dtype), _rand(13, k, seed=2, dtype=dtype)
+def test_linear_matches_float32_and_is_row_invariant(n, k, bias, dtype, isa):
+    kernels = exact_kernels(isa)
+    w, x = _rand(n, k, seed=1, dtype=dtype), _rand(19, k, seed=2, dtype=dtype)
     b = _rand(n, seed=3, dtype=dtype) if bias else None
-    packed = KERNELS.pack(w)
-    out = KERNELS.linear(x, packed, n, b, torch.float32)
+    packed = kernels.pack(w)
+    out = kernels.linear(x, packed, n, b, torch.float32)
     ref = x.float() @ w.float().T + (b.float() if bias else 0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-    stored = KERNELS.linear(x, packed, n, b, dtype)
+    stored = kernels.linear(x, packed, n, b, dtype)
     assert stored.dtype == dtype
     torch.testing.assert_close(stored, ref.to(dtype), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
-    for m in range(1, 13):  # every tile shape: alone, or at any place in a larger call
-        assert torch.equal(KERNELS.linear(x[:m], packed, n, b, torch.float32), out[:m])
-    assert torch.equal(KERNELS.linear(x[7:8], packed, n, b, torch.float32), out[7:8])
+    for m in range(1, 19):  # every tile shape (AVX2: 6 rows, AVX-512: 16): alone, or inside a larger call
+        assert torch.equal(kernels.linear(x[:m], packed, n, b, torch.float32), out[:m])
+    assert torch.equal(kernels.linear(x[17:18], packed, n, b, torch.float32), out[17:18])
 
 
 def test_linear_does_not_depend_on_the_thread_count():
@@ -176,13 +180,13 @@ def test_gated_activation_matches_float32_and_is_row_invariant(gelu, dtype):
 # --- the exact mode end to end ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[(f, d) for f in FAMILIES for d in DTYPES], ids=str)
+@pytest.fixture(scope="module", params=[(f, d, i) for f in FAMILIES for d in DTYPES for i in ISAS], ids=str)
 def tiny_exact(request, tmp_path_factory):
-    family, dtype = request.param
+    family, dtype, isa = request.param
     folder = tmp_path_factory.mktemp(f"exact-{family}")
     build_tiny(family, folder, vocab=64)
     model, _ = load_model(folder, dtype)
-    assert apply_exact(model, True)
+    model.use_exact_kernels(exact_kernels(isa))
     return model
 
 
@@ -202,6 +206,36 @@ def test_speculation_equals_plain_decoding_on_tiny_models(tiny_exact, batch):
         assert _outputs(engine, group, params, batch) == plain[start : start + batch]
 
 
+def test_all_layers_in_one_call_equal_the_modules_bit_for_bit(tiny_exact):
+    """The step plan (every layer in one C call) against the same kernels one module at a time:
+    the same logits, kept features and cache, for a prompt and then a tree on two rows."""
+    model, plan = tiny_exact, tiny_exact.step_plan
+    assert plan is not None
+    parents = [-1, 0, 0, 1, 2, 2]
+    tree = (
+        torch.tensor([tree_depths(parents)] * 2),
+        ancestor_mask(parents, torch.device("cpu"))[None].expand(2, -1, -1),
+    )
+    prompts = torch.tensor([[rng % 64 for rng in range(7, 40, 3)], [rng % 64 for rng in range(5, 60, 5)]])
+    layers = [0, model.config.num_layers - 1]
+    runs = []
+    try:
+        for step_plan in (plan, None):
+            model.step_plan = step_plan
+            cache = model.new_cache(3, 64)
+            depths = torch.arange(prompts.shape[1]).expand(2, -1)
+            causal = torch.ones(2, prompts.shape[1], prompts.shape[1], dtype=torch.bool).tril()
+            first = model.forward_features(prompts, depths, causal, cache, [2, 0], layers)
+            for row in (2, 0):
+                cache.commit(row, list(range(prompts.shape[1])))
+            second = model.forward_features(prompts[:, :6], *tree, cache, [2, 0], layers)
+            runs.append((*first, *second, cache.k.clone(), cache.v.clone()))
+    finally:
+        model.step_plan = plan
+    for one_call, modules in zip(*runs):
+        assert torch.equal(one_call, modules)
+
+
 def test_exact_mode_is_refused_where_it_cannot_run(tmp_path):
     build_tiny("llama", tmp_path, vocab=64)
     model, _ = load_model(tmp_path, torch.float16)
@@ -211,6 +245,8 @@ def test_exact_mode_is_refused_where_it_cannot_run(tmp_path):
     assert not model.exact
     with pytest.raises(TypeError, match="bf16 or float32 tensors"):
         KERNELS.pack(torch.zeros(16, 8, dtype=torch.float16))
+    with pytest.raises(KernelUnavailable, match="must be avx2 or avx512"):
+        exact_kernels("sse")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 
 from tandem.drafters import DraftRequest, NgramDrafter
 from tandem.engine import Engine, Request
+from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
 from tandem.profile import profile_path
 from tandem.sampling import SamplingParams
@@ -91,7 +92,8 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
     model = str(tiny_target(tmp_path / "tiny"))
     target = load_model(model, torch.float32)[0]
-    path = profile_path(model, torch.float32)
+    apply_exact(target)  # as the worker's shard does (auto): the profile is keyed by the kernels
+    path = profile_path(model, torch.float32, kernels=target.kernels)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"pass_seconds": PassCost((1,), (1, 4), ((1.0, 4.0),)).to_json()}))
     greedy = Engine(target).generate([Request(PROMPTS[0], SamplingParams(max_tokens=4))])[0].token_ids

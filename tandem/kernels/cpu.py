@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -70,10 +71,57 @@ _SIGNATURES = {
     "tandem_rope_attention": (_P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, *[_I] * 7, _P, _F, _P, _C, _C),
     "tandem_rms_norm": (_P, _I, _I, _P, _F, _F, _P, _C),
     "tandem_act_mul": (_P, _I, _I, _C, _P, _C),
+    "tandem_layers": (_P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _C),
 }
 DTYPES = (torch.bfloat16, torch.float32)  # the storage types the kernels read and write
 AVX512 = {"avx512f", "avx512bw", "avx512_bf16"}  # the wide linear tiles: 16-lane FMA, bf16 dot products
 ISA_VARIABLE = "TANDEM_KERNEL_ISA"  # avx2 or avx512; unset: the widest this CPU has
+LAYER_WEIGHTS = (  # tandem_layer's pointers, in order
+    *("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"),
+    *("wqkv", "bqkv", "wo", "w13", "w2"),
+)
+
+
+class _Layer(ctypes.Structure):  # tandem_layer in exact_cpu.c
+    _fields_ = [*((name, _P) for name in LAYER_WEIGHTS), ("sliding", _I)]
+
+
+class _Model(ctypes.Structure):  # tandem_model in exact_cpu.c
+    _fields_ = [
+        *((name, _I) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        *((name, _F) for name in ("eps", "offset", "scale")),
+        *((name, ctypes.c_int32) for name in ("gelu", "f32", "wide")),
+        ("layer", ctypes.POINTER(_Layer)),
+    ]
+
+
+class StepPlan:
+    """What :meth:`ExactKernels.layers` needs of a model, built once: every layer's weights (packed
+    linears, norms) and the sizes, as the C structs; it keeps the tensors alive."""
+
+    def __init__(
+        self,
+        layers: Sequence[dict[str, torch.Tensor | None]],
+        sliding: Sequence[bool],
+        sizes: dict[str, int],
+        eps: float,
+        offset: float,
+        scale: float,
+        gelu: bool,
+        wide: bool,
+    ) -> None:
+        self._tensors = [t for layer in layers for t in layer.values() if t is not None]
+        dtype = self._tensors[0].dtype
+        self._layers = (_Layer * len(layers))(
+            *(
+                _Layer(*(None if layer.get(name) is None else layer[name].data_ptr() for name in LAYER_WEIGHTS), s)
+                for layer, s in zip(layers, sliding)
+            )
+        )
+        self.struct = _Model(
+            len(layers), *(sizes[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+            eps, offset, scale, gelu, dtype == torch.float32, wide, self._layers,
+        )  # fmt: skip
 
 
 def _f32(t: torch.Tensor) -> int:
@@ -83,11 +131,12 @@ def _f32(t: torch.Tensor) -> int:
     return int(t.dtype == torch.float32)
 
 
-def _isa() -> str:
-    """The linear tiles to use: ``avx512`` where the CPU has :data:`AVX512`, else ``avx2``; the
-    environment's :data:`ISA_VARIABLE` may ask for the narrower ones (or insist on the wider)."""
+def _isa(asked: str | None) -> str:
+    """The linear tiles to use: ``avx512`` where the CPU has :data:`AVX512`, else ``avx2``;
+    ``asked`` (or else the environment's :data:`ISA_VARIABLE`) may ask for the narrower ones, or
+    insist on the wider."""
     has_avx512 = AVX512 <= _cpu_flags()
-    asked = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    asked = (asked or os.environ.get(ISA_VARIABLE, "")).strip().lower()
     if asked not in ("", "avx2", "avx512"):
         raise KernelUnavailable(f"{ISA_VARIABLE} must be avx2 or avx512, not {asked!r}")
     if asked == "avx512" and not has_avx512:
@@ -177,6 +226,51 @@ class ExactKernels:
         )  # fmt: skip
         return out
 
+    def plan(
+        self,
+        layers: Sequence[dict[str, torch.Tensor | None]],
+        sliding: Sequence[bool],
+        sizes: dict[str, int],
+        eps: float,
+        offset: float,
+        scale: float,
+        gelu: bool,
+    ) -> StepPlan:
+        """A :class:`StepPlan` for these kernels (``layers``: per layer, :data:`LAYER_WEIGHTS` by
+        name, linears packed by :meth:`pack`)."""
+        return StepPlan(layers, sliding, sizes, eps, offset, scale, gelu, self._wide)
+
+    def layers(
+        self,
+        plan: StepPlan,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        local_rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor,
+        local_mask: torch.Tensor | None,
+        starts: torch.Tensor,
+        row_ids: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: Sequence[torch.Tensor | None],
+    ) -> None:
+        """Every decoder layer of a pass in one call, bit-identical to running the modules on
+        these kernels: ``x`` ``[B, T, hidden]`` (contiguous) is updated in place; ``keys``/``values``
+        the whole cache ``[layers, rows, Hkv, cap, D]``; ``keep[i]``: a tensor like ``x`` to copy
+        the hidden states after layer ``i`` into, or None. The rest as :meth:`rope_attention`."""
+        batch, steps, _ = x.shape
+        cos, sin = (t.contiguous() for t in rope)
+        local_cos, local_sin = (cos, sin) if local_rope is None else (t.contiguous() for t in local_rope)
+        mask = mask.contiguous()
+        local_mask = mask if local_mask is None else local_mask.contiguous()
+        kept = (ctypes.c_void_p * len(keep))(*(None if t is None else t.data_ptr() for t in keep))
+        self._lib.tandem_layers(
+            ctypes.byref(plan.struct), x.data_ptr(), batch, steps, cos.data_ptr(), sin.data_ptr(),
+            local_cos.data_ptr(), local_sin.data_ptr(), mask.data_ptr(), local_mask.data_ptr(), mask.shape[-1],
+            starts.data_ptr(), row_ids.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], keys.shape[3],
+            kept, torch.get_num_threads(),
+        )  # fmt: skip
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
         rows = x.contiguous()
         out = torch.empty_like(rows)
@@ -198,11 +292,12 @@ class ExactKernels:
 
 
 @functools.cache
-def exact_kernels() -> ExactKernels:
-    """The kernels, built on first use (about a second) and cached in ``$TANDEM_CACHE/kernels``;
-    :class:`KernelUnavailable` says why not."""
+def exact_kernels(isa: str | None = None) -> ExactKernels:
+    """The kernels, built on first use (about a second) and cached in ``$TANDEM_CACHE/kernels``,
+    with the linear tiles ``isa`` asks for (None: :func:`_isa`'s choice); :class:`KernelUnavailable`
+    says why not."""
     library, key = _build()
-    return ExactKernels(ctypes.CDLL(str(library)), _isa(), key)
+    return ExactKernels(ctypes.CDLL(str(library)), _isa(isa), key)
 
 
 if __name__ == "__main__":  # `python -m tandem.kernels.cpu`: build now (e.g. into an image), say how it went

@@ -442,3 +442,73 @@ void tandem_act_mul(const void *gu, int64_t R, int64_t I, int gelu, void *out, i
     if (f32) act_mul(gu, R, I, gelu, out, 1);
     else act_mul(gu, R, I, gelu, out, 0);
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* every decoder layer of a pass in one call                                                 */
+
+/* One layer's weights: packed linears (wqkv with its bias or NULL), norm weights (NULL where the
+ * family has none), and whether it attends through the sliding window. */
+typedef struct {
+    const void *attn_norm, *mlp_norm, *post_attn_norm, *post_mlp_norm, *q_norm, *k_norm;
+    const void *wqkv, *bqkv, *wo, *w13, *w2;
+    int64_t sliding;
+} tandem_layer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, offset, scale;
+    int32_t gelu, f32, wide;
+    const tandem_layer *layer;
+} tandem_model;
+
+/* x += h in the storage type (torch's rounding of a bf16 add). */
+static void add_into(void *x, const void *h, int64_t n, int f32) {
+    for (int64_t i = 0; i < n; i++) store1(x, i, load1(x, i, f32) + load1(h, i, f32), f32);
+}
+
+/* What Block.forward does for every layer, with the same kernels in the same order, so the result
+ * is bit-identical to the per-op path; it only saves the Python between the kernels. x: [B*T,
+ * hidden], updated in place; cos/sin, mask: as tandem_rope_attention takes them (the local_ ones
+ * for sliding layers); kc/vc: the whole cache [layers, rows, Hkv, cap, D]; keep[i]: where to copy
+ * x after layer i, or NULL. */
+void tandem_layers(const tandem_model *m, void *x, int64_t B, int64_t T, const float *cos, const float *sin,
+                   const float *local_cos, const float *local_sin, const uint8_t *mask, const uint8_t *local_mask,
+                   int64_t length, const int64_t *starts, const int64_t *row_ids, void *kc, void *vc, int64_t rows,
+                   int64_t cap, void *const *keep, int threads) {
+    int f32 = m->f32, size = f32 ? 4 : 2;
+    int64_t n = B * T, d = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate;
+    int64_t nqkv = (H + 2 * Hkv) * D, layer_slots = rows * Hkv * cap * D;
+    char *h = malloc((size_t)(n * d * size)), *qkv = malloc((size_t)(n * nqkv * size));
+    char *attn = malloc((size_t)(n * H * D * size)), *gu = malloc((size_t)(n * 2 * I * size));
+    char *act = malloc((size_t)(n * I * size));
+    for (int64_t i = 0; i < m->layers; i++) {
+        const tandem_layer *l = &m->layer[i];
+        tandem_rms_norm(x, n, d, l->attn_norm, m->eps, m->offset, h, f32);
+        tandem_linear(h, d, n, d, l->wqkv, nqkv, l->bqkv, qkv, nqkv, 0, f32, m->wide, threads);
+        if (l->q_norm)
+            for (int64_t t = 0; t < n; t++) {
+                char *row = qkv + t * nqkv * size;
+                tandem_rms_norm(row, H, D, l->q_norm, m->eps, m->offset, row, f32);
+                tandem_rms_norm(row + H * D * size, Hkv, D, l->k_norm, m->eps, m->offset, row + H * D * size, f32);
+            }
+        tandem_rope_attention(qkv, nqkv, qkv + H * D * size, nqkv, qkv + (H + Hkv) * D * size, nqkv,
+                              l->sliding ? local_cos : cos, l->sliding ? local_sin : sin, starts,
+                              (char *)kc + i * layer_slots * size, (char *)vc + i * layer_slots * size, row_ids, B, H,
+                              Hkv, T, D, cap, length, l->sliding ? local_mask : mask, m->scale, attn, threads, f32);
+        tandem_linear(attn, H * D, n, H * D, l->wo, d, NULL, h, d, 0, f32, m->wide, threads);
+        if (l->post_attn_norm) tandem_rms_norm(h, n, d, l->post_attn_norm, m->eps, m->offset, h, f32);
+        add_into(x, h, n * d, f32);
+        tandem_rms_norm(x, n, d, l->mlp_norm, m->eps, m->offset, h, f32);
+        tandem_linear(h, d, n, d, l->w13, 2 * I, NULL, gu, 2 * I, 0, f32, m->wide, threads);
+        tandem_act_mul(gu, n, I, m->gelu, act, f32);
+        tandem_linear(act, I, n, I, l->w2, d, NULL, h, d, 0, f32, m->wide, threads);
+        if (l->post_mlp_norm) tandem_rms_norm(h, n, d, l->post_mlp_norm, m->eps, m->offset, h, f32);
+        add_into(x, h, n * d, f32);
+        if (keep[i]) memcpy(keep[i], x, (size_t)(n * d * size));
+    }
+    free(h);
+    free(qkv);
+    free(attn);
+    free(gu);
+    free(act);
+}

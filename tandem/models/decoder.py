@@ -16,7 +16,7 @@ from torch import nn
 
 from tandem.devices import host_tensor
 from tandem.kernels.cpu import DTYPES as KERNEL_DTYPES
-from tandem.kernels.cpu import ExactKernels
+from tandem.kernels.cpu import ExactKernels, StepPlan
 from tandem.models.config import ModelConfig
 from tandem.models.kv_cache import KVCache
 from tandem.tree import ancestor_mask, tree_depths
@@ -177,6 +177,27 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norm else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norm else None
 
+    def exact_weights(self) -> dict[str, torch.Tensor | None]:
+        """The tensors a :class:`StepPlan` reads for this layer (after it is packed)."""
+
+        def weight(norm: RMSNorm | None) -> torch.Tensor | None:
+            return None if norm is None else norm.weight
+
+        attn, mlp = self.attn, self.mlp
+        return {
+            "attn_norm": self.attn_norm.weight,
+            "mlp_norm": self.mlp_norm.weight,
+            "post_attn_norm": weight(self.post_attn_norm),
+            "post_mlp_norm": weight(self.post_mlp_norm),
+            "q_norm": weight(attn.q_norm),
+            "k_norm": weight(attn.k_norm),
+            "wqkv": attn.wqkv.packed,
+            "bqkv": attn.wqkv.bias,
+            "wo": attn.wo.packed,
+            "w13": mlp.w13.packed,
+            "w2": mlp.w2.packed,
+        }
+
     def forward(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
         h = self.attn(self.attn_norm(x), ctx, self.sliding)
         if self.post_attn_norm is not None:
@@ -198,6 +219,7 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.step_plan: StepPlan | None = None  # every layer in one exact-kernel call (use_exact_kernels)
         self.build_rotary()
 
     def build_rotary(self) -> None:
@@ -243,6 +265,25 @@ class Transformer(nn.Module):
                 module.pack(kernels)
             elif isinstance(module, RMSNorm | Attention | FeedForward):
                 module.kernels = kernels
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
+            return  # tp's all-reduce runs between the kernels: the layers go one module at a time
+        cfg = self.config
+        sizes = {
+            "hidden": cfg.hidden_size,
+            "heads": self.layers[0].attn.num_heads,  # this rank's, after any sharding
+            "kv_heads": self.layers[0].attn.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate": self.layers[0].mlp.intermediate,
+        }
+        self.step_plan = kernels.plan(
+            [block.exact_weights() for block in self.layers],
+            [block.sliding for block in self.layers],
+            sizes,
+            cfg.rms_norm_eps,
+            cfg.norm_offset,
+            self.layers[0].attn.scale,
+            cfg.hidden_act != "silu",
+        )
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         cfg = self.config
@@ -322,10 +363,17 @@ class Transformer(nn.Module):
         if cfg.embedding_scale:
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
         kept: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx)
-            if i in feature_layers:
-                kept[i] = x
+        if self.step_plan is not None:  # the same kernels, without Python between them
+            kept = {i: torch.empty_like(x) for i in feature_layers}
+            self.lm_head.kernels.layers(
+                self.step_plan, x, ctx.rope, ctx.local_rope, ctx.mask, ctx.local_mask, starts, row_ids,
+                cache.k, cache.v, [kept.get(i) for i in range(cfg.num_layers)],
+            )  # fmt: skip
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, ctx)
+                if i in feature_layers:
+                    kept[i] = x
         features = torch.cat([kept[i] for i in feature_layers], -1) if feature_layers else None
         if logit_index is not None:
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
