@@ -101,6 +101,7 @@ class StepPlan:
 
     def __init__(
         self,
+        kernels: ExactKernels,
         layers: Sequence[dict[str, torch.Tensor | None]],
         sliding: Sequence[bool],
         sizes: dict[str, int],
@@ -108,8 +109,8 @@ class StepPlan:
         offset: float,
         scale: float,
         gelu: bool,
-        wide: bool,
     ) -> None:
+        """``layers``: per layer, :data:`LAYER_WEIGHTS` by name (linears packed by ``kernels``)."""
         self._tensors = [t for layer in layers for t in layer.values() if t is not None]
         dtype = self._tensors[0].dtype
         self._layers = (_Layer * len(layers))(
@@ -120,7 +121,7 @@ class StepPlan:
         )
         self.struct = _Model(
             len(layers), *(sizes[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")),
-            eps, offset, scale, gelu, dtype == torch.float32, wide, self._layers,
+            eps, offset, scale, gelu, dtype == torch.float32, kernels.isa == "avx512", self._layers,
         )  # fmt: skip
 
 
@@ -225,20 +226,6 @@ class ExactKernels:
             out.data_ptr(), torch.get_num_threads(), _f32(q),
         )  # fmt: skip
         return out
-
-    def plan(
-        self,
-        layers: Sequence[dict[str, torch.Tensor | None]],
-        sliding: Sequence[bool],
-        sizes: dict[str, int],
-        eps: float,
-        offset: float,
-        scale: float,
-        gelu: bool,
-    ) -> StepPlan:
-        """A :class:`StepPlan` for these kernels (``layers``: per layer, :data:`LAYER_WEIGHTS` by
-        name, linears packed by :meth:`pack`)."""
-        return StepPlan(layers, sliding, sizes, eps, offset, scale, gelu, self._wide)
 
     def layers(
         self,

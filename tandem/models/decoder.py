@@ -275,7 +275,8 @@ class Transformer(nn.Module):
             "head_dim": cfg.head_dim,
             "intermediate": self.layers[0].mlp.intermediate,
         }
-        self.step_plan = kernels.plan(
+        self.step_plan = StepPlan(
+            kernels,
             [block.exact_weights() for block in self.layers],
             [block.sliding for block in self.layers],
             sizes,
