@@ -17,6 +17,8 @@ from tandem.devices import DeviceUnavailable, resolve_device
 from tandem.drafters import ADAPTERS, HybridDrafter, NgramDrafter, SuffixDrafter, new_draft_model
 from tandem.drafters.neural import ALGORITHMS, DraftConfig
 from tandem.engine import Engine, Request
+from tandem.kernels.cpu import KernelUnavailable
+from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
 from tandem.scheduler import PassCost, ScheduledDrafter
@@ -39,11 +41,19 @@ def _prompts(seed: int) -> list[list[int]]:
     return [[rng.randrange(VOCAB) for _ in range(rng.randint(4, 10))] * 2 for _ in range(2)]
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(scope="module", params=["cpu", "cpu-exact", pytest.param("cuda", marks=pytest.mark.gpu)])
 def target(request, tmp_path_factory):
+    """The stock kernels on each device, and the exact CPU kernels (their step plan included)."""
     folder = tmp_path_factory.mktemp("device-target")
     build_tiny("llama", folder, vocab=VOCAB)
-    return load_model(folder, torch.float32, request.param)[0]
+    device, _, exact = request.param.partition("-")
+    model = load_model(folder, torch.float32, device)[0]
+    if exact:
+        try:
+            apply_exact(model, True)
+        except KernelUnavailable as exc:
+            pytest.skip(f"exact kernels unavailable: {exc}")
+    return model
 
 
 @pytest.fixture(scope="module")
