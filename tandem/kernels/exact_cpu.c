@@ -179,7 +179,10 @@ void tandem_linear(const void *x, int64_t ldx, int64_t M, int64_t K, const void 
                    const void *bias, void *out, int64_t ldo, int out_f32, int f32, int wide, int threads) {
     int pairs = wide && !f32;
     int64_t Kp = pairs ? (K + 1) / 2 * 2 : K, row_bytes = Kp * (pairs ? 2 : 4);
-    int64_t step = wide ? WIDE_ROWS : NARROW_ROWS;
+    /* Rows split evenly over the fewest tiles (17 rows: 9 + 8, not 16 + 1, whose one accumulator
+     * would wait on each dot product's latency); a row's sums do not depend on its tile. */
+    int64_t most = wide ? WIDE_ROWS : NARROW_ROWS, tiles = M > 0 ? (M + most - 1) / most : 1;
+    int64_t step = (M + tiles - 1) / tiles;
     /* x as the tiles read it: per tile of `step` rows, k-major ([Kp][rows] float32, or [Kp/2][rows]
      * pairs of bf16, the odd K padded with a zero). */
     char *xs = (char *)calloc((size_t)(M * row_bytes), 1);
