@@ -91,7 +91,15 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
     )
     wait_s = pool.batch_wait_ms / 1000
     return TargetSpec(
-        shard, pool.tp, pool.num_cpus, pool.num_gpus, wait_s, config.worker_host, pool.schedule, config.internal_tls
+        shard,
+        pool.tp,
+        pool.num_cpus,
+        pool.num_gpus,
+        wait_s,
+        config.worker_host,
+        pool.schedule,
+        pool.prefill_chunk,
+        config.internal_tls,
     )
 
 

@@ -117,6 +117,13 @@ class TargetConfig(PoolConfig):
     # batch-invariant kernels (tandem/kernels): null = on where they run (bf16 and float32 on AVX2
     # CPUs), true = required, false = the stock kernels
     exact: bool | None = None
+    # prompt tokens per prefill pass; running sessions' rounds go between the parts (null: whole)
+    prefill_chunk: int | None = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ConfigError(f"target.prefill_chunk must be >= 1 or null, got {self.prefill_chunk}")
 
 
 @dataclass(frozen=True)

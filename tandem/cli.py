@@ -214,6 +214,8 @@ def run_profile(args: argparse.Namespace) -> int:
     print("batch \\ width " + "".join(f"{w:>9}" for w in cost.widths))
     for batch, row in zip(cost.batches, cost.seconds):
         print(f"{batch:>13}  " + "".join(f"{s * 1000:9.1f}" for s in row))
+    extra = cost.per_key * 1000 * 1000 * 1000
+    print(f"after {cost.base_context} tokens; attention adds {extra:.1f} ms per 1000 query tokens x 1000 cached keys")
     return 0
 
 

@@ -60,12 +60,16 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         decode: Callable[[list[int]], str] | None = None,
         max_draft_nodes: int = 16,
+        prefill_chunk: int | None = 512,
     ) -> None:
+        """``prefill_chunk``: prompt tokens per prefill pass (None: whole prompts), which bounds
+        a pass's attention mask and activations whatever the prompt's length."""
         self.model = model
         self.drafter = drafter
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
         self.max_draft_nodes = max_draft_nodes
+        self.prefill_chunk = prefill_chunk
         self.target_passes = 0
         self._seq_ids = itertools.count()
 
@@ -97,7 +101,7 @@ class Engine:
             verifier.check_prompt(r.prompt_ids)
         seqs = [self._new_sequence(i, r, verifier) for i, r in enumerate(requests)]
         try:
-            for seq, step in zip(seqs, verifier.prefill([s.row for s in seqs])):
+            for seq, step in zip(seqs, verifier.prefill([s.row for s in seqs], self.prefill_chunk)):
                 yield self._advance(seq, step, verifier)
             live = [s for s in seqs if s.state.finish_reason is None]
             while live:

@@ -3,7 +3,9 @@ width, for the draft scheduler (:mod:`tandem.scheduler`).
 
 Measured once per model, dtype and machine through the real :class:`Verifier` (masks, sampling
 and cache commits included) and kept in the cache folder; ``tandem generate`` and ``tandem serve``
-measure on first use.
+measure on first use. Batches go up to what a replica holds (32 sequences by default), and a few
+passes after a long prefix give attention's cost per cached key. The prefixes are not prefilled:
+a row's cached length is set, since what a pass costs does not depend on the values it reads.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,9 +31,12 @@ from tandem.scheduler import PassCost, ScheduledDrafter
 from tandem.tree import chain
 from tandem.verifier import Verifier
 
-BATCHES = (1, 2, 4, 8)
+BATCHES = (1, 2, 4, 8, 16, 32)
 WIDTHS = (1, 2, 3, 5, 9, 17)  # anchor + 0, 1, 2, 4, 8, 16 draft tokens
-PROMPT_TOKENS = 64
+PROMPT_TOKENS = 64  # the prefix of the table's passes
+LONG_CONTEXT = 1024  # the prefix of the passes that price attention per cached key
+LONG_CELLS = ((1, 1), (1, 9), (4, 5), (16, 1))  # (batch, width) measured at both prefixes
+LAYOUT = 2  # bumped when what a profile holds changes: older ones are measured again
 
 
 def machine_id(device: torch.device = HOST) -> str:
@@ -47,7 +53,8 @@ def machine_id(device: torch.device = HOST) -> str:
 def profile_path(model_name: str, dtype: torch.dtype, device: torch.device = HOST, kernels: str = "stock") -> Path:
     """Where the profile of one model, dtype, machine and set of kernels (``Transformer.kernels``:
     each costs differently by width) is stored."""
-    key = hashlib.sha256(f"{model_name}|{dtype}|{machine_id(device)}|{kernels}".encode()).hexdigest()[:16]
+    key = f"{model_name}|{dtype}|{machine_id(device)}|{kernels}|layout{LAYOUT}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
     return cache_root() / "profiles" / f"{safe}-{str(dtype).removeprefix('torch.')}-{key}.json"
 
@@ -58,34 +65,41 @@ def measure(
     widths: Sequence[int] = WIDTHS,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
+    long_cells: Sequence[tuple[int, int]] = LONG_CELLS,
 ) -> PassCost:
-    """Median seconds of :meth:`Verifier.verify` for every batch size and width (chains of random
-    draft tokens under greedy verification, after one warm-up pass each)."""
+    """Median seconds of :meth:`Verifier.verify` for every batch size and width after a
+    :data:`PROMPT_TOKENS` prefix (chains of random draft tokens under greedy verification, after
+    one warm-up pass each), and attention's seconds per query token and cached key, fitted to
+    ``long_cells`` measured again after a :data:`LONG_CONTEXT` prefix."""
     g = torch.Generator(device=HOST).manual_seed(0)
-    vocab = model.config.vocab_size
-    seconds = []
-    for batch in batches:
-        capacity = PROMPT_TOKENS + len(widths) * (repeats + 1) * max(widths) + 1
-        verifier = Verifier(model, batch, capacity)
-        prompts = torch.randint(vocab, (batch, PROMPT_TOKENS), generator=g, device=HOST).tolist()
-        rows = [verifier.open(p, SamplingParams(), seed=0) for p in prompts]
+
+    def timed(batch: int, width: int, context: int) -> float:
+        verifier = Verifier(model, batch, context + max(widths) + 1)
+        rows = [verifier.open([int(t)], SamplingParams(), seed=0) for t in torch.randint(vocab, (batch,), generator=g)]
         anchors = [step.tokens[-1] for step in verifier.prefill(rows)]
-        row_seconds = []
-        for width in widths:
-            times = []
-            for i in range(repeats + 1):
-                drafts = torch.randint(vocab, (batch, width - 1), generator=g, device=HOST).tolist()
-                trees = [chain(a, d) for a, d in zip(anchors, drafts)]
-                start = time.perf_counter()
-                steps = verifier.verify(rows, trees)
-                if i:
-                    times.append(time.perf_counter() - start)
-                anchors = [step.tokens[-1] for step in steps]
-            row_seconds.append(statistics.median(times))
-            if progress:
-                progress(f"batch {batch} width {width}: {row_seconds[-1] * 1000:.1f} ms")
-        seconds.append(tuple(row_seconds))
-    return PassCost(tuple(batches), tuple(widths), tuple(seconds))
+        times = []
+        for i in range(repeats + 1):
+            for row in rows:  # every pass after the same prefix
+                verifier.cache.lengths[row] = context
+            drafts = torch.randint(vocab, (batch, width - 1), generator=g, device=HOST).tolist()
+            start = time.perf_counter()
+            verifier.verify(rows, [chain(a, d) for a, d in zip(anchors, drafts)])
+            if i:
+                times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        if progress:
+            progress(f"batch {batch} width {width} after {context} tokens: {seconds * 1000:.1f} ms")
+        return seconds
+
+    vocab = model.config.vocab_size
+    seconds = tuple(tuple(timed(b, w, PROMPT_TOKENS) for w in widths) for b in batches)
+    table = PassCost(tuple(batches), tuple(widths), seconds, PROMPT_TOKENS)
+    # least squares through 0 of the extra seconds against query tokens x extra keys
+    long = min(LONG_CONTEXT, model.config.max_position - max(widths) - 1)
+    cells = long_cells if long > 2 * PROMPT_TOKENS else ()
+    keys = [(b * w * (long - PROMPT_TOKENS), timed(b, w, long) - table(b, w)) for b, w in cells]
+    per_key = max(0.0, sum(x * t for x, t in keys) / sum(x * x for x, _ in keys)) if keys else 0.0
+    return replace(table, per_key=per_key)
 
 
 def load_or_measure(

@@ -7,9 +7,18 @@ adds. The scheduler picks the width that maximises expected tokens per second of
 
     (Σ_seqs 1 + Σ_kept survival) / (draft seconds + pass seconds(batch, width)),
 
-and keeps, in each tree, the width − 1 nodes ranked first. It decides before the target sees the
-tokens, and stays lossless:
+and keeps, in each tree, the width − 1 nodes ranked first.
 
+Before that, it decides which sequences to draft at all (:func:`choose_drafted`): the drafter's
+own cost is measured online (:class:`DraftCost`), each sequence's last calibrated offer predicts
+what drafting it would add, and where no set of sequences pays for its drafting plus its wider
+pass (a large batch on a compute-bound machine, or a drafter that guesses badly here), the
+drafter is not called and the round is plain decoding. A sequence left out is drafted again when
+its turn to probe comes (so its offer stays current), at a rate whose cost stays within
+:data:`PROBE_BUDGET` of a plain pass. It decides before the target sees the tokens, and stays
+lossless:
+
+- whether a sequence is drafted reads earlier rounds only (offers, acceptance counts, timings);
 - a greedy target's output never depends on which nodes are verified, so its nodes are ranked by
   survival (ancestors first: survival never rises down a path) and the best width is taken;
 - under sampling, whether a node is verified must not depend on its own token or on anything
@@ -24,24 +33,35 @@ before the cut (:mod:`tandem.calibration`): drafters' own predictions are far of
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
+import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
 
 from tandem.calibration import SurvivalCalibration
 from tandem.drafters.base import Drafter, DraftRequest
-from tandem.tree import TokenTree
+from tandem.tree import TokenTree, chain
+
+PROBE_BUDGET = 0.02  # what probing left-out sequences may cost, as a share of a plain pass
+MAX_PROBE_INTERVAL = 64  # rounds a sequence goes undrafted at most
 
 
 @dataclass(frozen=True)
 class PassCost:
     """Seconds of one verification pass at ``batches[i]`` sequences of ``widths[j]`` tokens each
-    (anchor included): ``seconds[i][j]``, measured by ``tandem profile``."""
+    (anchor included): ``seconds[i][j]``, measured by ``tandem profile`` after a prefix of
+    ``base_context`` tokens; a longer prefix adds ``per_key`` seconds per query token and cached
+    key (attention's share, fitted from passes at a long context)."""
 
     batches: tuple[int, ...]
     widths: tuple[int, ...]
     seconds: tuple[tuple[float, ...], ...]
+    base_context: int = 0
+    per_key: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.seconds) != len(self.batches) or any(len(row) != len(self.widths) for row in self.seconds):
@@ -51,20 +71,58 @@ class PassCost:
         if self.widths[0] != 1:
             raise ValueError("the profile must include width 1 (plain decoding)")
 
-    def __call__(self, batch: int, width: int) -> float:
-        """Interpolated linearly in width, then in batch size (extrapolated past the last).
+    def __call__(self, batch: int, width: int, context: int = 0) -> float:
+        """Interpolated linearly in width, then in batch size (extrapolated past the last), plus
+        attention over a ``context`` (the longest cached prefix in the pass) past the base one.
 
         Measured values are taken as they are, dips included: on CPUs a wider pass can be
         cheaper (float32 passes of 2-3 tokens measured slower than of 5 on this machine)."""
         rows = [_interpolate(self.widths, row, width) for row in self.seconds]
-        return max(_interpolate(self.batches, rows, batch), 1e-9)
+        attention = self.per_key * batch * width * max(0, context - self.base_context)
+        return max(_interpolate(self.batches, rows, batch), 1e-9) + attention
 
     def to_json(self) -> dict:
-        return {"batches": list(self.batches), "widths": list(self.widths), "seconds": [list(r) for r in self.seconds]}
+        return {
+            "batches": list(self.batches),
+            "widths": list(self.widths),
+            "seconds": [list(r) for r in self.seconds],
+            "base_context": self.base_context,
+            "per_key": self.per_key,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> PassCost:
-        return cls(tuple(data["batches"]), tuple(data["widths"]), tuple(tuple(r) for r in data["seconds"]))
+        return cls(
+            tuple(data["batches"]),
+            tuple(data["widths"]),
+            tuple(tuple(r) for r in data["seconds"]),
+            int(data.get("base_context", 0)),
+            float(data.get("per_key", 0.0)),
+        )
+
+
+class DraftCost:
+    """Seconds a drafter takes to draft ``k`` sequences, ``a + b k``, fitted online to decaying
+    sums of the rounds it drafted (this machine, this drafter, these contexts and shapes); 0
+    until it has drafted once, so an unknown drafter gets tried."""
+
+    def __init__(self, decay: float = 0.97) -> None:
+        self.decay = decay
+        self._sums = [0.0] * 5  # weight, Σk, Σk², Σt, Σkt
+
+    def observe(self, k: int, seconds: float) -> None:
+        self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, k, k * k, seconds, k * seconds))]
+
+    def __call__(self, k: int) -> float:
+        n, sk, skk, st, skt = self._sums
+        if k <= 0 or n == 0:
+            return 0.0
+        mean_k, mean_t = sk / n, st / n
+        spread = skk / n - mean_k**2
+        if spread < 0.25:  # (nearly) one batch size seen: proportional to it
+            return mean_t * k / mean_k
+        slope = max(0.0, (skt / n - mean_k * mean_t) / spread)
+        return max(0.0, mean_t - slope * mean_k) + slope * k
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
@@ -89,11 +147,15 @@ def ranked_gains(tree: TokenTree, greedy: bool) -> tuple[list[int], list[float]]
     return nodes, [survival[i] for i in nodes]
 
 
+def _at_context(cost: PassCost, context: int, batch: int, width: int) -> float:
+    return cost(batch, width, context)
+
+
 def best_width(
     gains: Sequence[Sequence[float]],
     batch: int,
     fixed_width: int,
-    cost: PassCost,
+    cost: Callable[[int, int], float],
     draft_seconds: float,
     greedy: bool,
 ) -> int:
@@ -117,16 +179,22 @@ def best_width(
 
 
 def schedule(
-    trees: Sequence[TokenTree], greedy: Sequence[bool], cost: PassCost, draft_seconds: float = 0.0
+    trees: Sequence[TokenTree],
+    greedy: Sequence[bool],
+    cost: PassCost,
+    draft_seconds: float = 0.0,
+    context: int = 0,
 ) -> list[TokenTree]:
-    """The trees cut to the width that pays best on this hardware (see the module docstring)."""
+    """The trees cut to the width that pays best on this hardware (see the module docstring);
+    ``context``: the longest cached prefix among them."""
     scored = [i for i, t in enumerate(trees) if t.survival is not None and len(t) > 1]
     if not scored:
         return list(trees)
     fixed = max([1, *(len(t) for i, t in enumerate(trees) if i not in scored)])
     ranked = {i: ranked_gains(trees[i], greedy[i]) for i in scored}
     greedy_only = all(greedy[i] for i in scored)
-    width = best_width([ranked[i][1] for i in scored], len(trees), fixed, cost, draft_seconds, greedy_only)
+    priced = functools.partial(_at_context, cost, context)
+    width = best_width([ranked[i][1] for i in scored], len(trees), fixed, priced, draft_seconds, greedy_only)
     out = list(trees)
     for i in scored:
         if len(trees[i]) > width:
@@ -134,39 +202,141 @@ def schedule(
     return out
 
 
-class ScheduledDrafter(Drafter):
-    """A drafter whose trees come out cut by :func:`schedule` for the whole batch it is asked
-    for, counting its own drafting time: the in-process engine's scheduler. With ``calibrate``
-    the drafter's survival predictions are first calibrated online (:mod:`tandem.calibration`)
-    from what the tokens of each sequence's next request show was accepted."""
+def choose_drafted(
+    offers: Sequence[Sequence[float]], pass_seconds: Sequence[float], draft_seconds: Sequence[float]
+) -> list[int]:
+    """Which sequences of a batch to draft this round, on merit: ``offers[s]`` lists the expected
+    tokens that sequence ``s``'s last calibrated tree added with its first 0, 1, 2 ... nodes (in
+    the order the scheduler admits them), ``pass_seconds[w - 1]`` what a pass of the whole batch
+    at width ``w`` costs, ``draft_seconds[k]`` what drafting ``k`` sequences costs. Returns the
+    set of best offers at some width whose tokens per second, drafting included, beat plain
+    decoding's the most; empty when none does."""
+    batch = len(offers)
+    best: list[int] = []
+    best_value = batch / pass_seconds[0]
+    for width in range(2, len(pass_seconds) + 1):
+        gains = sorted(((c[min(width - 1, len(c) - 1)], s) for s, c in enumerate(offers)), reverse=True)
+        total = 0.0
+        for k, (gain, _) in enumerate(gains, 1):
+            if gain <= 0:
+                break
+            total += gain
+            value = (batch + total) / (draft_seconds[k] + pass_seconds[width - 1])
+            if value > best_value:
+                best, best_value = [s for _, s in gains[:k]], value
+    return sorted(best)
 
-    def __init__(self, inner: Drafter, cost: PassCost, calibrate: bool = True) -> None:
+
+class ScheduledDrafter(Drafter):
+    """A drafter behind the draft scheduler for the whole batch it is asked for: the in-process
+    engine's. Each round it drafts only the sequences that pay (:func:`choose_drafted`, or with
+    ``max_batch`` the fixed rule "draft while the batch is smaller", vLLM's
+    ``disable_by_batch_size``; ``gate=False`` drafts every sequence), then cuts their trees
+    (:func:`schedule`) counting its own drafting time. With ``calibrate`` the drafter's survival
+    predictions are first calibrated online (:mod:`tandem.calibration`) from what the tokens of
+    each sequence's next request show was accepted.
+
+    A sequence left out keeps its new target features here; they go to the drafter with its
+    next drafted round, which catches its state up in one step (the suffix drafter reads the
+    tokens it missed from the request), so leaving a sequence out costs the drafter nothing."""
+
+    def __init__(
+        self,
+        inner: Drafter,
+        cost: PassCost,
+        calibrate: bool = True,
+        gate: bool = True,
+        max_batch: int | None = None,
+    ) -> None:
         self.inner, self.cost = inner, cost
         self.name = inner.name
         self.feature_layers = inner.feature_layers
         self.calibration = SurvivalCalibration() if calibrate else None
+        self.gate, self.max_batch = gate, max_batch
+        self.draft_cost = DraftCost()
+        self.rounds = self.drafted_rounds = 0  # rounds asked for, and rounds the drafter was called
         self._sent: dict[int, tuple[TokenTree, int]] = {}  # seq_id -> (tree verified, tokens known then)
+        self._offers: dict[int, list[float]] = {}  # seq_id -> its last tree's cumulative expected tokens
+        self._idle: dict[int, int] = {}  # seq_id -> rounds since it was last drafted
+        self._held: dict[int, torch.Tensor] = {}  # seq_id -> target features the drafter has not seen
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
-        start = time.perf_counter()
         greedy = [r.params.greedy for r in requests]
-        trees = self.inner.propose(requests)
         if self.calibration is not None:
             for r in requests:
                 sent = self._sent.pop(r.seq_id, None)
                 if sent is not None:
                     self.calibration.observe(r.seq_id, sent[0], r.token_ids[sent[1] :])
-            trees = [self.calibration.apply(r.seq_id, t, g) for r, t, g in zip(requests, trees, greedy)]
-        trees = schedule(trees, greedy, self.cost, time.perf_counter() - start)
+        chosen = self._choose(requests)
+        trees = [chain(r.token_ids[-1], []) for r in requests]
+        for i, r in enumerate(requests):
+            if i not in chosen:
+                self._idle[r.seq_id] = self._idle.get(r.seq_id, 0) + 1
+                self._hold(r.seq_id, r.features)
+        self.rounds += 1
+        if not chosen:
+            return trees
+        self.drafted_rounds += 1
+        start = time.perf_counter()
+        asked = [self._with_held(requests[i]) for i in chosen]
+        for i, r, tree in zip(chosen, asked, self.inner.propose(asked)):
+            if self.calibration is not None:
+                tree = self.calibration.apply(r.seq_id, tree, greedy[i])
+            trees[i] = tree
+            self._idle[r.seq_id] = 0
+            if tree.survival is not None:
+                self._offers[r.seq_id] = [0.0, *itertools.accumulate(ranked_gains(tree, greedy[i])[1])]
+        seconds = time.perf_counter() - start
+        self.draft_cost.observe(len(chosen), seconds)
+        context = max(len(r.token_ids) for r in requests)
+        trees = schedule(trees, greedy, self.cost, seconds, context)
         if self.calibration is not None:
-            self._sent.update((r.seq_id, (t, len(r.token_ids))) for r, t in zip(requests, trees))
+            self._sent.update((requests[i].seq_id, (trees[i], len(requests[i].token_ids))) for i in chosen)
         return trees
+
+    def _choose(self, requests: Sequence[DraftRequest]) -> set[int]:
+        """The batch's indices to draft this round (see the class docstring): never one without
+        room for a node; always one whose worth is unknown (new, or a drafter without survival
+        estimates); else those that pay, and those whose turn to probe has come."""
+        room = [i for i, r in enumerate(requests) if r.max_nodes > 0]
+        if self.max_batch is not None:
+            return set(room) if len(requests) < self.max_batch else set()
+        if not self.gate:
+            return set(room)
+        batch, context = len(requests), max(len(r.token_ids) for r in requests)
+        widest = 1 + max((requests[i].max_nodes for i in room), default=0)
+        pass_seconds = [self.cost(batch, w, context) for w in range(1, widest + 1)]
+        draft_seconds = [self.draft_cost(k) for k in range(batch + 1)]
+        offers = [self._offers.get(requests[i].seq_id) for i in room]
+        known = [j for j, offer in enumerate(offers) if offer is not None]
+        merit = choose_drafted([offers[j] for j in known], pass_seconds, draft_seconds)
+        # Probing costs at most PROBE_BUDGET of a plain pass per round, spread over the batch.
+        interval = draft_seconds[1] * batch / (PROBE_BUDGET * pass_seconds[0])
+        interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)))
+        due = {i for i in room if self._idle.get(requests[i].seq_id, 0) + 1 >= interval}
+        unknown = {room[j] for j, offer in enumerate(offers) if offer is None}
+        return unknown | {room[known[m]] for m in merit} | due
+
+    def _hold(self, seq_id: int, features: torch.Tensor | None) -> None:
+        if features is not None:
+            held = self._held.get(seq_id)
+            self._held[seq_id] = features if held is None else torch.cat([held, features])
+
+    def _with_held(self, request: DraftRequest) -> DraftRequest:
+        """``request`` with the features held back since the sequence was last drafted."""
+        held = self._held.pop(request.seq_id, None)
+        if held is None:
+            return request
+        features = held if request.features is None else torch.cat([held, request.features])
+        return replace(request, features=features)
 
     def release(self, seq_id: int) -> None:
         self.inner.release(seq_id)
-        self._sent.pop(seq_id, None)
+        for kept in (self._sent, self._offers, self._idle, self._held):
+            kept.pop(seq_id, None)
         if self.calibration is not None:
             self.calibration.forget(seq_id)
 
     def held(self) -> int:
-        return max(self.inner.held(), len(self._sent), self.calibration.held() if self.calibration else 0)
+        mine = max(len(self._sent), len(self._offers), len(self._idle), len(self._held))
+        return max(self.inner.held(), mine, self.calibration.held() if self.calibration else 0)

@@ -9,7 +9,7 @@ taken by :meth:`Verifier.open` and given back by :meth:`Verifier.close`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,7 @@ class _Slot:
     seed: int
     generator: torch.Generator  # on the host, where verification walks (tandem.verify); reseeded per round
     prompt_ids: list[int]
+    prompt_features: list[torch.Tensor] = field(default_factory=list)  # of the prompt parts prefilled so far
 
 
 class Verifier:
@@ -100,25 +101,56 @@ class Verifier:
         """Draft nodes that still fit below the anchor in ``row``."""
         return self.capacity - self.cache.lengths[row] - 1
 
-    def prefill(self, rows: Sequence[int]) -> list[Step]:
-        """One pass over the rows' prompts (padded); the last prompt position gives the first token
-        (the bonus of a root-only tree, through the same verification as every round)."""
-        prompts = [self._slots[r].prompt_ids for r in rows]
-        lengths = [len(p) for p in prompts]
-        longest = max(lengths)
+    def prefill(self, rows: Sequence[int], chunk: int | None = None) -> list[Step]:
+        """The rows' prompts in passes of up to ``chunk`` tokens each (whole, if None); each
+        row's last prompt position gives its first token (see :meth:`prefill_part`)."""
+        steps: dict[int, Step] = {}
+        while len(steps) < len(rows):
+            pending = [row for row in rows if row not in steps]
+            steps.update((row, step) for row, step in zip(pending, self.prefill_part(pending, chunk)) if step)
+        return [steps[row] for row in rows]
+
+    def prefill_part(self, rows: Sequence[int], chunk: int | None = None) -> list[Step | None]:
+        """One pass over the next ``chunk`` prompt tokens of each row (all that are left, if
+        None), after what earlier parts cached. A row whose prompt is now whole gets its first
+        token (the bonus of a root-only tree, through the same verification as every round,
+        keyed by the prompt's length as a whole prefill is) with the features of its whole
+        prompt; the others get None: call again. A long prompt in parts leaves room between
+        them for other rows' passes (chunked prefill); on the exact kernels the parts cache
+        the very numbers one whole pass would (each row is computed alone, keys in order)."""
+        starts = [self.cache.lengths[row] for row in rows]
+        prompts = [self._slots[row].prompt_ids for row in rows]
+        parts = [p[s : s + chunk if chunk else None] for p, s in zip(prompts, starts)]
+        longest = max(len(part) for part in parts)
+        fits = [s + longest <= self.capacity for s in starts]
+        if not all(fits) and len(rows) > 1:  # padding would run past a row's end: alone, it fits
+            together = [i for i, ok in enumerate(fits) if ok]
+            steps = dict(zip(together, self.prefill_part([rows[i] for i in together], chunk)))
+            steps.update({i: self.prefill_part([rows[i]], chunk)[0] for i, ok in enumerate(fits) if not ok})
+            return [steps[i] for i in range(len(rows))]
         device = self.model.device
-        tokens = host_tensor([p + [0] * (longest - len(p)) for p in prompts], torch.long, device)
+        tokens = host_tensor([part + [0] * (longest - len(part)) for part in parts], torch.long, device)
         depths = torch.arange(longest, device=device).expand(len(rows), -1)
         causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril().expand(len(rows), -1, -1)
-        last = host_tensor([[n - 1] for n in lengths], torch.long, device)
+        last = host_tensor([[len(part) - 1] for part in parts], torch.long, device)
         logits, features = self._pass(tokens, depths, causal, rows, last)
-        verdicts = self._verdicts(rows, [chain(p[-1], []) for p in prompts], logits, [n - 1 for n in lengths])
-        for row, n in zip(rows, lengths):  # only now: a pass that raised changed nothing
-            self.cache.commit(row, range(n))
-        return [
-            Step([verdict.bonus_token], 0, None if features is None else features[b, :n])
-            for b, (n, verdict) in enumerate(zip(lengths, verdicts))
-        ]
+        done = [b for b, (p, s, part) in enumerate(zip(prompts, starts, parts)) if s + len(part) == len(p)]
+        verdicts = self._verdicts(
+            [rows[b] for b in done],
+            [chain(prompts[b][-1], []) for b in done],
+            logits[done],
+            [len(prompts[b]) - 1 for b in done],
+        )
+        for b, (row, part) in enumerate(zip(rows, parts)):  # only now: a pass that raised changed nothing
+            self.cache.commit(row, range(len(part)))
+            if features is not None:
+                self._slots[row].prompt_features.append(features[b, : len(part)])
+        steps: list[Step | None] = [None] * len(rows)
+        for b, verdict in zip(done, verdicts):
+            kept = self._slots[rows[b]].prompt_features
+            steps[b] = Step([verdict.bonus_token], 0, torch.cat(kept) if kept else None)
+            kept.clear()
+        return steps
 
     def verify(self, rows: Sequence[int], trees: Sequence[TokenTree]) -> list[Step]:
         """One pass over every row's tree (rooted at its anchor), then exact verification.

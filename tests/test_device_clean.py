@@ -149,7 +149,7 @@ def test_target_worker_ops_are_device_clean(target, monkeypatch):
     prompts = _prompts(3)
     with device_check(target, monkeypatch=monkeypatch) as transfers:
         rows = [OPERATIONS["open"](verifier, p, PARAMS["sampled"], 7) for p in prompts]
-        answers = OPERATIONS["prefill"](verifier, rows)
+        answers = OPERATIONS["prefill_part"](verifier, rows, None)
         trees = [chain(step.tokens[-1], [1, 2, 3]) for step, _ in answers]
         answers = OPERATIONS["verify"](verifier, rows, trees)
         for step, room in answers:

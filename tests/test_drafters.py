@@ -32,7 +32,7 @@ from tandem.errors import InvalidRequest, ModelLoadError
 from tandem.eval.replay import build_cases, replay
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
-from tandem.scheduler import PassCost, ScheduledDrafter
+from tandem.scheduler import DraftCost, PassCost, ScheduledDrafter
 from tandem.train.features import FeatureStore, build_store, draft_vocabulary, sequence_features
 from tandem.train.prompts import DataError
 from tandem.train.trainer import TrainSettings, calibrate_confidence, train
@@ -183,12 +183,13 @@ def test_trees_branch_on_what_each_path_would_draft(trained, target, algo):
 
 
 # Each token of width costs 1/32 of a pass, whatever the batch size (the sampled tests batch
-# 2,000 requests): the scheduler cuts the trees, but not to nothing.
+# 2,000 requests): the scheduler cuts the trees, but not to nothing. Its gate is off: real
+# drafting time against these synthetic passes would stop drafting (the gate: tests below).
 TOKEN_PRICED = PassCost((1, 8), (1, 17), ((1.0, 1.5), (1.0, 1.5)))
 
 
 def _maybe_scheduled(drafter, scheduled: bool):
-    return ScheduledDrafter(drafter, TOKEN_PRICED) if scheduled else drafter
+    return ScheduledDrafter(drafter, TOKEN_PRICED, gate=False) if scheduled else drafter
 
 
 @pytest.mark.parametrize("scheduled", [False, True], ids=["whole", "scheduled"])
@@ -216,6 +217,55 @@ def test_sampled_output_follows_the_target(trained, target, algo, tree, schedule
     """First three tokens of 2,000 seeded requests against the exact law of the target."""
     drafter = _maybe_scheduled(ADAPTERS[algo](trained[algo][0], tree=tree), scheduled)
     assert_follows_the_target(Engine(target, drafter, max_draft_nodes=6), [5, 17, 33, 2, 9], top_k=4)
+
+
+class _PricedDrafting(DraftCost):
+    """Drafting priced per sequence, whatever the clock says."""
+
+    def __init__(self, per_sequence: float) -> None:
+        super().__init__()
+        self.per_sequence = per_sequence
+
+    def __call__(self, k: int) -> float:
+        return self.per_sequence * k
+
+
+class _Alternating(ScheduledDrafter):
+    """Drafts each sequence every other round (by round and sequence id, never by a token): one
+    pass mixes drafted and plain sequences, and every sequence switches back and forth."""
+
+    def _choose(self, requests):
+        return {i for i, r in enumerate(requests) if r.max_nodes > 0 and (self.rounds + r.seq_id) % 2 == 0}
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_gated_sequences_switch_between_drafted_and_plain_rounds(trained, target, algo):
+    """The gate leaves out the sequences whose drafts do not pay for a drafting cost of 8 % of
+    a pass each; output stays plain decoding's, and the features of the rounds a sequence sat
+    out reach its drafter in step when it is drafted again (no resync)."""
+    prompts = _prompts(8, seed=21)
+    params = SamplingParams(max_tokens=40)
+    plain = Engine(target).generate([Request(p, params) for p in prompts])
+    neural = ADAPTERS[algo](trained[algo][0], tree=TreeShape(3, 4, 10))
+    gated = ScheduledDrafter(neural, TOKEN_PRICED)
+    gated.draft_cost = _PricedDrafting(0.08)
+    engine = Engine(target, gated, max_draft_nodes=10)
+    spec = []
+    for i in range(0, len(prompts), 4):
+        spec += engine.generate([Request(p, params) for p in prompts[i : i + 4]])
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert 0 < gated.drafted_rounds < gated.rounds, (gated.drafted_rounds, gated.rounds)
+    assert sum(r.stats.accepted for r in spec) > 0
+    assert neural.resyncs == 0 and gated.held() == 0
+
+
+@pytest.mark.parametrize("algo", ["eagle3", "dspark"])
+def test_sampled_output_follows_the_target_when_rounds_switch(trained, target, algo):
+    """Sequences drafted every other round, their features held back in between, keep the law."""
+    neural = ADAPTERS[algo](trained[algo][0], tree=TreeShape(2, 3, 6))
+    drafter = _Alternating(neural, TOKEN_PRICED)
+    assert_follows_the_target(Engine(target, drafter, max_draft_nodes=6), [5, 17, 33, 2, 9], top_k=4)
+    assert neural.resyncs == 0
 
 
 def test_confidence_lies_in_the_unit_interval(trained):

@@ -128,8 +128,10 @@ def test_speculation_is_exact_on_tiny_models(tiny_model, batch):
     prompts = _tiny_prompts(8, seed=batch)
     params = SamplingParams(max_tokens=24)
     plain = _outputs(Engine(model), prompts, params, batch=1)
-    for drafter in (NgramDrafter(depth=4), NgramDrafter(depth=3, branches=3)):
-        assert _outputs(Engine(model, drafter, max_draft_nodes=8), prompts, params, batch) == plain
+    # the second also prefills its prompts in parts of 4 tokens (chunked prefill)
+    for drafter, chunk in ((NgramDrafter(depth=4), None), (NgramDrafter(depth=3, branches=3), 4)):
+        engine = Engine(model, drafter, max_draft_nodes=8, prefill_chunk=chunk)
+        assert _outputs(engine, prompts, params, batch) == plain
     for start in range(0, len(prompts), batch):
         group = prompts[start : start + batch]
         refs = [p + plain[start + i] for i, p in enumerate(group)]

@@ -19,6 +19,7 @@ from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
 from tandem.target import load_target
 from tandem.tree import ancestor_mask, tree_depths
+from tandem.verifier import Verifier
 from tests.test_engine import OracleDrafter, _benchmark_prompts, _outputs
 from tests.tiny_models import FAMILIES, build_tiny
 
@@ -234,6 +235,28 @@ def test_all_layers_in_one_call_equal_the_modules_bit_for_bit(tiny_exact):
         model.step_plan = plan
     for one_call, modules in zip(*runs):
         assert torch.equal(one_call, modules)
+
+
+def test_a_prompt_prefilled_in_parts_caches_what_one_pass_would(tiny_exact):
+    """Chunked prefill on the exact kernels: parts of 5 tokens (rows of different lengths in one
+    batch, so parts and padding differ by row) give the first tokens, the prompt features and
+    the KV cache of one whole pass bit for bit, sampled draws included."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(64) for _ in range(n)] for n in (23, 4, 11)]
+    runs = []
+    for chunk in (None, 5):
+        verifier = Verifier(tiny_exact, 3, 40, feature_layers=(0, tiny_exact.config.num_layers - 1))
+        rows = [verifier.open(p, SamplingParams(temperature=1.0), seed=i) for i, p in enumerate(prompts)]
+        steps = verifier.prefill(rows, chunk)
+        lengths = [verifier.cache.lengths[row] for row in rows]
+        runs.append(([s.tokens for s in steps], [s.features for s in steps], lengths, verifier.cache))
+        assert verifier.passes == (1 if chunk is None else 5)
+    (tokens, features, lengths, whole), (tokens_parts, features_parts, lengths_parts, parts) = runs
+    assert tokens == tokens_parts and lengths == lengths_parts == [len(p) for p in prompts]
+    assert all(torch.equal(a, b) for a, b in zip(features, features_parts))
+    for row, n in enumerate(lengths):
+        assert torch.equal(whole.k[:, row, :, :n], parts.k[:, row, :, :n])
+        assert torch.equal(whole.v[:, row, :, :n], parts.v[:, row, :, :n])
 
 
 def test_exact_mode_is_refused_where_it_cannot_run(tmp_path):

@@ -112,6 +112,56 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
     assert asyncio.run(scenario()) == (greedy[1:2] if schedule else greedy[1:4])
 
 
+def test_a_long_prefill_in_parts_lets_running_sessions_go_on(tmp_path: Path) -> None:
+    """Chunked prefill in the target replica: a 60-token prompt goes in parts of 8, each a call
+    of its own, and a running session's verification passes run between them; the new
+    session's first token is the one a whole prefill gives."""
+    model = str(tiny_target(tmp_path / "tiny"))
+    long_prompt = [(7 * i) % 50 + 3 for i in range(60)]
+    target = load_model(model, torch.float32)[0]
+    apply_exact(target)  # as the worker's shard does
+    first = Engine(target, prefill_chunk=None).generate([Request(long_prompt, SamplingParams(max_tokens=1))])
+    shard = ShardSpec(model, "float32", rows=2, max_model_len=256, feature_layers=(), threads=1)
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        spec = TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", False, prefill_chunk=8)
+        async with _replica(TargetWorker, spec) as worker:
+            calls: list[str] = []
+            call_ranks = worker.ranks.call
+
+            async def recorded(operation: str, *args: object) -> object:
+                calls.append(operation)
+                return await call_ranks(operation, *args)
+
+            worker.ranks.call = recorded
+            running, step = await _open_verify(worker.address, 0)
+            prefilled = asyncio.Event()
+
+            async def keep_verifying() -> None:
+                nonlocal step
+                while not prefilled.is_set() and step.room > 1:
+                    await running.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(step.tokens[-1], []))))
+                    step = await running.read()
+
+            verifying = asyncio.create_task(keep_verifying())
+            await asyncio.sleep(0.05)
+            long = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(worker.address)).Session()
+            opening = worker_pb2.VerifyOpen(session_id="long", prompt_ids=long_prompt, params=PARAMS)
+            await long.write(worker_pb2.VerifyIn(open=opening))
+            reply = await long.read()
+            prefilled.set()
+            await verifying
+            running.cancel()
+            long.cancel()
+            return calls, list(reply.tokens)
+
+    calls, tokens = asyncio.run(scenario())
+    parts = [i for i, operation in enumerate(calls) if operation == "prefill_part"]
+    assert len(parts) == 2 + 8  # the running session's 10-token prompt, then 60 tokens, in parts of 8
+    assert "verify" in calls[parts[2] : parts[-1]], calls
+    assert tokens == first[0].token_ids
+
+
 def test_draft_worker_proposes_what_its_drafter_proposes() -> None:
     spec = DraftSpec("ngram", "unused", "float32", (), 0.001, 1, "127.0.0.1")
     history = [3, 4, 5, 6, 3, 4, 5]

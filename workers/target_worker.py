@@ -43,6 +43,7 @@ class TargetSpec:
     batch_wait_s: float
     host: str
     schedule: bool = True  # cut the batch's trees to the width that pays (tandem.scheduler)
+    prefill_chunk: int | None = 512  # prompt tokens per prefill pass (None: whole prompts)
     tls: InternalTls = InternalTls()  # mutual TLS on its gRPC server
 
 
@@ -52,6 +53,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             LocalRanks(spec.shard) if spec.tp == 1 else RayRanks(spec.shard, spec.tp, spec.num_cpus, spec.num_gpus)
         )
         self.capacity: int = await self.ranks.call("capacity")
+        self.prefill_chunk = spec.prefill_chunk
         self.cost: PassCost | None = await self.ranks.call("pass_cost", spec.shard.model) if spec.schedule else None
         self.calibration = SurvivalCalibration()  # per cache row: the scheduler's survival, calibrated
         self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, spec.batch_wait_s, self.live_sessions)
@@ -75,7 +77,16 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         await self.ranks.check()
 
     async def _prefill(self, rows: list[int]) -> list[tuple[Step, int]]:
-        return await self.ranks.call("prefill", rows)
+        """The rows' prompts in parts of ``prefill_chunk`` tokens, each a call of its own, so the
+        verification passes of running sessions go between them (chunked prefill): a long prompt
+        delays their next tokens by a part, not by its whole prefill. A part that fails leaves
+        the parts before it cached, and a retry goes on from there."""
+        answers: dict[int, tuple[Step, int]] = {}
+        while len(answers) < len(rows):
+            pending = [row for row in rows if row not in answers]
+            parts = await self.ranks.call("prefill_part", pending, self.prefill_chunk)
+            answers.update((row, answer) for row, answer in zip(pending, parts) if answer is not None)
+        return [answers[row] for row in rows]
 
     async def _verify(self, jobs: list[Job]) -> list[tuple[Step, int]]:
         rows, trees = [row for row, _, _ in jobs], [tree for _, tree, _ in jobs]

@@ -57,8 +57,13 @@ def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> V
     return Verifier(model, spec.rows, capacity, spec.feature_layers, agree)
 
 
-def _prefill(verifier: Verifier, rows: list[int]) -> list[tuple[Step, int]]:
-    return _answers(verifier, rows, verifier.prefill(rows))
+def _prefill_part(verifier: Verifier, rows: list[int], chunk: int | None) -> list[tuple[Step, int] | None]:
+    """One part of the rows' prefills (:meth:`Verifier.prefill_part`): answers for the rows
+    whose prompts are now whole, None for the others."""
+    steps = verifier.prefill_part(rows, chunk)
+    done = [i for i, step in enumerate(steps) if step is not None]
+    answers = dict(zip(done, _answers(verifier, [rows[i] for i in done], [steps[i] for i in done])))
+    return [answers.get(i) for i in range(len(rows))]
 
 
 def _verify(verifier: Verifier, rows: list[int], trees: list[TokenTree]) -> list[tuple[Step, int]]:
@@ -77,13 +82,13 @@ def _pass_cost(verifier: Verifier, model_name: str) -> PassCost:
     return load_or_measure(verifier.model, f"{model_name}-tp{ranks}" if ranks > 1 else model_name)
 
 
-# What a replica asks of its ranks; prefill and verify also return each row's room for drafts.
+# What a replica asks of its ranks; prefills and verify also return each row's room for drafts.
 OPERATIONS = {
     "open": Verifier.open,
     "close": Verifier.close,
     "capacity": lambda verifier: verifier.capacity,
     "rows_in_use": lambda verifier: verifier.cache.num_rows - verifier.free_rows,
-    "prefill": _prefill,
+    "prefill_part": _prefill_part,
     "verify": _verify,
     "pass_cost": _pass_cost,
 }

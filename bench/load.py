@@ -1,0 +1,220 @@
+"""Throughput against load: tokens/s of plain decoding and of each scheduled drafter at several
+batch sizes, in process, greedy, in one run.
+
+Each batch size decodes the same prompts (humaneval, mbpp, mt-bench) in chunks of that size;
+methods take turns per chunk, so a slow spell of a shared machine hits all alike, and each keeps
+its engine across chunks (calibration and timings carry over, as in a server). Decode tok/s
+counts the tokens after the first (prefill excluded); end-to-end counts all of them over the
+whole time. Every method's output is compared with plain decoding's.
+
+    python bench/load.py                                   # the default set, batch 1 4 16 32
+    python bench/load.py --methods plain suffix suffix:always --batch 1 16 --prompts 8
+
+A method is a drafter behind the draft scheduler and its gate (``tandem generate``'s default);
+``NAME:always`` is the scheduler without the gate (it drafts every sequence every round, as before
+the gate). Fixed batch-size thresholds (vLLM's ``disable_by_batch_size``: draft every sequence
+while the batch is smaller than N, none from N on) give, at each batch size, either the
+``:always`` figure or the plain one, so the best such threshold is read off those two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from decode import load_prompts, machine_info
+from tqdm import tqdm
+
+from tandem.drafters import default_drafter, make_drafter
+from tandem.engine import Engine, Request
+from tandem.models.catalog import DEFAULT_MODEL
+from tandem.profile import load_or_measure
+from tandem.sampling import SamplingParams
+from tandem.scheduler import ScheduledDrafter
+from tandem.target import Target, load_target
+
+BENCHMARKS = ("humaneval", "mbpp", "mt-bench")
+CODE = ("humaneval", "mbpp")
+DEFAULT_METHODS = ("plain", "default", "default:always", "dspark", "dspark:always", "eagle3", "hybrid")
+OUT = Path(__file__).parent / "results" / "load"
+
+
+def build(method: str, target: Target, model_name: str) -> ScheduledDrafter | None:
+    if method == "plain":
+        return None
+    name, _, how = method.partition(":")
+    name = default_drafter(model_name) if name == "default" else name
+    cost = load_or_measure(target.model, model_name, progress=lambda line: print(line, file=sys.stderr))
+    return ScheduledDrafter(make_drafter(name, target.model, model_name), cost, gate=how != "always")
+
+
+def run(args: argparse.Namespace) -> dict:
+    target = load_target(args.model, args.dtype)
+    per_benchmark = math.ceil(args.prompts / len(BENCHMARKS))
+    prompts = load_prompts(target, BENCHMARKS, per_benchmark)
+    prompts = sorted(prompts, key=lambda p: BENCHMARKS.index(p.benchmark))
+    prompts = [p for i in range(per_benchmark) for p in prompts[i::per_benchmark]][: args.prompts]  # interleaved
+    params = SamplingParams(max_tokens=args.max_tokens)
+    results: dict[str, dict] = {}
+    for batch in args.batch:
+        drafters = {m: build(m, target, str(args.model)) for m in args.methods}
+        engines = {
+            m: Engine(target.model, d, target.eos_token_ids, target.tokenizer.decode) for m, d in drafters.items()
+        }
+        totals = {m: defaultdict(float) for m in args.methods}
+        outputs: dict[str, list[list[int]]] = {m: [] for m in args.methods}
+        chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+        for chunk in tqdm(chunks, desc=f"batch {batch}", unit="chunk"):
+            for m, engine in engines.items():
+                out, first, start = [[] for _ in chunk], None, time.perf_counter()
+                for delta in engine.stream([Request(p.ids, params) for p in chunk]):
+                    out[delta.index].extend(delta.token_ids)
+                    first = first or time.perf_counter()  # the first delta comes after the batch's prefill
+                end = time.perf_counter()
+                t, tokens = totals[m], sum(len(o) for o in out)
+                t["tokens"] += tokens
+                t["seconds"] += end - start
+                t["decode_tokens"] += tokens - len(chunk)
+                t["decode_seconds"] += end - first
+                if batch == 1:
+                    t[f"{chunk[0].benchmark}:tokens"] += tokens - 1
+                    t[f"{chunk[0].benchmark}:seconds"] += end - first
+                outputs[m] += out
+        results[str(batch)] = _summary(totals, outputs, drafters)
+    return results
+
+
+def _summary(totals: dict, outputs: dict, drafters: dict) -> dict:
+    plain = totals["plain"]
+    rate = {m: t["decode_tokens"] / t["decode_seconds"] for m, t in totals.items()}
+    out = {}
+    for m, t in totals.items():
+        row = {
+            "decode_tok_s": round(rate[m], 2),
+            "end_to_end_tok_s": round(t["tokens"] / t["seconds"], 2),
+            "decode_x_plain": round(rate[m] / rate["plain"], 3),
+            "end_to_end_x_plain": round(t["tokens"] / t["seconds"] / (plain["tokens"] / plain["seconds"]), 3),
+            "equal_to_plain": sum(a == b for a, b in zip(outputs[m], outputs["plain"])),
+            "sequences": len(outputs[m]),
+        }
+        for name in BENCHMARKS:
+            if t[f"{name}:seconds"]:
+                row[f"{name}_x_plain"] = round(
+                    t[f"{name}:tokens"] / t[f"{name}:seconds"] / (plain[f"{name}:tokens"] / plain[f"{name}:seconds"]), 3
+                )
+        d = drafters[m]
+        if d is not None:
+            row["drafted_round_share"] = round(d.drafted_rounds / max(d.rounds, 1), 3)
+            row["draft_ms_per_sequence"] = round(d.draft_cost(1) * 1000, 2)
+        out[m] = row
+    return out
+
+
+def best_threshold(results: dict, drafter: str) -> dict | None:
+    """vLLM's ``disable_by_batch_size`` for ``drafter``: the N (a batch size measured, or
+    never) whose figures, ``drafter:always`` below N and plain from N on, have the highest
+    geometric mean ratio to plain over the batch sizes measured."""
+    always = f"{drafter}:always"
+    batches = [int(b) for b in results]
+    if any(always not in results[str(b)] for b in batches):
+        return None
+    options = {}
+    for n in [*batches, max(batches) + 1]:
+        ratios = [results[str(b)][always]["decode_x_plain"] if b < n else 1.0 for b in batches]
+        options[n] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    n = max(options, key=options.get)
+    return {
+        "disable_by_batch_size": n,
+        "decode_x_plain": {str(b): results[str(b)][always]["decode_x_plain"] if b < n else 1.0 for b in batches},
+        "geomean": round(options[n], 3),
+    }
+
+
+def write(results: dict, meta: dict, out: Path) -> str:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    thresholds = {d: best_threshold(results, d) for d in ("default", "dspark")}
+    record = {"meta": meta, "results": results, "best_fixed_threshold": thresholds}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    batches = list(results)
+    lines = [
+        f"Greedy, {meta['model']}, {meta['dtype']}, {meta['threads']} threads, {meta['prompts']} prompts, "
+        f"{meta['max_tokens']} tokens. Decode tok/s (× plain; end-to-end × plain), outputs equal to plain.",
+        "",
+        "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for m in results[batches[0]]:
+        cells = []
+        for b in batches:
+            r = results[b][m]
+            cells.append(
+                f"{r['decode_tok_s']:.1f} ({r['decode_x_plain']:.2f}×; {r['end_to_end_x_plain']:.2f}×) "
+                f"{r['equal_to_plain']}/{r['sequences']}"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for d, best in thresholds.items():
+        if best:
+            cells = ", ".join(f"batch {b}: {x:.2f}×" for b, x in best["decode_x_plain"].items())
+            n = best["disable_by_batch_size"]
+            lines.append(f"\nBest fixed threshold for {d}: disable_by_batch_size={n} ({cells})")
+    table = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(table)
+    _plot(results, out.with_suffix(".png"))
+    return table
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [int(b) for b in results]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "end_to_end_tok_s", "end to end")):
+        for m in results[str(batches[0])]:
+            style = "--" if m.endswith(":always") else "-"
+            ax.plot(batches, [results[str(b)][m][key] for b in batches], style, marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size (sequences decoded together)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--prompts", type=int, default=32, help="prompts, a third from each benchmark")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default=str(OUT), help="writes <out>.json, <out>.md, <out>.png")
+    args = parser.parse_args(argv)
+    if "plain" not in args.methods:
+        args.methods.insert(0, "plain")
+    results = run(args)
+    meta = {
+        **machine_info(torch.get_num_threads(), args.dtype),
+        "model": str(args.model),
+        "prompts": args.prompts,
+        "max_tokens": args.max_tokens,
+        "command": " ".join(["python", "bench/load.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    print(write(results, meta, Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
