@@ -163,9 +163,13 @@ class Session:
                     state.finish_reason = "abort"
                     yield [], state.finish_reason
                     return
-                tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
+                if reply.skip_draft:  # the target replica's gate: drafting does not pay now
+                    # (the features stay in the state and reach the drafter when it is asked again)
+                    tree, draft_s = chain(state.token_ids[-1], []), None
+                else:
+                    tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
                 asked = time.perf_counter()
-                reply = await self._verify(tree)
+                reply = await self._verify(tree, draft_s)
                 verified = time.perf_counter()
                 state.record_round(len(tree) - 1, reply.accepted)
                 # Router time: the consumer's since the last verdict, plus this round's own work.
@@ -176,9 +180,10 @@ class Session:
         finally:
             self.close()
 
-    async def _verify(self, tree: TokenTree) -> worker_pb2.VerifyOut:
-        """The target's verdict on ``tree``; a lost replica is replaced and the round replayed."""
-        message = worker_pb2.VerifyIn(tree=tree_to_proto(tree))
+    async def _verify(self, tree: TokenTree, draft_s: float | None) -> worker_pb2.VerifyOut:
+        """The target's verdict on ``tree`` (``draft_s``: what drafting it took, for the replica's
+        gate); a lost replica is replaced and the round replayed."""
+        message = worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=draft_s)
         while True:
             try:
                 return await self._target.ask(message)

@@ -37,7 +37,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,7 +47,8 @@ from tandem.drafters.base import Drafter, DraftRequest
 from tandem.tree import TokenTree, chain
 
 PROBE_BUDGET = 0.02  # what probing left-out sequences may cost, as a share of a plain pass
-MAX_PROBE_INTERVAL = 64  # rounds a sequence goes undrafted at most
+MAX_PROBE_INTERVAL = 256  # rounds a sequence goes undrafted at most
+PRIOR_WEIGHT = 0.1  # of each new offer in the running mean that new sequences are judged by
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,63 @@ def choose_drafted(
     return sorted(best)
 
 
+class DraftGate:
+    """Which sequences of a batch to draft this round (see the module docstring), for sequences
+    keyed by any id (the engine's sequence ids, a target worker's cache rows): their offers,
+    the rounds since each was last drafted, and what drafting costs (:class:`DraftCost`)."""
+
+    def __init__(self, cost: PassCost) -> None:
+        self.cost = cost
+        self.draft_cost = DraftCost()
+        self._offers: dict[Hashable, list[float]] = {}  # its last tree's cumulative expected tokens
+        self._idle: dict[Hashable, int] = {}  # rounds since it was last drafted
+        self._prior: list[float] | None = None  # the offers' running mean: a new sequence's offer
+
+    def choose(self, keys: Sequence[Hashable], room: Sequence[int], context: int) -> set[int]:
+        """Indices into ``keys`` (the batch: every sequence in the pass) to draft this round;
+        ``room[i]``: draft nodes sequence ``i`` may take. Never one without room; those whose
+        offer (their own, else the running mean of all offers) pays; every one while no offer
+        is known at all; and, spread over rounds, those whose turn to probe has come. Counts the
+        round for those left out."""
+        open_ = [i for i, nodes in enumerate(room) if nodes > 0]
+        if self._prior is None:  # nothing known yet: drafting is how to learn
+            chosen = set(open_)
+        else:
+            batch = len(keys)
+            widest = 1 + max((room[i] for i in open_), default=0)
+            pass_seconds = [self.cost(batch, w, context) for w in range(1, widest + 1)]
+            draft_seconds = [self.draft_cost(k) for k in range(batch + 1)]
+            offers = [self._offers.get(keys[i], self._prior) for i in open_]
+            chosen = {open_[m] for m in choose_drafted(offers, pass_seconds, draft_seconds)}
+            # Probes cost at most PROBE_BUDGET of a plain pass per round: each sequence is probed
+            # every `interval` rounds, a share of the batch at a time (longest idle first).
+            interval = draft_seconds[1] * batch / (PROBE_BUDGET * pass_seconds[0])
+            interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)))
+            due = sorted((-self._idle.get(keys[i], 0), i) for i in open_ if i not in chosen)
+            due = [i for idle, i in due if 1 - idle >= interval][: math.ceil(len(open_) / interval)]
+            chosen.update(due)
+        for i, key in enumerate(keys):
+            self._idle[key] = 0 if i in chosen else self._idle.get(key, 0) + 1
+        return chosen
+
+    def offered(self, key: Hashable, tree: TokenTree, greedy: bool) -> None:
+        """Record a drafted sequence's (calibrated, uncut) tree as its offer for later rounds."""
+        if tree.survival is None:
+            return
+        offer = self._offers[key] = [0.0, *itertools.accumulate(ranked_gains(tree, greedy)[1])]
+        prior = self._prior or offer
+        n = max(len(prior), len(offer))
+        prior, offer = (c + c[-1:] * (n - len(c)) for c in (prior, offer))  # a tree gains no more past its end
+        self._prior = [(1 - PRIOR_WEIGHT) * a + PRIOR_WEIGHT * b for a, b in zip(prior, offer)]
+
+    def forget(self, key: Hashable) -> None:
+        self._offers.pop(key, None)
+        self._idle.pop(key, None)
+
+    def held(self) -> int:
+        return len(self._offers.keys() | self._idle.keys())
+
+
 class ScheduledDrafter(Drafter):
     """A drafter behind the draft scheduler for the whole batch it is asked for: the in-process
     engine's. Each round it drafts only the sequences that pay (:func:`choose_drafted`, or with
@@ -252,13 +310,11 @@ class ScheduledDrafter(Drafter):
         self.name = inner.name
         self.feature_layers = inner.feature_layers
         self.calibration = SurvivalCalibration() if calibrate else None
-        self.gate, self.max_batch = gate, max_batch
-        self.draft_cost = DraftCost()
+        self.gate = DraftGate(cost) if gate and max_batch is None else None
+        self.max_batch = max_batch
         self.rounds = self.drafted_rounds = 0  # rounds asked for, and rounds the drafter was called
         self._sent: dict[int, tuple[TokenTree, int]] = {}  # seq_id -> (tree verified, tokens known then)
-        self._offers: dict[int, list[float]] = {}  # seq_id -> its last tree's cumulative expected tokens
-        self._idle: dict[int, int] = {}  # seq_id -> rounds since it was last drafted
-        self._held: dict[int, torch.Tensor] = {}  # seq_id -> target features the drafter has not seen
+        self._held: dict[int, list[torch.Tensor]] = {}  # seq_id -> target features the drafter has not seen
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
         greedy = [r.params.greedy for r in requests]
@@ -271,7 +327,6 @@ class ScheduledDrafter(Drafter):
         trees = [chain(r.token_ids[-1], []) for r in requests]
         for i, r in enumerate(requests):
             if i not in chosen:
-                self._idle[r.seq_id] = self._idle.get(r.seq_id, 0) + 1
                 self._hold(r.seq_id, r.features)
         self.rounds += 1
         if not chosen:
@@ -283,11 +338,11 @@ class ScheduledDrafter(Drafter):
             if self.calibration is not None:
                 tree = self.calibration.apply(r.seq_id, tree, greedy[i])
             trees[i] = tree
-            self._idle[r.seq_id] = 0
-            if tree.survival is not None:
-                self._offers[r.seq_id] = [0.0, *itertools.accumulate(ranked_gains(tree, greedy[i])[1])]
+            if self.gate is not None:
+                self.gate.offered(r.seq_id, tree, greedy[i])
         seconds = time.perf_counter() - start
-        self.draft_cost.observe(len(chosen), seconds)
+        if self.gate is not None:
+            self.gate.draft_cost.observe(len(chosen), seconds)
         context = max(len(r.token_ids) for r in requests)
         trees = schedule(trees, greedy, self.cost, seconds, context)
         if self.calibration is not None:
@@ -295,48 +350,41 @@ class ScheduledDrafter(Drafter):
         return trees
 
     def _choose(self, requests: Sequence[DraftRequest]) -> set[int]:
-        """The batch's indices to draft this round (see the class docstring): never one without
-        room for a node; always one whose worth is unknown (new, or a drafter without survival
-        estimates); else those that pay, and those whose turn to probe has come."""
-        room = [i for i, r in enumerate(requests) if r.max_nodes > 0]
-        if self.max_batch is not None:
-            return set(room) if len(requests) < self.max_batch else set()
-        if not self.gate:
-            return set(room)
-        batch, context = len(requests), max(len(r.token_ids) for r in requests)
-        widest = 1 + max((requests[i].max_nodes for i in room), default=0)
-        pass_seconds = [self.cost(batch, w, context) for w in range(1, widest + 1)]
-        draft_seconds = [self.draft_cost(k) for k in range(batch + 1)]
-        offers = [self._offers.get(requests[i].seq_id) for i in room]
-        known = [j for j, offer in enumerate(offers) if offer is not None]
-        merit = choose_drafted([offers[j] for j in known], pass_seconds, draft_seconds)
-        # Probing costs at most PROBE_BUDGET of a plain pass per round, spread over the batch.
-        interval = draft_seconds[1] * batch / (PROBE_BUDGET * pass_seconds[0])
-        interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)))
-        due = {i for i in room if self._idle.get(requests[i].seq_id, 0) + 1 >= interval}
-        unknown = {room[j] for j, offer in enumerate(offers) if offer is None}
-        return unknown | {room[known[m]] for m in merit} | due
+        """The batch's indices to draft this round: the gate's choice (:meth:`DraftGate.choose`),
+        or by the fixed threshold, or every one with room."""
+        room = [r.max_nodes for r in requests]
+        if self.gate is not None:
+            context = max(len(r.token_ids) for r in requests)
+            return self.gate.choose([r.seq_id for r in requests], room, context)
+        if self.max_batch is not None and len(requests) >= self.max_batch:
+            return set()
+        return {i for i, nodes in enumerate(room) if nodes > 0}
 
     def _hold(self, seq_id: int, features: torch.Tensor | None) -> None:
         if features is not None:
-            held = self._held.get(seq_id)
-            self._held[seq_id] = features if held is None else torch.cat([held, features])
+            self._held.setdefault(seq_id, []).append(features)
 
     def _with_held(self, request: DraftRequest) -> DraftRequest:
-        """``request`` with the features held back since the sequence was last drafted."""
-        held = self._held.pop(request.seq_id, None)
-        if held is None:
+        """``request`` with the features held back since the sequence was last drafted (joined
+        once, here, not every round)."""
+        held = self._held.pop(request.seq_id, [])
+        if not held:
             return request
-        features = held if request.features is None else torch.cat([held, request.features])
-        return replace(request, features=features)
+        return replace(request, features=torch.cat([*held, *_present(request.features)]))
 
     def release(self, seq_id: int) -> None:
         self.inner.release(seq_id)
-        for kept in (self._sent, self._offers, self._idle, self._held):
+        for kept in (self._sent, self._held):
             kept.pop(seq_id, None)
+        if self.gate is not None:
+            self.gate.forget(seq_id)
         if self.calibration is not None:
             self.calibration.forget(seq_id)
 
     def held(self) -> int:
-        mine = max(len(self._sent), len(self._offers), len(self._idle), len(self._held))
+        mine = max(len(self._sent), len(self._held), self.gate.held() if self.gate else 0)
         return max(self.inner.held(), mine, self.calibration.held() if self.calibration else 0)
+
+
+def _present(features: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return () if features is None else (features,)

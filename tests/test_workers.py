@@ -88,7 +88,8 @@ async def _two_sessions_then_a_third(worker: TargetWorker) -> None:
 @pytest.mark.parametrize("schedule", [False, True])
 def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatch, schedule: bool) -> None:
     """The target's own greedy continuation, drafted with low predicted survival, on a machine
-    whose profile prices every draft token at a whole pass: the scheduler verifies none of it."""
+    whose profile prices every draft token at a whole pass: the scheduler verifies none of it,
+    and its gate tells the router not to draft the next round."""
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
     model = str(tiny_target(tmp_path / "tiny"))
     target = load_model(model, torch.float32)[0]
@@ -103,9 +104,12 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
         async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", schedule)) as worker:
             call, step = await _open_verify(worker.address, 0)
             assert list(step.tokens) == greedy[:1]
+            assert not step.skip_draft  # nothing known yet: draft
             tree = chain(greedy[0], greedy[1:3], survival=[0.5, 0.25])
-            await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree)))
+            await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=0.5))
             reply = await call.read()
+            # The gate: that offer, drafted in half a pass, never pays for itself here.
+            assert reply.skip_draft == schedule
             call.cancel()
             return list(reply.tokens)
 

@@ -19,7 +19,7 @@ import grpc
 
 from tandem.calibration import SurvivalCalibration
 from tandem.errors import InvalidRequest
-from tandem.scheduler import PassCost, schedule
+from tandem.scheduler import DraftGate, PassCost, schedule
 from tandem.tree import TokenTree
 from tandem.verifier import NoRoom, Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
@@ -29,9 +29,12 @@ from workers.tls import InternalTls
 from workers.tp import LocalRanks, Ranks, RanksLost, RayRanks, ShardSpec
 from workers.wire import params_from_proto, step_to_proto, tree_from_proto
 
-# A verification: (row, tree, greedy); greedy: the session's target is greedy, which frees the
-# scheduler's ranking.
-Job = tuple[int, TokenTree, bool]
+# A verification: (row, tree, greedy, draft seconds); greedy: the session's target is greedy, which
+# frees the scheduler's ranking; draft seconds: what drafting the tree took the router (None: the
+# router did not ask the drafter).
+Job = tuple[int, TokenTree, bool, float | None]
+# A verdict: the step, the row's room for drafts, and whether its next round is worth drafting.
+Verdict = tuple[Step, int, bool]
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,10 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         self.prefill_chunk = spec.prefill_chunk
         self.cost: PassCost | None = await self.ranks.call("pass_cost", spec.shard.model) if spec.schedule else None
         self.calibration = SurvivalCalibration()  # per cache row: the scheduler's survival, calibrated
+        self.gate = DraftGate(self.cost) if self.cost is not None else None  # per cache row: draft at all?
+        self._room: dict[int, int] = {}  # per cache row: draft nodes that fit below its anchor
         self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, spec.batch_wait_s, self.live_sessions)
-        self.verifies: Batcher[Job, tuple[Step, int]] = Batcher(self._verify, spec.batch_wait_s, self.live_sessions)
+        self.verifies: Batcher[Job, Verdict] = Batcher(self._verify, spec.batch_wait_s, self.live_sessions)
         await self.start_server(spec.host, partial(worker_pb2_grpc.add_VerifyServicer_to_server, self), spec.tls)
 
     async def stats(self) -> dict[str, int]:
@@ -86,20 +91,33 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             pending = [row for row in rows if row not in answers]
             parts = await self.ranks.call("prefill_part", pending, self.prefill_chunk)
             answers.update((row, answer) for row, answer in zip(pending, parts) if answer is not None)
+        self._room.update((row, room) for row, (_, room) in answers.items())
         return [answers[row] for row in rows]
 
-    async def _verify(self, jobs: list[Job]) -> list[tuple[Step, int]]:
-        rows, trees = [row for row, _, _ in jobs], [tree for _, tree, _ in jobs]
-        if self.cost is None:
-            return await self.ranks.call("verify", rows, trees)
-        greedy = [g for _, _, g in jobs]
-        trees = [self.calibration.apply(row, tree, g) for row, tree, g in jobs]
+    async def _verify(self, jobs: list[Job]) -> list[Verdict]:
+        """One pass for the batch's trees, cut by the scheduler; each verdict also says whether
+        the gate finds the session's next round worth drafting, at this batch's load, from the
+        offers of its earlier trees and what the router reported drafting took."""
+        rows, trees = [row for row, *_ in jobs], [tree for _, tree, *_ in jobs]
+        if self.cost is None or self.gate is None:
+            return [(step, room, True) for step, room in await self.ranks.call("verify", rows, trees)]
+        greedy = [g for _, _, g, _ in jobs]
+        trees = [self.calibration.apply(row, tree, g) for row, tree, g, _ in jobs]
+        waited = [seconds for *_, seconds in jobs if seconds is not None]
+        if waited:  # the drafts of a batch come in parallel: the round waited for the slowest
+            self.gate.draft_cost.observe(len(waited), max(waited))
+        for row, tree, g, seconds in zip(rows, trees, greedy, (s for *_, s in jobs)):
+            if seconds is not None:
+                self.gate.offered(row, tree, g)
+        context = max(self.capacity - self._room.get(row, 0) - 1 for row in rows)  # the longest cached prefix
         # drafting ran elsewhere: only the pass's own cost counts
-        trees = schedule(trees, greedy, self.cost)
+        trees = schedule(trees, greedy, self.cost, context=context)
         results = await self.ranks.call("verify", rows, trees)
         for row, tree, (step, _) in zip(rows, trees, results):
             self.calibration.observe(row, tree, step.tokens)
-        return results
+        self._room.update((row, room) for row, (_, room) in zip(rows, results))
+        chosen = self.gate.choose(rows, [room for _, room in results], context)
+        return [(step, room, i in chosen) for i, (step, room) in enumerate(results)]
 
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
@@ -118,17 +136,24 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             try:
                 step, room = await self.prefills.submit(row)
                 # Resuming: the drafter saw these tokens' features on the lost replica already.
-                features = opening.want_features and not opening.resume
+                features, skip_draft = opening.want_features and not opening.resume, False
                 while True:
-                    yield step_to_proto(step, room, self.capacity, features)
+                    reply = step_to_proto(step, room, self.capacity, features)
+                    reply.skip_draft = skip_draft
+                    yield reply
                     message = await anext(requests, None)
                     if message is None:
                         break
-                    step, room = await self.verifies.submit((row, tree_from_proto(message.tree), params.greedy))
-                    features = opening.want_features
+                    waited = message.draft_seconds if message.HasField("draft_seconds") else None
+                    job = (row, tree_from_proto(message.tree), params.greedy, waited)
+                    step, room, draft = await self.verifies.submit(job)
+                    features, skip_draft = opening.want_features, not draft
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:  # also on cancellation: the row must come back
                 self.calibration.forget(row)
+                self._room.pop(row, None)
+                if self.gate is not None:
+                    self.gate.forget(row)
                 with contextlib.suppress(RanksLost):
                     await asyncio.shield(self.ranks.call("close", row))
