@@ -2,10 +2,10 @@
 batch sizes, in process, greedy, in one run.
 
 Each batch size decodes the same prompts (humaneval, mbpp, mt-bench) in chunks of that size;
-methods take turns per chunk, so a slow spell of a shared machine hits all alike, and each keeps
-its engine across chunks (calibration and timings carry over, as in a server). Decode tok/s
-counts the tokens after the first (prefill excluded); end-to-end counts all of them over the
-whole time. Every method's output is compared with plain decoding's.
+methods take turns per chunk, in an order that rotates, so a slow spell of a shared machine hits
+all alike; each keeps its engine across chunks (calibration and timings carry over, as in a
+server). Decode tok/s counts the tokens after the first (prefill excluded); end-to-end counts all
+of them over the whole time. Every method's output is compared with plain decoding's.
 
     python bench/load.py                                   # the default set, batch 1 4 16 32
     python bench/load.py --methods plain suffix suffix:always --batch 1 16 --prompts 8
@@ -76,8 +76,11 @@ def _run(args: argparse.Namespace, target: Target, chunks: list, params: Samplin
     engines = {m: Engine(target.model, d, target.eos_token_ids, target.tokenizer.decode) for m, d in drafters.items()}
     totals = {m: defaultdict(float) for m in args.methods}
     outputs: dict[str, list[list[int]]] = {m: [] for m in args.methods}
+    order = list(engines)
     for chunk in tqdm(chunks, desc=f"batch {len(chunks[0])}", unit="chunk"):
-        for m, engine in engines.items():
+        order = order[1:] + order[:1]  # who goes first rotates: no method always follows the same one
+        for m in order:
+            engine = engines[m]
             out, first, start = [[] for _ in chunk], None, time.perf_counter()
             for delta in engine.stream([Request(p.ids, params) for p in chunk]):
                 out[delta.index].extend(delta.token_ids)

@@ -239,16 +239,19 @@ class DraftGate:
         self._offers: dict[Hashable, list[float]] = {}  # its last tree's cumulative expected tokens
         self._idle: dict[Hashable, int] = {}  # rounds since it was last drafted
         self._prior: list[float] | None = None  # the offers' running mean: a new sequence's offer
+        self._unscored = False  # the drafter's trees carry no survival (n-gram): nothing to judge by
 
     def choose(self, keys: Sequence[Hashable], room: Sequence[int], context: int) -> set[int]:
         """Indices into ``keys`` (the batch: every sequence in the pass) to draft this round;
         ``room[i]``: draft nodes sequence ``i`` may take. Never one without room; those whose
-        offer (their own, else the running mean of all offers) pays; every one while no offer
-        is known at all; and, spread over rounds, those whose turn to probe has come. Counts the
-        round for those left out."""
+        offer (their own, else the running mean of all offers) pays; while no offer is known at
+        all, one sequence (drafting it is how to learn what drafting costs and offers, and one
+        costs a large batch little), or every one if the drafter's trees carry no survival to
+        judge by; and, spread over rounds, those whose turn to probe has come. Counts the round
+        for those left out."""
         open_ = [i for i, nodes in enumerate(room) if nodes > 0]
-        if self._prior is None:  # nothing known yet: drafting is how to learn
-            chosen = set(open_)
+        if self._prior is None:
+            chosen = set(open_) if self._unscored else set(open_[:1])
         else:
             batch = len(keys)
             widest = 1 + max((room[i] for i in open_), default=0)
@@ -270,6 +273,7 @@ class DraftGate:
     def offered(self, key: Hashable, tree: TokenTree, greedy: bool) -> None:
         """Record a drafted sequence's (calibrated, uncut) tree as its offer for later rounds."""
         if tree.survival is None:
+            self._unscored |= len(tree) > 1  # a bare anchor says nothing either way
             return
         offer = self._offers[key] = [0.0, *itertools.accumulate(ranked_gains(tree, greedy)[1])]
         prior = self._prior or offer

@@ -57,7 +57,10 @@ def test_concurrent_streams_match_the_engine(channel: grpc.Channel, model: Path)
     for out, (_, max_tokens), drafter in zip(outputs, jobs, drafters):
         usage = out.finished.usage
         assert out.finished.finish_reason == "length" and usage.completion_tokens == max_tokens
-        assert (usage.drafted_tokens == 0) == (drafter == "none")
+        if drafter == "none":
+            assert usage.drafted_tokens == 0
+    # the others may each be left out by the gate (it learns from one session first), not all
+    assert any(o.finished.usage.drafted_tokens > 0 for o, d in zip(outputs, drafters) if d != "none")
     assert any(o.finished.usage.accepted_tokens > 0 for o in outputs)  # the drafter did speed things up
     wait_for(_no_live_sessions, 30, "sessions to end")
 

@@ -271,7 +271,7 @@ def test_config_accepts_supported_families() -> None:
         cfg = ModelConfig.from_hf(tiny_config(family, VOCAB).to_dict())
         assert cfg.family == family
     gemma = ModelConfig.from_hf(tiny_config("gemma3", VOCAB).to_dict())
-    assert gemma.sliding_window == WINDOW and gemma.local_rope_theta == 100.0 and gemma.rope_theta == 10000.0
+    assert gemma.sliding_window == WINDOW and gemma.local_rope.theta == 100.0 and gemma.rope.theta == 10000.0
     assert gemma.query_scale == pytest.approx(32**-0.5)
 
 
@@ -280,22 +280,3 @@ def test_config_rejects_unsupported_model_type() -> None:
         ModelConfig.from_hf(_hf_dict(model_type="mistral"))
     with pytest.raises(ModelLoadError):
         ModelConfig.from_hf({"hidden_size": 64})
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},  # v5 layout
-        {"rope_parameters": None, "rope_scaling": {"type": "yarn", "factor": 4.0}},  # v4 layout
-        {
-            "model_type": "gemma3_text",
-            "rope_parameters": {
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            },
-        },
-    ],
-)
-def test_config_rejects_rope_scaling(overrides: dict[str, object]) -> None:
-    with pytest.raises(ModelLoadError, match="RoPE scaling"):
-        ModelConfig.from_hf(_hf_dict(**overrides))

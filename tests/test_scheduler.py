@@ -15,7 +15,15 @@ from tandem.drafters.base import Drafter, DraftRequest
 from tandem.engine import Engine, Request
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
-from tandem.scheduler import DraftCost, PassCost, ScheduledDrafter, best_width, choose_drafted, schedule
+from tandem.scheduler import (
+    DraftCost,
+    DraftGate,
+    PassCost,
+    ScheduledDrafter,
+    best_width,
+    choose_drafted,
+    schedule,
+)
 from tandem.tree import TokenTree, chain
 from tests.tiny_models import build_tiny
 
@@ -77,6 +85,27 @@ def test_the_gate_drafts_the_sequences_that_pay_and_none_when_none_does():
     assert choose_drafted([good, good, poor], passes, [0.0, 1.0, 2.0, 3.0]) == []
     # verification as dear per token as plain decoding: nothing pays either
     assert choose_drafted([good] * 3, [1.0, 2.0, 3.0, 4.0, 5.0], cheap) == []
+
+
+def test_the_gate_learns_from_one_sequence_then_judges_new_ones_by_the_mean_offer():
+    """Before any offer is known the gate drafts one sequence, not the batch (a drafter that
+    costs a plain pass per sequence would otherwise double a large batch's first round); then
+    sequences without an offer of their own are judged by the running mean of offers."""
+    gate = DraftGate(_linear(1.0, 0.0))  # verification is free: any offer pays
+    keys = list(range(16))
+    assert gate.choose(keys, [8] * 16, context=10) == {0}
+    assert gate.choose(keys, [0] + [8] * 15, context=10) == {1}  # no room: not drafted
+    gate.offered(1, chain(5, [1, 2], survival=[0.9, 0.8]), greedy=True)
+    assert gate.choose(keys, [8] * 16, context=10) == set(keys)
+    gate = DraftGate(_linear(0.0, 1.0))  # every token costs a pass: the mean offer pays nothing
+    gate.choose(keys, [8] * 16, context=10)
+    gate.offered(0, chain(5, [1, 2], survival=[0.9, 0.8]), greedy=True)
+    gate.draft_cost.observe(1, 0.5)  # probes are then due every 25 rounds (2 % of a plain pass)
+    assert gate.choose(keys, [8] * 16, context=10) == set()
+    gate = DraftGate(_linear(0.0, 1.0))  # trees without survival (n-gram) give nothing to judge by
+    gate.choose(keys, [8] * 16, context=10)
+    gate.offered(0, chain(5, [1, 2]), greedy=True)
+    assert gate.choose(keys, [8] * 16, context=10) == set(keys)
 
 
 def test_free_verification_keeps_everything_and_token_priced_keeps_nothing():
@@ -185,6 +214,7 @@ def test_the_scheduler_stops_verifying_what_never_survives(tiny):
         runs[calibrate] = engine.generate([Request(p, params) for p in prompts])
         assert [r.token_ids for r in runs[calibrate]] == [r.token_ids for r in plain]
     drafted = {c: sum(r.stats.drafted for r in out) for c, out in runs.items()}
-    # trusted: every node verified (but in a sequence's last round, which has no room for one)
-    assert drafted[False] >= 3 * (sum(r.stats.rounds for r in runs[False]) - len(prompts))
+    # trusted: every node verified (but in a sequence's last round, which has no room for one,
+    # and in the first round, where the gate, knowing no offer yet, drafts one sequence)
+    assert drafted[False] >= 3 * (sum(r.stats.rounds for r in runs[False]) - 2 * len(prompts) + 1)
     assert drafted[True] < drafted[False] / 3  # calibrated: the scheduler soon stops

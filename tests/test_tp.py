@@ -21,7 +21,7 @@ from tandem.kernels.cpu import KernelUnavailable, exact_kernels
 from tandem.models.config import ModelConfig
 from tandem.models.decoder import Transformer
 from tandem.models.loading import load_model
-from tandem.models.tp import apply_tp, check_tp_size, rank0_verdicts
+from tandem.models.tp import check_tp_size, rank0_verdicts
 from tandem.sampling import SamplingParams
 from tandem.tree import chain
 from tandem.verifier import Verifier
@@ -64,8 +64,7 @@ def _shard(
         device = f"cuda:{rank}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
     try:
-        model, _ = load_model(folder, dtype, device)
-        apply_tp(model, dist.group.WORLD)
+        model, _ = load_model(folder, dtype, device, dist.group.WORLD)
         yield model
     finally:
         dist.destroy_process_group()
@@ -82,13 +81,25 @@ UNEVEN = {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96}
 
 
 @pytest.mark.parametrize(
-    "family,overrides",
-    [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("gemma3", {}), ("llama", UNEVEN)],
-    ids=["llama", "qwen2", "qwen3", "gemma3", "llama-uneven"],
+    "family,overrides,sharded",
+    [
+        ("llama", {}, False),
+        ("qwen2", {}, False),
+        ("qwen3", {}, False),
+        ("gemma3", {}, True),
+        ("llama", UNEVEN, True),
+    ],
+    ids=["llama", "qwen2", "qwen3", "gemma3-sharded-file", "llama-uneven-sharded-file"],
 )
-def test_tp2_matches_tp1(family: str, overrides: dict, tmp_path: Path) -> None:
+def test_tp2_matches_tp1(family: str, overrides: dict, sharded: bool, tmp_path: Path) -> None:
+    """Each rank reads its slices (from one file, or from a checkpoint in several with an index)
+    and the group's logits and tokens are tp=1's."""
     folder = tmp_path / "model"
-    build_tiny(family, folder, vocab=64, **overrides)
+    hf = build_tiny(family, folder, vocab=64, **overrides)
+    if sharded:
+        folder = tmp_path / "sharded"
+        hf.save_pretrained(folder, max_shard_size="30KB")
+        assert (folder / "model.safetensors.index.json").is_file()
     model, _ = load_model(folder, torch.float32)
     reference = {"logits": _tree_logits(model), "outputs": _outputs(model)}
     mp.start_processes(_rank_main, args=(2, _free_port(), str(folder), str(tmp_path)), nprocs=2, start_method="spawn")

@@ -32,15 +32,10 @@ def tiny_config(family: str, vocab: int = 160, **overrides: object) -> Pretraine
         initializer_range=0.2,
         rms_norm_eps=1e-6,
     )
-    common.update(overrides)
-    if family == "llama":
-        return LlamaConfig(**common, num_hidden_layers=2, tie_word_embeddings=False, rope_theta=500.0)
-    if family == "qwen2":
-        return Qwen2Config(**common, num_hidden_layers=2, tie_word_embeddings=True, rope_theta=1000.0)
-    if family == "qwen3":
-        return Qwen3Config(**common, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False, rope_theta=1000.0)
-    return Gemma3TextConfig(
-        **common,
+    llama = {"num_hidden_layers": 2, "tie_word_embeddings": False, "rope_theta": 500.0}
+    qwen2 = {"num_hidden_layers": 2, "tie_word_embeddings": True, "rope_theta": 1000.0}
+    qwen3 = {"num_hidden_layers": 2, "head_dim": 16, "tie_word_embeddings": False, "rope_theta": 1000.0}
+    gemma3 = dict(
         num_hidden_layers=4,
         head_dim=16,
         query_pre_attn_scalar=32,  # != head_dim, so the query scale is exercised
@@ -53,6 +48,10 @@ def tiny_config(family: str, vocab: int = 160, **overrides: object) -> Pretraine
         final_logit_softcapping=5.0,
         tie_word_embeddings=True,
     )
+    kind, own = {"llama": (LlamaConfig, llama), "qwen2": (Qwen2Config, qwen2), "qwen3": (Qwen3Config, qwen3)}.get(
+        family, (Gemma3TextConfig, gemma3)
+    )
+    return kind(**{**common, **own, **overrides})
 
 
 def randomize(model: PreTrainedModel) -> None:

@@ -23,7 +23,7 @@ from tandem.devices import field_to_host
 from tandem.models.catalog import resolve_model_path
 from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
-from tandem.models.tp import apply_tp, rank0_verdicts
+from tandem.models.tp import rank0_verdicts
 from tandem.profile import load_or_measure
 from tandem.scheduler import PassCost
 from tandem.target import DTYPES
@@ -47,11 +47,8 @@ class ShardSpec:
 
 def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> Verifier:
     torch.set_num_threads(spec.threads)
-    model, _ = load_model(resolve_model_path(spec.model), DTYPES[spec.dtype], spec.device)
-    agree = None
-    if group is not None:
-        apply_tp(model, group)
-        agree = rank0_verdicts(group)
+    model, _ = load_model(resolve_model_path(spec.model), DTYPES[spec.dtype], spec.device, group)
+    agree = None if group is None else rank0_verdicts(group)
     apply_exact(model, spec.exact)  # after sharding: it packs this rank's weights
     capacity = min(spec.max_model_len, model.config.max_position)
     return Verifier(model, spec.rows, capacity, spec.feature_layers, agree)

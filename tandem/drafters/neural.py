@@ -26,6 +26,7 @@ from tandem.drafters.base import Drafter, DraftRequest
 from tandem.errors import ModelLoadError
 from tandem.kernels.cpu import ExactKernels
 from tandem.models.decoder import Linear, RMSNorm, Rotary, Transformer, apply_rotary
+from tandem.models.rope import RopeParams
 from tandem.sampling import SamplingParams, target_probs
 from tandem.tree import TokenTree, chain
 from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
@@ -180,7 +181,7 @@ class DraftModel(nn.Module):
         self.fc = Linear(cfg.feature_size, cfg.hidden_size, bias=False)
         self.feature_norm = RMSNorm(cfg.feature_size, cfg.rms_norm_eps)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.rotary = Rotary(cfg.head_dim, RopeParams(cfg.rope_theta), cfg.max_position)
         device = target.device  # the drafter's own layers are moved there by whoever builds it
         if vocab_map is None:
             vocab_map = torch.arange(cfg.draft_vocab, device=device)

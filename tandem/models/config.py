@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from tandem.errors import ModelLoadError
+from tandem.models.rope import RopeParams
 
 Family = Literal["llama", "qwen2", "qwen3", "gemma3"]
 
@@ -32,7 +33,7 @@ class ModelConfig:
     head_dim: int
     max_position: int
     rms_norm_eps: float
-    rope_theta: float
+    rope: RopeParams  # of full-attention layers
     tie_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
     qk_norm: bool = False  # qwen3, gemma3: RMSNorm on each head's q and k
@@ -43,7 +44,7 @@ class ModelConfig:
     sandwich_norm: bool = False  # extra norms after attention and after the MLP
     query_scale: float | None = None  # None: head_dim ** -0.5
     sliding_window: int | None = None
-    local_rope_theta: float | None = None
+    local_rope: RopeParams | None = None  # of sliding-window layers
     layer_types: tuple[str, ...] = field(default=())  # "full_attention" | "sliding_attention"
     final_logit_softcap: float | None = None
     bos_token_id: int | None = None
@@ -65,8 +66,8 @@ class ModelConfig:
         family = _FAMILIES[model_type]
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        rope = _rope_thetas(hf)
-        _check_rope_scaling(hf)
+        max_position = hf.get("max_position_embeddings", 2048)
+        rope = _rope_params(hf, max_position)
         eos = hf.get("eos_token_id")
         common = dict(
             family=family,
@@ -77,9 +78,9 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            max_position=hf.get("max_position_embeddings", 2048),
+            max_position=max_position,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope["full_attention"],
+            rope=rope["full_attention"],
             tie_embeddings=hf.get("tie_word_embeddings", True),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
@@ -103,26 +104,19 @@ class ModelConfig:
             sandwich_norm=True,
             query_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5,
             sliding_window=hf.get("sliding_window"),
-            local_rope_theta=rope["sliding_attention"],
+            local_rope=rope["sliding_attention"],
             layer_types=tuple(layer_types),
             final_logit_softcap=hf.get("final_logit_softcapping"),
         )
 
 
-def _rope_thetas(hf: dict[str, Any]) -> dict[str, float]:
-    """RoPE base per attention type; v5 nests it in ``rope_parameters``, v4 has flat keys."""
+def _rope_params(hf: dict[str, Any], max_position: int) -> dict[str, RopeParams]:
+    """RoPE per attention type. transformers v5 nests it in ``rope_parameters`` (per attention
+    type for Gemma 3); v4 has a flat ``rope_theta`` (and Gemma 3's ``rope_local_base_freq``) and
+    ``rope_scaling``, which applies to full-attention layers only."""
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params:
-        return {k: float(v["rope_theta"]) for k, v in params.items()}
+        return {kind: RopeParams.from_hf(group, 10000.0, max_position) for kind, group in params.items()}
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    local = float(hf.get("rope_local_base_freq", 10000.0))
-    return {"full_attention": theta, "sliding_attention": local}
-
-
-def _check_rope_scaling(hf: dict[str, Any]) -> None:
-    params = hf.get("rope_parameters") or {}
-    groups = params.values() if "full_attention" in params else [params]
-    for group in [*groups, hf.get("rope_scaling") or {}]:
-        kind = group.get("rope_type", group.get("type", "default"))
-        if kind != "default":
-            raise ModelLoadError(f"RoPE scaling {kind!r} is not supported yet")
+    full = RopeParams.from_hf(params or hf.get("rope_scaling") or {}, theta, max_position)
+    return {"full_attention": full, "sliding_attention": RopeParams(float(hf.get("rope_local_base_freq", 10000.0)))}

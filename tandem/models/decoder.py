@@ -19,6 +19,7 @@ from tandem.kernels.cpu import DTYPES as KERNEL_DTYPES
 from tandem.kernels.cpu import ExactKernels, StepPlan
 from tandem.models.config import ModelConfig
 from tandem.models.kv_cache import KVCache
+from tandem.models.rope import RopeParams, inverse_frequencies
 from tandem.tree import ancestor_mask, tree_depths
 
 
@@ -44,15 +45,16 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Precomputed RoPE tables (non-interleaved halves, as in Hugging Face checkpoints)."""
+    """Precomputed RoPE tables (non-interleaved halves, as in Hugging Face checkpoints), with
+    the scaling scheme folded in (:mod:`tandem.models.rope`)."""
 
-    def __init__(self, head_dim: int, theta: float, max_position: int) -> None:
+    def __init__(self, head_dim: int, rope: RopeParams, max_position: int) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        inv_freq, scale = inverse_frequencies(rope, head_dim)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos() * scale, persistent=False)
+        self.register_buffer("sin", angles.sin() * scale, persistent=False)
 
     def tables(
         self, positions: torch.Tensor, dtype: torch.dtype, flat: bool = False
@@ -225,10 +227,8 @@ class Transformer(nn.Module):
     def build_rotary(self) -> None:
         """(Re)compute the RoPE tables; needed after building the model on the meta device."""
         cfg = self.config
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
-        self.local_rotary = (
-            Rotary(cfg.head_dim, cfg.local_rope_theta, cfg.max_position) if cfg.local_rope_theta else None
-        )
+        self.rotary = Rotary(cfg.head_dim, cfg.rope, cfg.max_position)
+        self.local_rotary = Rotary(cfg.head_dim, cfg.local_rope, cfg.max_position) if cfg.local_rope else None
 
     @property
     def dtype(self) -> torch.dtype:

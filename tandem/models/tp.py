@@ -1,54 +1,70 @@
-"""Tensor parallelism as a transformation of a loaded model (gpt-fast style).
+"""Tensor parallelism (gpt-fast style), decided before any weight is read.
 
 Attention heads and MLP channels are split across the ranks of a process group: q/k/v and
 gate/up are column-parallel (each rank keeps its own heads / channels), the output projections
-are row-parallel and all-reduce their partial sums. Embedding, norms and the LM head stay
-replicated, so every rank ends with the same logits and can run the same engine loop.
+are row-parallel and all-reduce their partial sums. A rank builds its shard's modules on the
+meta device and reads only its slices from the checkpoint (:mod:`tandem.models.loading`).
+Embedding, norms and the LM head stay replicated, so every rank ends with the same logits and
+can run the same engine loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-import torch
 import torch.distributed as dist
-from torch import nn
 
 from tandem.models.config import ModelConfig
 from tandem.models.decoder import Linear, Transformer
 
 
-def apply_tp(model: Transformer, group: dist.ProcessGroup) -> Transformer:
-    """Shard ``model`` in place for this rank of ``group``; returns it for chaining.
+@dataclass(frozen=True)
+class Shard:
+    """What one rank of ``world`` holds: whole KV groups (a KV head with the query heads that
+    share it) and a share of the MLP channels, as evenly as the counts allow (SmolLM2's 3 KV
+    heads split 2 + 1 at tp=2, so any tp up to the KV-head count works)."""
 
-    Ranks own whole KV groups (a KV head with the query heads that share it), as evenly as the
-    counts allow: SmolLM2's 3 KV heads split 2 + 1 at tp=2, so any tp up to the KV-head count works.
-    """
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank: int
+    world: int
+    q_heads: range
+    kv_heads: range
+    channels: range
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, rank: int, world: int) -> Shard:
+        check_tp_size(cfg, world)
+        kv_heads = _my_range(cfg.num_kv_heads, rank, world)
+        group_size = cfg.num_heads // cfg.num_kv_heads
+        q_heads = range(kv_heads.start * group_size, kv_heads.stop * group_size)
+        return cls(rank, world, q_heads, kv_heads, _my_range(cfg.intermediate_size, rank, world))
+
+    def rows(self, cfg: ModelConfig, what: str) -> range:
+        """This rank's rows of q/k/v (``"q"``, ``"kv"``: per projection) or of gate/up
+        (``"mlp"``), which are also its input columns of o and down."""
+        if what == "mlp":
+            return self.channels
+        return _scaled(self.q_heads if what == "q" else self.kv_heads, cfg.head_dim)
+
+
+def shard_layers(model: Transformer, shard: Shard, group: dist.ProcessGroup) -> Transformer:
+    """Make ``model`` (built on the meta device, before its weights are read) this rank's shard:
+    q/k/v and gate/up column-parallel, o and down row-parallel with an all-reduce of their
+    partial sums; then :func:`tandem.models.loading.load_model` reads just these slices."""
     cfg = model.config
-    check_tp_size(cfg, world)
-    kv_heads = _my_range(cfg.num_kv_heads, rank, world)
-    group_size = cfg.num_heads // cfg.num_kv_heads
-    q_heads = range(kv_heads.start * group_size, kv_heads.stop * group_size)
-    channels = _my_range(cfg.intermediate_size, rank, world)
+    q_rows, kv_rows, channels = (shard.rows(cfg, what) for what in ("q", "kv", "mlp"))
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
-        d = attn.head_dim
-        q_dim, kv_dim = attn.num_heads * d, attn.num_kv_heads * d
-        rows = [
-            _scaled(q_heads, d),
-            _shifted(_scaled(kv_heads, d), q_dim),
-            _shifted(_scaled(kv_heads, d), q_dim + kv_dim),
-        ]
-        attn.wqkv = _column_parallel(attn.wqkv, rows)
-        attn.wo = _row_parallel(attn.wo, _scaled(q_heads, d), group)
-        attn.num_heads, attn.num_kv_heads = len(q_heads), len(kv_heads)
-        mlp.w13 = _column_parallel(mlp.w13, [channels, _shifted(channels, mlp.intermediate)])
-        mlp.w2 = _row_parallel(mlp.w2, channels, group)
+        attn.wqkv = _meta_linear(cfg.hidden_size, len(q_rows) + 2 * len(kv_rows), attn.wqkv.bias is not None)
+        attn.wo = _row_parallel(len(q_rows), cfg.hidden_size, group)
+        attn.num_heads, attn.num_kv_heads = len(shard.q_heads), len(shard.kv_heads)
+        mlp.w13 = _meta_linear(cfg.hidden_size, 2 * len(channels), False)
+        mlp.w2 = _row_parallel(len(channels), cfg.hidden_size, group)
         mlp.intermediate = len(channels)
     # The local shard's shape: what this rank's KV cache needs.
-    model.config = replace(cfg, num_heads=len(q_heads), num_kv_heads=len(kv_heads), intermediate_size=len(channels))
+    model.config = replace(
+        cfg, num_heads=len(shard.q_heads), num_kv_heads=len(shard.kv_heads), intermediate_size=len(channels)
+    )
     return model
 
 
@@ -87,23 +103,13 @@ def _shifted(r: range, offset: int) -> range:
     return range(r.start + offset, r.stop + offset)
 
 
-def _column_parallel(linear: Linear, rows: list[range]) -> Linear:
-    """Keep the listed output rows (this rank's part of q, k, v or of gate, up)."""
-    index = torch.tensor([i for r in rows for i in r], device=linear.weight.device)
-    weight = linear.weight.data[index].contiguous()
-    out = Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
-    out.weight = nn.Parameter(weight, requires_grad=False)
-    if linear.bias is not None:
-        out.bias = nn.Parameter(linear.bias.data[index].contiguous(), requires_grad=False)
-    return out
+def _meta_linear(inputs: int, outputs: int, bias: bool) -> Linear:
+    return Linear(inputs, outputs, bias=bias, device="meta")
 
 
-def _row_parallel(linear: Linear, cols: range, group: dist.ProcessGroup) -> Linear:
-    """Keep this rank's input columns; the partial outputs are summed across the group."""
-    if linear.bias is not None:
-        raise ValueError("row-parallel layers with a bias are not supported")
-    weight = linear.weight.data[:, cols.start : cols.stop].contiguous()
-    out = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    out.weight = nn.Parameter(weight, requires_grad=False)
+def _row_parallel(inputs: int, outputs: int, group: dist.ProcessGroup) -> Linear:
+    """This rank's input columns; the partial outputs are summed across the group (o and down
+    have no bias, which would be added ``world`` times)."""
+    out = _meta_linear(inputs, outputs, False)
     out.register_forward_hook(lambda _module, _inputs, output: dist.all_reduce(output, group=group))
     return out
