@@ -5,7 +5,9 @@ Writes a random-weight Llama-architecture checkpoint the size of TinyLlama-1.1B 
 processes: what the loader before sharded reads did (every file read whole), and Tandem's loader
 at tp = 1 and at tp = 2 (two gloo ranks). Each process reports its peak RSS (``VmHWM``), its
 RSS before loading (Python and torch) and the load time; the aim is a peak per rank, above that
-start, of at most 1.2 × (checkpoint ÷ tp) + the largest single tensor.
+start, of at most 1.2 × (checkpoint ÷ tp) + the largest single tensor. Then a draft worker's
+footprint for each drafter shipped for the default model: next to the whole target (as before)
+and next to the target's embedding and LM head only (``load_embeddings``).
 
     python bench/loading.py                  # writes bench/results/loading.json and .md
 """
@@ -47,6 +49,7 @@ CONFIG = {
     "torch_dtype": "bfloat16",
 }
 SHARD_BYTES = 500 * 2**20
+DRAFTERS = ("dspark", "eagle3", "dflash")  # shipped for the default model (SmolLM2-135M, 0.25 GiB in bf16)
 
 
 def _tensors() -> list[tuple[str, tuple[int, ...]]]:
@@ -107,7 +110,22 @@ def _rank(rank: int, world: int, port: int, folder: str, how: str, out: str) -> 
         dist.init_process_group("gloo", rank=rank, world_size=world)
     before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    if how == "whole-files":  # the loader before: every file read whole (copied out of the map), then cut
+    if how.startswith("draft:"):  # a draft worker's drafter next to the whole target, or its embeddings only
+        from tandem.drafters import make_drafter
+        from tandem.models.catalog import DEFAULT_MODEL, resolve_model_path
+        from tandem.models.loading import load_embeddings
+
+        algo, what = how.removeprefix("draft:").split("+")
+        path = resolve_model_path(DEFAULT_MODEL)
+        if what == "target":
+            target = load_model(path, torch.bfloat16)[0]
+        else:
+            target = load_embeddings(path, torch.bfloat16)
+        drafter = make_drafter(algo, target=target, model_name=DEFAULT_MODEL)
+        params = sum(p.numel() for p in target.parameters() if not p.is_meta) + sum(
+            p.numel() for p in drafter.model.parameters()
+        )
+    elif how == "whole-files":  # the loader before: every file read whole (copied out of the map), then cut
         kept = {}
         for file in sorted(Path(folder).glob("*.safetensors")):
             kept.update((name, t.clone()) for name, t in load_file(file).items())
@@ -144,7 +162,20 @@ def run(folder: Path, out: Path) -> dict:
             grown = r["peak_rss"] - r["rss_before"]
             aim = 1.2 * size / world + largest
             rows.append({"loader": how, "tp": world, "rank": rank, **r, "peak_above_start": grown, "aim": aim})
-    return {"checkpoint_bytes": size, "files": len(files), "largest_tensor_bytes": largest, "runs": rows}
+    drafts = []
+    for algo in tqdm(DRAFTERS, desc="draft workers"):
+        for what in ("target", "embeddings"):
+            how = f"draft:{algo}+{what}"
+            mp.start_processes(_rank, args=(1, 0, str(folder), how, str(out)), nprocs=1, start_method="spawn")
+            r = json.loads((out / f"{how}-1-0.json").read_text())
+            drafts.append({"drafter": algo, "loads": what, **r, "peak_above_start": r["peak_rss"] - r["rss_before"]})
+    return {
+        "checkpoint_bytes": size,
+        "files": len(files),
+        "largest_tensor_bytes": largest,
+        "runs": rows,
+        "draft_workers": drafts,
+    }
 
 
 def main() -> None:
@@ -168,6 +199,18 @@ def main() -> None:
             f"| {r['loader']} | {r['tp']} | {r['rank']} | {r['seconds']:.1f} | {r['rss_before'] / gib:.2f} | "
             f"{r['peak_rss'] / gib:.2f} | {r['peak_above_start'] / gib:.2f} | {r['aim'] / gib:.2f} |"
         )
+    lines += [
+        "",
+        "Draft workers (the default model's shipped drafters, bf16): the drafter next to the whole target, "
+        "or next to its embedding and LM head only (`load_embeddings`).",
+        "",
+        "| drafter | loads | load s | peak above start GiB |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['drafter']} | {r['loads']} | {r['seconds']:.1f} | {r['peak_above_start'] / gib:.3f} |"
+        for r in result["draft_workers"]
+    ]
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

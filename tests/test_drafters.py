@@ -30,7 +30,7 @@ from tandem.drafters.neural import ALGORITHMS, DraftState, cat_kv
 from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest, ModelLoadError
 from tandem.eval.replay import build_cases, replay
-from tandem.models.loading import load_model
+from tandem.models.loading import load_embeddings, load_model
 from tandem.sampling import SamplingParams
 from tandem.scheduler import DraftCost, PassCost, ScheduledDrafter
 from tandem.train.features import FeatureStore, build_store, draft_vocabulary, sequence_features
@@ -51,10 +51,15 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def target_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("drafter-target")
     build_tiny("llama", folder, vocab=VOCAB)
-    return load_model(folder, torch.float32)[0]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def target(target_folder):
+    return load_model(target_folder, torch.float32)[0]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +124,22 @@ def test_checkpoint_round_trip_gives_identical_drafts(trained, target, algo):
             if a.draft_probs is not None:
                 assert torch.equal(a.draft_probs, b.draft_probs)
         assert any(len(t) > 1 for t in before)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_a_drafter_next_to_the_embeddings_alone_drafts_the_same(trained, target, target_folder, algo):
+    """A draft worker loads only the target's embedding and LM head (its layers stay on the meta
+    device, taking no memory); its drafter proposes what one next to the whole target does."""
+    light = load_embeddings(target_folder, torch.float32)
+    assert all(p.is_meta for p in light.layers.parameters()) and not light.embed.weight.is_meta
+    prompts, params = _prompts(4, seed=7), SamplingParams(temperature=1.0, seed=5)
+    folder = trained[algo][2]
+    for a, b in zip(
+        _drafts(load_drafter(folder, target), target, prompts, params),
+        _drafts(load_drafter(folder, light), target, prompts, params),
+    ):
+        assert (a.tokens, a.parents) == (b.tokens, b.parents)
+        assert (a.draft_probs is None and b.draft_probs is None) or torch.equal(a.draft_probs, b.draft_probs)
 
 
 def test_resumed_training_equals_one_run(target, store, tmp_path):

@@ -61,7 +61,7 @@ def _ray_resources(group: dict) -> dict[str, float]:
 
 
 def test_there_are_cpu_and_gpu_manifests() -> None:
-    assert {p.name for p in MANIFESTS} == {"rayservice-cpu.yaml", "rayservice-gpu.yaml"}
+    assert {p.name for p in MANIFESTS} == {"rayservice-cpu.yaml", "rayservice-gpu.yaml", "rayservice-gpu-tp8.yaml"}
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)

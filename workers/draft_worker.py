@@ -17,9 +17,11 @@ from functools import partial
 import grpc
 import torch
 
-from tandem.devices import field_to_host
+from tandem.devices import field_to_host, resolve_device
 from tandem.drafters import make_drafter, trained_folder
 from tandem.drafters.base import Drafter, DraftRequest
+from tandem.models.catalog import resolve_model_path
+from tandem.models.loading import load_embeddings
 from tandem.tree import TokenTree
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher
@@ -46,10 +48,9 @@ def build_drafter(spec: DraftSpec) -> Drafter:
     if trained_folder(spec.drafter, spec.model) is None:  # no target model needed next to it
         drafter = make_drafter(spec.drafter)
     else:
-        from tandem.target import load_target
-
-        # The drafter reads only the target's embedding and LM-head rows: no packed kernel weights.
-        target = load_target(spec.model, spec.dtype, spec.device, exact=False).model
+        # The drafter reads only the target's embedding and LM-head rows: nothing else is loaded.
+        device = resolve_device(spec.device)
+        target = load_embeddings(resolve_model_path(spec.model), getattr(torch, spec.dtype), device)
         drafter = make_drafter(spec.drafter, target=target, model_name=spec.model)
     if drafter is None:
         raise ValueError("the draft pool needs a drafter; 'none' means no draft pool")

@@ -85,10 +85,7 @@ def load_model(
     rank holds, straight into ``dtype`` on ``device``: memory grows with the shard, never with
     the whole checkpoint, and no float32 copy is made on the way."""
     folder = resolve_model_dir(path)
-    try:
-        cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{str(folder)!r} has an unreadable config.json: {exc}") from exc
+    cfg = _read_config(folder)
     checkpoint = Checkpoint(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -121,6 +118,38 @@ class _Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # of its first byte in the file
+
+
+def load_embeddings(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Transformer:
+    """The target as a drafter sees it: its config, embedding and LM head read from the
+    checkpoint (by name, nothing else), its layers left on the meta device, where they take no
+    memory and cannot run. A draft worker's footprint is then the drafter's plus these two."""
+    folder = resolve_model_dir(path)
+    cfg = _read_config(folder)
+    checkpoint = Checkpoint(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shape, device = (cfg.vocab_size, cfg.hidden_size), torch.device(device)
+    names = {"embed.weight": "embed_tokens.weight"} | (
+        {} if cfg.tie_embeddings else {"lm_head.weight": "lm_head.weight"}
+    )
+    model.load_state_dict(
+        {ours: checkpoint.read(theirs, shape, dtype, device) for ours, theirs in names.items()},
+        strict=False,
+        assign=True,
+    )
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+def _read_config(folder: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{str(folder)!r} has an unreadable config.json: {exc}") from exc
 
 
 class Checkpoint:
@@ -163,7 +192,9 @@ class Checkpoint:
     ) -> torch.Tensor:
         """Tensor ``name`` (which must have ``shape``), only ``rows`` / ``cols`` of it, read
         straight into its buffer (a column slice row by row): nothing else is held on the way."""
-        entry = self._entries[name]
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelLoadError(f"{str(self.folder)!r} has no tensor {name!r} (after the model. prefix)")
         if entry.shape != shape:
             raise ModelLoadError(
                 f"{entry.name!r} in {str(entry.file)!r} has shape {list(entry.shape)}; the config needs {list(shape)}"
@@ -238,19 +269,18 @@ def read_state_dict(
     part = shard or full
 
     def take(name: str, shape: tuple[int, ...], rows: range | None = None, cols: range | None = None) -> torch.Tensor:
-        if name not in left:
-            raise ModelLoadError(f"{str(checkpoint.folder)!r} has no tensor {name!r} (after the model. prefix)")
         left.discard(name)
         return checkpoint.read(name, shape, dtype, device, rows, cols)
 
     hidden, d = cfg.hidden_size, cfg.head_dim
     q_dim, kv_dim = cfg.num_heads * d, cfg.num_kv_heads * d
+    vocab = part.rows(cfg, "vocab")
     out = {
-        "embed.weight": take("embed_tokens.weight", (cfg.vocab_size, hidden)),
+        "embed.weight": take("embed_tokens.weight", (cfg.vocab_size, hidden), vocab),
         "norm.weight": take("norm.weight", (hidden,)),
     }
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight", (cfg.vocab_size, hidden))
+        out["lm_head.weight"] = take("lm_head.weight", (cfg.vocab_size, hidden), vocab)
     left.discard("lm_head.weight")  # tied: some checkpoints still store a copy
     norms = _norm_names(cfg)
     for i in range(cfg.num_layers):
