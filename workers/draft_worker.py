@@ -48,9 +48,11 @@ def build_drafter(spec: DraftSpec) -> Drafter:
     if trained_folder(spec.drafter, spec.model) is None:  # no target model needed next to it
         drafter = make_drafter(spec.drafter)
     else:
+        from tandem.target import DTYPES
+
         # The drafter reads only the target's embedding and LM-head rows: nothing else is loaded.
         device = resolve_device(spec.device)
-        target = load_embeddings(resolve_model_path(spec.model), getattr(torch, spec.dtype), device)
+        target = load_embeddings(resolve_model_path(spec.model), DTYPES[spec.dtype], device)
         drafter = make_drafter(spec.drafter, target=target, model_name=spec.model)
     if drafter is None:
         raise ValueError("the draft pool needs a drafter; 'none' means no draft pool")

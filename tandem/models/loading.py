@@ -84,11 +84,8 @@ def load_model(
     The model is built on the meta device and each tensor is read alone, only the slice this
     rank holds, straight into ``dtype`` on ``device``: memory grows with the shard, never with
     the whole checkpoint, and no float32 copy is made on the way."""
-    folder = resolve_model_dir(path)
-    cfg = _read_config(folder)
-    checkpoint = Checkpoint(folder)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    folder, checkpoint, model = _on_meta(path)
+    cfg = model.config
     shard = None
     if group is not None:
         shard = Shard.of(cfg, dist.get_rank(group), dist.get_world_size(group))
@@ -126,11 +123,8 @@ def load_embeddings(
     """The target as a drafter sees it: its config, embedding and LM head read from the
     checkpoint (by name, nothing else), its layers left on the meta device, where they take no
     memory and cannot run. A draft worker's footprint is then the drafter's plus these two."""
-    folder = resolve_model_dir(path)
-    cfg = _read_config(folder)
-    checkpoint = Checkpoint(folder)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    _, checkpoint, model = _on_meta(path)
+    cfg = model.config
     shape, device = (cfg.vocab_size, cfg.hidden_size), torch.device(device)
     names = {"embed.weight": "embed_tokens.weight"} | (
         {} if cfg.tie_embeddings else {"lm_head.weight": "lm_head.weight"}
@@ -145,11 +139,17 @@ def load_embeddings(
     return model.eval()
 
 
-def _read_config(folder: Path) -> ModelConfig:
+def _on_meta(path: str | Path) -> tuple[Path, Checkpoint, Transformer]:
+    """The Hugging Face folder at ``path``, its tensors' index, and the model built on the meta
+    device from its config: where both loaders start, before any weight is read."""
+    folder = resolve_model_dir(path)
     try:
-        return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
     except (KeyError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{str(folder)!r} has an unreadable config.json: {exc}") from exc
+    checkpoint = Checkpoint(folder)
+    with torch.device("meta"):
+        return folder, checkpoint, Transformer(cfg)
 
 
 class Checkpoint:

@@ -50,8 +50,10 @@ class Shard:
         """This rank's rows of q/k/v (``"q"``, ``"kv"``: per projection) or of gate/up
         (``"mlp"``), which are also its input columns of o and down; of the embedding and LM
         head (``"vocab"``)."""
-        if what in ("mlp", "vocab"):
-            return self.channels if what == "mlp" else self.vocab
+        if what == "mlp":
+            return self.channels
+        if what == "vocab":
+            return self.vocab
         return _scaled(self.q_heads if what == "q" else self.kv_heads, cfg.head_dim)
 
 
@@ -64,7 +66,7 @@ def shard_layers(model: Transformer, shard: Shard, group: dist.ProcessGroup) -> 
     cfg = model.config
     model.embed = _VocabShardEmbedding(shard.vocab, cfg.hidden_size, group)
     model.lm_head = _meta_linear(cfg.hidden_size, len(shard.vocab), False)
-    sizes = [len(Shard.of(cfg, r, shard.world).vocab) for r in range(shard.world)]
+    sizes = [len(_my_range(cfg.vocab_size, r, shard.world)) for r in range(shard.world)]
     model.lm_head.register_forward_hook(lambda _module, _inputs, output: _gather_last(output, sizes, group))
     q_rows, kv_rows, channels = (shard.rows(cfg, what) for what in ("q", "kv", "mlp"))
     for block in model.layers:
