@@ -18,10 +18,11 @@ from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.router import Router
 from cluster.security import http_tls_options
 from tandem.drafters import check_drafter_name, trained_folder
-from tandem.drafters.neural import read_config
+from tandem.drafters.formats import drafter_config, published_format
+from tandem.drafters.neural import read_json_config
 from tandem.errors import InvalidRequest
 from tandem.models.catalog import resolve_model_path
-from tandem.models.loading import resolve_model_dir
+from tandem.models.loading import read_model_config, resolve_model_dir
 from workers.draft_worker import DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
@@ -74,7 +75,12 @@ def drafter_feature_layers(config: ClusterConfig) -> tuple[int, ...]:
         folder = trained_folder(name, config.model)
     except InvalidRequest as exc:
         raise ConfigError(f"draft.drafter {name!r}: {exc}") from None
-    return () if folder is None else tuple(read_config(folder).feature_layers)
+    if folder is None:
+        return ()
+    target = None  # a published drafter's layer ids may default from the target's depth
+    if published_format(read_json_config(folder)) is not None:
+        target = read_model_config(resolve_model_path(config.model))
+    return tuple(drafter_config(folder, target).feature_layers)
 
 
 def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> TargetSpec:

@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parser(sub)
     _profile_parser(sub)
     train_command.add_parser(sub)
+    train_command.add_export_parser(sub)
     eval_command.add_parser(sub)
     # More verbs (`tandem serve`, `tandem client`) come from packages layered on top of this one.
     for entry in importlib.metadata.entry_points(group="tandem.commands"):

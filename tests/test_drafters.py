@@ -30,6 +30,7 @@ from tandem.drafters.neural import ALGORITHMS, DraftState, cat_kv
 from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest, ModelLoadError
 from tandem.eval.replay import build_cases, replay
+from tandem.models.exact import apply_exact
 from tandem.models.loading import load_embeddings, load_model
 from tandem.sampling import SamplingParams
 from tandem.scheduler import DraftCost, PassCost, ScheduledDrafter
@@ -109,6 +110,38 @@ def _drafts(drafter, target, prompts, params):
         request = DraftRequest(i, [*prompt, *first], 8, params, feats)
         trees.append(drafter.propose([request])[0])
     return trees
+
+
+def _requests(target, prompts, params, layers) -> list[DraftRequest]:
+    """Right after prefill: each prompt's features and its first token as the anchor."""
+    firsts = Engine(target).generate([Request(p, replace(params, max_tokens=1)) for p in prompts])
+    return [
+        DraftRequest(i, [*p, *r.token_ids], 8, params, sequence_features(target, p, layers))
+        for i, (p, r) in enumerate(zip(prompts, firsts))
+    ]
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_sequences_drafted_together_get_the_drafts_each_gets_alone(trained, target, target_folder, algo, tree):
+    """Sequences drafted in one round share the drafter's passes (the block drafters' backbone,
+    EAGLE-3's chain steps: linears batched, attention per sequence): on the batch-invariant
+    kernels the drafts are bit-equal to drafting each sequence alone, greedy and sampled, also
+    when the chains have different lengths."""
+    exact = load_model(target_folder, torch.float32)[0]
+    apply_exact(exact, True)
+    shape = TreeShape(3, 4, 8) if tree else None
+    prompts = _prompts(5, seed=41)
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=3)):
+        requests = _requests(target, prompts, params, trained[algo][0].config.feature_layers)
+        requests[1] = replace(requests[1], max_nodes=2)  # a shorter chain among them
+        together, alone = (load_drafter(trained[algo][2], exact, shape) for _ in range(2))
+        assert together.model.kernels is not None
+        batched = together.propose(requests)
+        single = [alone.propose([r])[0] for r in requests]
+        for a, b in zip(batched, single):
+            assert (a.tokens, a.parents, a.survival) == (b.tokens, b.parents, b.survival)
+            assert (a.draft_probs is None and b.draft_probs is None) or torch.equal(a.draft_probs, b.draft_probs)
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -296,10 +329,9 @@ def test_confidence_lies_in_the_unit_interval(trained):
     hidden = torch.randn(200, model.config.hidden_size) * 10
     with torch.no_grad():
         code, _ = model.transition(torch.randint(VOCAB, (200,)))
-        logits = model.confidence_logits(hidden, code)
-    for k in range(model.config.block_size):
-        values = [float(model.calibrated(z, k)) for z in logits]
-        assert all(0.0 <= v <= 1.0 for v in values)
+        for k in range(model.config.block_size):
+            values = model.survival(hidden, code, k)
+            assert values.shape == (200,) and bool(((values >= 0) & (values <= 1)).all())
 
 
 def test_bad_drafter_folders_are_refused(trained, target, tmp_path):
@@ -418,6 +450,66 @@ def test_dspark_without_a_markov_head_trains_and_stays_exact(target, store):
     plain = Engine(target).generate([Request(p, params) for p in prompts])
     spec = Engine(target, ADAPTERS["dspark"](model), max_draft_nodes=8).generate([Request(p, params) for p in prompts])
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+
+
+ABLATIONS = {
+    "2 layers": {"num_layers": 2},
+    "3 layers": {"num_layers": 3, "markov_rank": 16},
+    "deepspec layout": {"layout": "deepspec", "num_layers": 2},
+    "block 3": {"block_size": 3},
+}
+
+
+@pytest.mark.parametrize("options", list(ABLATIONS.values()), ids=list(ABLATIONS))
+def test_every_dspark_configuration_trains_and_stays_exact_with_trees(target, store, options):
+    """What ``tandem train`` configures (issue 26: layers, block size, the published layout's
+    norms and mask token): trains, and drafts chains and trees that keep greedy output exact."""
+    from tandem.drafters.formats import layout_overrides
+
+    options = dict(options)
+    overrides = layout_overrides(options.pop("layout", "tandem"), "dspark", VOCAB) | options
+    torch.manual_seed(0)
+    cfg = DraftConfig.for_target("dspark", target, "tiny", **{"draft_vocab": DRAFT_VOCAB, "block_size": 4, **overrides})
+    vocab = draft_vocabulary(store.token_counts(VOCAB), cfg.draft_vocab)
+    model = new_draft_model(cfg, target, vocab)
+    result = train(model, target, store, replace(SETTINGS, steps=6), progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"] * 1.5 and len(model.layers) == cfg.num_layers
+    prompts = _prompts(4, seed=25)
+    params = SamplingParams(max_tokens=20)
+    plain = Engine(target).generate([Request(p, params) for p in prompts])
+    for tree in (None, TreeShape(3, cfg.block_size, 8)):
+        drafter = DSparkDrafter(model, tree=tree)
+        spec = Engine(target, drafter, max_draft_nodes=8).generate([Request(p, params) for p in prompts])
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+
+
+def test_the_objective_settings_change_the_loss_as_deepspec_defines_them(trained, target, store):
+    """``distance: l1`` doubles the distance term (L1 = 2 TV); ``loss_decay`` sets the weight of
+    block position k to exp(-k / decay)."""
+    from tandem.train.losses import block_loss, block_outputs, choose
+
+    model = trained["dspark"][0]
+    ex = store[0]
+    # the anchor block_loss draws with the same seed
+    anchors = choose(max(ex.prompt_len, 1), ex.tokens.numel() - 1, 1, torch.Generator().manual_seed(0), "cpu")
+
+    def loss(**changes) -> float:
+        model.config = replace(model.config, **changes)
+        try:
+            return float(block_loss(model, ex, target, 1, torch.Generator().manual_seed(0), ce_weight=0.1).loss)
+        finally:
+            model.config = replace(model.config, loss_decay=0.0, distance="tv")
+
+    with torch.no_grad():
+        out = block_outputs(model, ex, target, anchors)
+        tv = float((out.tv * out.weights).sum() / out.weights.sum())
+        assert loss(distance="l1") - loss() == pytest.approx(0.9 * tv, rel=1e-4)
+        model.config = replace(model.config, loss_decay=2.0)
+        weights = block_outputs(model, ex, target, anchors).weights[0]
+        model.config = replace(model.config, loss_decay=0.0)
+    k = torch.arange(model.config.block_size)
+    valid = weights > 0
+    torch.testing.assert_close(weights[valid], torch.exp(-k / 2.0)[valid])
 
 
 @pytest.mark.parametrize("options", [{"markov": False}, {"min_survival": 0.0}, {"min_survival": 0.5}])

@@ -86,6 +86,26 @@ def test_generate_with_a_drafter_folder_equals_plain_decoding(pipeline):
     assert spec["drafter"] == str(pipeline)
 
 
+def test_a_drafter_trained_in_deepspecs_layout_exports_and_serves_exactly(pipeline, tmp_path):
+    """``--layout deepspec`` -> ``tandem export --format deepspec`` -> a folder in DeepSpec's layout
+    that ``--drafter`` loads back (as vLLM would) and that keeps greedy output equal to plain."""
+    trained, exported = tmp_path / "dspark", tmp_path / "exported"
+    args = ["--algo", "dspark", "--data", str(pipeline.parent / "data.jsonl"), "--out", str(trained), "--steps", "1"]
+    _ok(_tandem("train", *args, "--batch-size", "2", "--eval-limit", "0", "--block-size", "4", "--layout", "deepspec"))
+    _ok(_tandem("export", str(trained), "--format", "deepspec", "--out", str(exported)))
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3DSparkModel"] and config["block_size"] == 4
+    assert config["markov_head_type"] == "vanilla" and config["enable_confidence_head"] is True
+    common = ["Name three colors.", "--max-tokens", "24", "--dtype", "float32", "--json"]
+    spec = json.loads(_ok(_tandem("generate", *common, "--drafter", str(exported))).stdout)
+    plain = json.loads(_ok(_tandem("generate", *common, "--drafter", "none")).stdout)
+    assert spec["token_ids"] == plain["token_ids"]
+    refused = _tandem("export", str(pipeline), "--format", "deepspec", "--out", str(tmp_path / "no"))
+    assert (
+        refused.returncode == 2 and "not in deepspec's layout" in refused.stderr and "Traceback" not in refused.stderr
+    )
+
+
 def test_teacher_forced_data_needs_no_generation(tmp_path):
     """``--responses dataset`` keeps ShareGPT's own replies (no target decoding), and training on
     them is marked teacher-forced (labels: the target's greedy tokens)."""

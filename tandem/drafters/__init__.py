@@ -9,8 +9,17 @@ from tandem.drafters.base import Drafter, DraftRequest
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.dspark import DSparkDrafter, DSparkModel
 from tandem.drafters.eagle3 import Eagle3Drafter, Eagle3Model
+from tandem.drafters.formats import drafter_config, load_published, published_format
 from tandem.drafters.hybrid import HybridDrafter
-from tandem.drafters.neural import ALGORITHMS, DraftConfig, DraftModel, NeuralDrafter, load_weights, read_config
+from tandem.drafters.neural import (
+    ALGORITHMS,
+    DraftConfig,
+    DraftModel,
+    NeuralDrafter,
+    load_weights,
+    read_config,
+    read_json_config,
+)
 from tandem.drafters.ngram import NgramDrafter
 from tandem.drafters.suffix import SuffixDrafter
 from tandem.errors import InvalidRequest
@@ -30,11 +39,20 @@ def new_draft_model(cfg: DraftConfig, target: Transformer, vocab_map=None) -> Dr
     return MODELS[cfg.algo](cfg, target, vocab_map)
 
 
-def load_drafter(folder: str | Path, target: Transformer, tree: TreeShape | None = None) -> NeuralDrafter:
-    """A trained drafter from its folder (``config.json`` + ``model.safetensors``); chains, or
-    trees of ``tree``'s shape."""
+def load_draft_model(folder: str | Path, target: Transformer) -> DraftModel:
+    """The model of a drafter folder next to ``target``: one ``tandem train`` wrote, or a
+    published EAGLE-3, DFlash or DSpark checkpoint (:mod:`tandem.drafters.formats`)."""
+    if published_format(read_json_config(folder)) is not None:
+        return load_published(folder, target, lambda cfg, vocab: new_draft_model(cfg, target, vocab))
     cfg = read_config(folder)
-    model = load_weights(MODELS[cfg.algo], cfg, folder, target)
+    return load_weights(MODELS[cfg.algo], cfg, folder, target)
+
+
+def load_drafter(folder: str | Path, target: Transformer, tree: TreeShape | None = None) -> NeuralDrafter:
+    """A trained drafter from its folder (:func:`load_draft_model`); chains, or trees of
+    ``tree``'s shape."""
+    model = load_draft_model(folder, target)
+    cfg = model.config
     if target.exact and model.fc.weight.dtype == target.dtype:  # the target's kernels are there: faster drafts
         model.use_exact_kernels(exact_kernels())
     return ADAPTERS[cfg.algo](model, tree=tree)
@@ -147,6 +165,8 @@ __all__ = [
     "UNTRAINED",
     "check_drafter_name",
     "default_drafter",
+    "drafter_config",
+    "load_draft_model",
     "load_drafter",
     "make_drafter",
     "new_draft_model",

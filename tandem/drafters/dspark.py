@@ -30,19 +30,28 @@ class DSparkModel(DFlashModel):
         self.markov_out = Linear(r, cfg.draft_vocab, bias=False)  # W2
         nn.init.normal_(self.markov_in.weight, std=0.02)
         nn.init.zeros_(self.markov_out.weight)  # starts as plain DFlash
-        self.confidence = Linear(cfg.hidden_size + r, 1)
+        width = cfg.hidden_size + (r if cfg.confidence_with_markov else 0)
+        self.confidence = Linear(width, 1) if cfg.confidence_head else None
 
     def transition(self, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``W1[x_{k-1}]`` and the logit bias ``W1[x_{k-1}] W2`` for previous target ids."""
         code = self.markov_in(self.to_draft[previous])
         return code, self.markov_out(code).float()
 
-    def confidence_logits(self, hidden: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated confidence logits (``σ`` of them estimates survival of the position)."""
-        return self.confidence(torch.cat([self.norm(hidden), code], -1)).squeeze(-1).float()
+    def confidence_logits(self, hidden: torch.Tensor, code: torch.Tensor) -> torch.Tensor | None:
+        """Uncalibrated confidence logits (``σ`` of them estimates survival of the position);
+        ``None`` for a drafter without a confidence head."""
+        if self.confidence is None:
+            return None
+        inputs = torch.cat([self.norm(hidden), code], -1) if self.config.confidence_with_markov else self.norm(hidden)
+        return self.confidence(inputs).squeeze(-1).float()
 
-    def calibrated(self, logits: torch.Tensor, position: int) -> torch.Tensor:
-        """Predicted survival of block position ``position`` (temperature-scaled confidence)."""
+    def survival(self, hidden: torch.Tensor, code: torch.Tensor, position: int) -> torch.Tensor:
+        """Predicted survival of block position ``position`` (temperature-scaled confidence; 1
+        without a confidence head, so drafting never stops early)."""
+        logits = self.confidence_logits(hidden, code)
+        if logits is None:
+            return hidden.new_ones(hidden.shape[:-1], dtype=torch.float32)
         temps = self.config.confidence_temperature
         t = temps[min(position, len(temps) - 1)] if temps else 1.0
         return torch.sigmoid(logits / t)
@@ -61,19 +70,28 @@ class DSparkDrafter(DFlashDrafter):
         self.min_survival = min_survival
         self.markov = markov  # False: drop the transition bias (the ablation of the Markov head)
 
-    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
-        """All ``depth`` positions on the device, then one transfer; the chain is cut where the
-        running survival (which reads only tokens before each position) drops below the threshold."""
-        base, hidden = self.block_logits(state, token_ids)
-        picks: list[Pick] = []
+    def chains(
+        self, states: list[DraftState], anchors: list[int], depths: list[int], params: list[SamplingParams]
+    ) -> list[TokenTree]:
+        """The Markov head steps every sequence's chain at once, all positions on the device, then
+        one transfer per chain; a chain is cut where its running survival (which reads only
+        tokens before each position) drops below the threshold."""
+        base, hidden = self.blocks(states, anchors)
+        picks: list[list[Pick]] = [[] for _ in states]
         confidences: list[torch.Tensor] = []
-        previous = self.tokens(token_ids[-1:])[0]
-        for k in range(depth):
+        previous = self.tokens(anchors)
+        for k in range(max(depths)):
             code, bias = self.model.transition(previous)
-            confidences.append(self.model.calibrated(self.model.confidence_logits(hidden[k], code), k))
-            picks.append(self.pick(base[k] + bias if self.markov else base[k], params, state.generator))
-            previous = picks[-1].token
-        return self.chain_of(token_ids[-1], picks, torch.stack(confidences), self.min_survival)
+            confidences.append(self.model.survival(hidden[:, k], code, k))
+            live = [d > k for d in depths]
+            step, previous = self.pick_rows(base[:, k] + bias if self.markov else base[:, k], params, states, live)
+            for row, pick in zip(picks, step):
+                row.append(pick)
+        survival = torch.stack(confidences, 1)
+        return [
+            self.chain_of(anchor, row[:depth], survival[b, :depth], self.min_survival)
+            for b, (anchor, row, depth) in enumerate(zip(anchors, picks, depths))
+        ]
 
     def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
         """Depth k's base logits plus each parent's Markov bias: branching costs one rank-r matmul
@@ -85,7 +103,7 @@ class DSparkDrafter(DFlashDrafter):
             k = growth.depths[frontier[0]]
             code, bias = self.model.transition(self.tokens([growth.tokens[i] for i in frontier]))
             rows = hidden[k].expand(len(frontier), -1)
-            confidence = self.model.calibrated(self.model.confidence_logits(rows, code), k)
+            confidence = self.model.survival(rows, code, k)
             return (base[k] + bias if self.markov else base[k].expand(len(frontier), -1)), confidence
 
         return logits

@@ -38,10 +38,11 @@ class Eagle3Model(DraftModel):
         next_tokens: torch.Tensor,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
-        past: KV | None,
+        mask: torch.Tensor | None,
+        past: KV | list[KV] | None,
     ) -> tuple[torch.Tensor, KV]:
-        """One layer pass over inputs ``[embed(next_tokens) ; hidden]`` ``[B, T, 2d]``."""
+        """One layer pass over inputs ``[embed(next_tokens) ; hidden]`` ``[B, T, 2d]`` (``past``:
+        one cache for all rows with ``mask``, or one per row: :class:`DraftLayer`)."""
         x = torch.cat([self.embed(next_tokens), hidden], -1)
         return self.layer(x, self.rope(positions), mask, past, residual=hidden)
 
@@ -97,19 +98,25 @@ class Eagle3Drafter(NeuralDrafter):
         state.length += n
         state.extra["last"] = out[:, -1:]  # predicts the token after the anchor
 
-    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
-        hidden = state.extra["last"]
-        past = state.cache[0]
-        picks: list[Pick] = []
-        for t in range(depth):
-            picks.append(self.pick(self.model.draft_logits(hidden[0, -1]), params, state.generator))
-            if t + 1 == depth:
+    def chains(
+        self, states: list[DraftState], anchors: list[int], depths: list[int], params: list[SamplingParams]
+    ) -> list[TokenTree]:
+        """One layer pass per chain step for all sequences: the linears batched, attention per
+        sequence over its own cache and chain."""
+        hidden = torch.cat([state.extra["last"] for state in states])  # [B, 1, d]
+        pasts = [state.cache[0] for state in states]
+        picks: list[list[Pick | None]] = [[] for _ in states]
+        positions = self.tokens([state.length for state in states])[:, None]
+        for t in range(max(depths)):
+            logits = self.model.draft_logits(hidden[:, -1])
+            step, tokens = self.pick_rows(logits, params, states, [d > t for d in depths])
+            for row, pick in zip(picks, step):
+                row.append(pick)
+            if t + 1 == max(depths):
                 break
-            position = torch.full((1, 1), state.length + t, device=self.device)
-            mask = torch.ones(1, 1, past[0].shape[2] + 1, dtype=torch.bool, device=self.device)
-            hidden, kv = self.model.step(picks[-1].token.view(1, 1), hidden, position, mask, past)
-            past = cat_kv(past, kv)
-        return self.chain_of(token_ids[-1], picks)
+            hidden, (k, v) = self.model.step(tokens[:, None], hidden, positions + t, None, pasts)
+            pasts = [cat_kv(past, (k[b : b + 1], v[b : b + 1])) for b, past in enumerate(pasts)]
+        return [self.chain_of(a, row[:d]) for a, row, d in zip(anchors, picks, depths)]
 
     def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
         """One layer pass per depth over the frontier nodes not run yet (EAGLE-2): node ``c`` at

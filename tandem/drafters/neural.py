@@ -32,6 +32,9 @@ from tandem.tree import TokenTree, chain
 from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
 
 ALGORITHMS = ("eagle3", "dflash", "dspark")
+# How target features become the drafter's hidden size: RMSNorm over them then fc (Tandem's own),
+# fc then RMSNorm (DFlash, DSpark), fc alone (EAGLE-3, which norms inside its layer).
+FUSIONS = ("norm_fc", "fc_norm", "fc")
 log = logging.getLogger(__name__)
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, T, head_dim]
 # (the growing tree, frontier node ids at one depth) -> draft-vocabulary logits of their children,
@@ -80,16 +83,53 @@ class DraftConfig:
     max_position: int = 8192
     # dspark: per-position temperature of the confidence logits (fitted after training)
     confidence_temperature: list[float] = field(default_factory=list)
+    rope_scaling: dict[str, Any] | None = None  # a transformers rope dict (published drafters)
+    # The training objective (read by tandem/train/losses.py, kept here so that a drafter says how it was trained)
+    loss_decay: float = 0.0  # draft position k weighs exp(-k / loss_decay); 0: the block size (γ)
+    distance: str = "tv"  # dspark: the distribution term, total variation or DeepSpec's L1 (= 2 TV)
+    # Layout switches: the defaults are Tandem's own drafters; the published layouts (EAGLE-3,
+    # z-lab DFlash, DeepSpec DSpark) set them on import (tandem/drafters/formats.py).
+    fusion: str = "norm_fc"  # one of FUSIONS
+    context_norm: bool = True  # dflash/dspark: context keys/values read through each layer's input norm
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (Qwen3 layers)
+    mask_token_id: int | None = None  # dflash/dspark: block slots embed this target token, else a learned vector
+    anchor_row: bool = True  # dflash/dspark: the anchor's row drafts; False (z-lab DFlash): block_size - 1 drafts
+    split_input_norm: bool = False  # eagle3: embedding and hidden state normed apart, not as one vector
+    own_lm_head: bool = False  # a draft LM head of its own (EAGLE-3) instead of the target's rows
+    confidence_head: bool = True  # dspark
+    confidence_with_markov: bool = True  # dspark: the confidence head reads W1[previous] beside the hidden state
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
             raise ValueError(f"unknown drafter algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
-        if self.block_size < 1 or self.num_layers < 1 or not self.feature_layers:
-            raise ValueError("a drafter needs block_size >= 1, num_layers >= 1 and feature layers")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        if self.drafts < 1 or self.num_layers < 1 or not self.feature_layers:
+            raise ValueError("a drafter needs at least one draft token a round, one layer and feature layers")
+        if self.distance not in ("tv", "l1") or self.loss_decay < 0:
+            raise ValueError(f"distance is 'tv' or 'l1' (not {self.distance!r}) and loss_decay >= 0")
+        if self.split_input_norm and self.algo != "eagle3":
+            raise ValueError("split_input_norm is EAGLE-3's: only its layer reads [embedding ; hidden]")
 
     @property
     def feature_size(self) -> int:
         return len(self.feature_layers) * self.hidden_size
+
+    @property
+    def decay(self) -> float:
+        """The loss weights' decay constant: ``loss_decay``, or the block size by default."""
+        return self.loss_decay or self.block_size
+
+    @property
+    def drafts(self) -> int:
+        """Draft tokens a round at most: the block's rows, less the anchor's where it does not draft."""
+        return self.block_size - (0 if self.anchor_row or self.algo == "eagle3" else 1)
+
+    @property
+    def rope(self) -> RopeParams:
+        if self.rope_scaling is None:
+            return RopeParams(self.rope_theta)
+        return RopeParams.from_hf(self.rope_scaling, self.rope_theta, self.max_position)
 
     @classmethod
     def for_target(cls, algo: str, target: Transformer, target_name: str, **overrides: Any) -> DraftConfig:
@@ -115,6 +155,26 @@ class DraftConfig:
         return cls(**fields)
 
 
+def _attend(q: torch.Tensor, kv: KV) -> torch.Tensor:
+    """One sequence's queries ``[1, heads, T, hd]`` over all of its keys and values."""
+    visible = torch.ones(1, 1, q.shape[2], kv[0].shape[2], dtype=torch.bool, device=q.device)
+    return F.scaled_dot_product_attention(q, *kv, attn_mask=visible, enable_gqa=True)
+
+
+class SplitNorm(nn.Module):
+    """RMSNorm of each half of ``[embedding ; hidden]`` with its own weight (EAGLE-3's
+    ``input_layernorm`` and ``hidden_norm``) instead of one over the whole input."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.embed_norm = RMSNorm(dim, eps)
+        self.hidden_norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedded, hidden = x.chunk(2, -1)
+        return torch.cat([self.embed_norm(embedded), self.hidden_norm(hidden)], -1)
+
+
 class DraftLayer(nn.Module):
     """Pre-norm attention + SwiGLU MLP whose queries also attend to keys/values given from outside
     (the target's context features, or a drafter's cached prefix)."""
@@ -124,7 +184,9 @@ class DraftLayer(nn.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         inp = input_size or d
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.attn_norm = RMSNorm(inp, cfg.rms_norm_eps)
+        self.attn_norm = SplitNorm(d, cfg.rms_norm_eps) if cfg.split_input_norm else RMSNorm(inp, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.wq = Linear(inp, cfg.num_heads * hd, bias=False)
         self.wk = Linear(inp, cfg.num_kv_heads * hd, bias=False)
         self.wv = Linear(inp, cfg.num_kv_heads * hd, bias=False)
@@ -134,42 +196,55 @@ class DraftLayer(nn.Module):
         self.w3 = Linear(d, cfg.intermediate_size, bias=False)
         self.w2 = Linear(cfg.intermediate_size, d, bias=False)
 
-    def kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, kv_heads, T, head_dim]`` of inputs ``x`` ``[B, T, input]``."""
-        return self._kv(self.attn_norm(x), rope)
+    def kv(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], norm: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, kv_heads, T, head_dim]`` of inputs ``x`` ``[B, T, input]``
+        (read through the input norm unless ``norm`` is False, as DFlash reads its context)."""
+        return self._kv(self.attn_norm(x) if norm else x, rope)
 
     def _kv(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self._heads(self.wk(h), self.kv_heads)
+        k = self._heads(self.wk(h), self.kv_heads, self.k_norm)
         return apply_rotary(k, *rope), self._heads(self.wv(h), self.kv_heads)
 
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None,
+        past: KV | list[KV] | None = None,
         residual: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, KV]:
         """``x`` ``[B, T, input]`` attends to ``past`` keys then its own (``mask`` ``[B, T, S + T]``).
+        ``past`` may also be one cache per row, of its own length (sequences drafted together):
+        the linears then run once for all rows and attention row by row, each row seeing all
+        of its cache and all of ``x``'s row (``mask`` None), as one sequence alone would.
 
         Returns the new hidden states and this block's own keys/values (for a cache)."""
         h = self.attn_norm(x)
-        q = apply_rotary(self._heads(self.wq(h), self.heads), *rope)
+        q = apply_rotary(self._heads(self.wq(h), self.heads, self.q_norm), *rope)
         k, v = self._kv(h, rope)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+        if isinstance(past, list):
+            out = torch.cat(
+                [_attend(q[i : i + 1], cat_kv(kv, (k[i : i + 1], v[i : i + 1]))) for i, kv in enumerate(past)]
+            )
+        else:
+            keys, values = (k, v) if past is None else cat_kv(past, (k, v))
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=True)
         out = out.transpose(1, 2).flatten(2)
         x = (x if residual is None else residual) + self.wo(out)
         h = self.mlp_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h)), (k, v)
 
-    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+    def _heads(self, x: torch.Tensor, n: int, norm: RMSNorm | None = None) -> torch.Tensor:
+        x = x.unflatten(-1, (n, self.head_dim))
+        return (x if norm is None else norm(x)).transpose(1, 2)
 
 
 class DraftModel(nn.Module):
     """Base of the trained drafters: a feature fusion layer, RoPE, final norm, and the frozen
-    embedding and draft-vocabulary LM head borrowed from the target (not saved with the drafter)."""
+    embedding and draft-vocabulary LM head borrowed from the target (not saved with the drafter;
+    with ``own_lm_head`` the LM head is the drafter's own, as EAGLE-3 checkpoints have it)."""
 
     algo: ClassVar[str]
 
@@ -179,9 +254,10 @@ class DraftModel(nn.Module):
             raise ModelLoadError(f"this {cfg.algo} drafter was trained for {cfg.target!r}, not for this target")
         self.config = cfg
         self.fc = Linear(cfg.feature_size, cfg.hidden_size, bias=False)
-        self.feature_norm = RMSNorm(cfg.feature_size, cfg.rms_norm_eps)
+        self.feature_norm = RMSNorm(cfg.feature_size, cfg.rms_norm_eps) if cfg.fusion == "norm_fc" else None
+        self.fused_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.fusion == "fc_norm" else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = Rotary(cfg.head_dim, RopeParams(cfg.rope_theta), cfg.max_position)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope, cfg.max_position)
         device = target.device  # the drafter's own layers are moved there by whoever builds it
         if vocab_map is None:
             vocab_map = torch.arange(cfg.draft_vocab, device=device)
@@ -192,7 +268,10 @@ class DraftModel(nn.Module):
         self.register_buffer("to_draft", to_draft, persistent=False)
         # Frozen, borrowed: plain attributes, so they are neither trained nor saved.
         self.target_embed = target.embed.weight.detach()
-        self.target_lm_head = target.lm_head.weight.detach()[self.vocab_map]
+        head = target.lm_head.weight.detach()
+        whole = torch.equal(self.vocab_map, torch.arange(cfg.target_vocab_size, device=device))
+        self.target_lm_head = head if whole else head[self.vocab_map]  # no copy of a whole-vocabulary head
+        self.lm_head = Linear(cfg.hidden_size, cfg.draft_vocab, bias=False) if cfg.own_lm_head else None
         self.embed_scale = cfg.hidden_size**0.5 if target.config.embedding_scale else 1.0
         self.kernels: ExactKernels | None = None  # see use_exact_kernels
         self.packed_head: torch.Tensor | None = None
@@ -201,24 +280,31 @@ class DraftModel(nn.Module):
         return F.embedding(target_ids, self.target_embed).to(self.fc.weight.dtype) * self.embed_scale
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
-        """Target features ``[..., F]`` -> the drafter's hidden size."""
-        return self.fc(self.feature_norm(features.to(self.fc.weight.dtype)))
+        """Target features ``[..., F]`` -> the drafter's hidden size (``config.fusion``)."""
+        x = features.to(self.fc.weight.dtype)
+        x = self.fc(x if self.feature_norm is None else self.feature_norm(x))
+        return x if self.fused_norm is None else self.fused_norm(x)
+
+    @property
+    def head(self) -> torch.Tensor:
+        """The draft-vocabulary LM head ``[V_draft, d]``: the drafter's own or the target's rows."""
+        return self.target_lm_head if self.lm_head is None else self.lm_head.weight
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the draft vocabulary."""
         normed = self.norm(hidden)
         if self.kernels is not None:
             return self.kernels.linear(normed, self.packed_head, len(self.vocab_map), None, torch.float32)
-        return (normed @ self.target_lm_head.to(hidden.dtype).T).float()
+        return (normed @ self.head.to(hidden.dtype).T).float()
 
     def use_exact_kernels(self, kernels: ExactKernels) -> None:
         """Run the drafter's linears and draft LM head on the packed kernels (for speed: a bf16
         block of γ tokens through oneDNN costs about γ one-token passes on this CPU). Inference
         only: the kernels have no backward."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and module is not self.lm_head:
                 module.pack(kernels)
-        self.kernels, self.packed_head = kernels, kernels.pack(self.target_lm_head)
+        self.kernels, self.packed_head = kernels, kernels.pack(self.head)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` ``[B, T]`` -> cos/sin ``[B, 1, T, D]``."""
@@ -236,11 +322,22 @@ class DraftModel(nn.Module):
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", "algo": self.config.algo})
 
 
-def read_config(folder: str | Path) -> DraftConfig:
-    path = Path(folder) / "config.json"
+def read_json_config(folder: str | Path) -> dict[str, Any]:
+    """A drafter folder's ``config.json`` as a dict (Tandem's layout or a published one)."""
     try:
-        return DraftConfig(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as exc:
+        hf = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{str(folder)!r} is not a drafter folder: {exc}") from exc
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{str(folder)!r} is not a drafter folder: config.json is not an object")
+    return hf
+
+
+def read_config(folder: str | Path) -> DraftConfig:
+    """The config of a drafter ``tandem train`` wrote."""
+    try:
+        return DraftConfig(**read_json_config(folder))
+    except (ValueError, TypeError) as exc:
         raise ModelLoadError(f"{str(folder)!r} is not a drafter folder: {exc}") from exc
 
 
@@ -285,13 +382,42 @@ class NeuralDrafter(Drafter):
         self.device = model.fc.weight.device
         self.name = model.config.algo
         self.feature_layers = tuple(model.config.feature_layers)
-        self.tree = None if tree is None else replace(tree, depth=min(tree.depth, model.config.block_size))
+        self.tree = None if tree is None else replace(tree, depth=min(tree.depth, model.config.drafts))
         self.resyncs = 0  # rounds whose features were out of step with a sequence's state
         self._states: dict[int, DraftState] = {}
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
-        return [self._propose_one(r) for r in requests]
+        """Every request's new features absorbed; then the sequences in step draft together:
+        chains in one batched pass per step (:meth:`chains`), trees each after a shared
+        :meth:`prepare`."""
+        trees = [chain(r.token_ids[-1], []) for r in requests]
+        ready, states = [], []
+        for i, request in enumerate(requests):
+            state = self.absorb(request)
+            if request.max_nodes > 0 and state.length == len(request.token_ids) - 1:
+                ready.append(i)
+                states.append(state)
+        if not ready:
+            return trees
+        drafting = [requests[i] for i in ready]
+        if self.tree is None:
+            depths = [min(self.model.config.drafts, r.max_nodes) for r in drafting]
+            built = self.chains(states, [r.token_ids[-1] for r in drafting], depths, [r.params for r in drafting])
+        else:
+            self.prepare(states, drafting)
+            built = [self.draft_tree(s, list(r.token_ids), r.max_nodes, r.params) for s, r in zip(states, drafting)]
+        for i, tree in zip(ready, built):
+            trees[i] = tree
+        return trees
+
+    def prepare(self, states: list[DraftState], requests: list[DraftRequest]) -> None:  # noqa: B027 - optional
+        """Before each sequence's tree: work one pass can do for all of them (the block drafters'
+        backbone); nothing by default."""
+
+    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
+        """One sequence's chain of up to ``depth`` tokens after the anchor ``token_ids[-1]``."""
+        return self.chains([state], token_ids[-1:], [depth], [params])[0]
 
     def release(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
@@ -330,16 +456,6 @@ class NeuralDrafter(Drafter):
         state.cache, state.length, state.offset = [], start, start
         return features
 
-    def _propose_one(self, request: DraftRequest) -> TokenTree:
-        state = self.absorb(request)
-        token_ids = list(request.token_ids)
-        root = token_ids[-1]
-        if request.max_nodes <= 0 or state.length != len(token_ids) - 1:
-            return chain(root, [])
-        if self.tree is not None:
-            return self.draft_tree(state, token_ids, request.max_nodes, request.params)
-        return self.draft(state, token_ids, min(self.model.config.block_size, request.max_nodes), request.params)
-
     def tokens(self, ids: list[int]) -> torch.Tensor:
         """Host token ids as a long tensor on the drafter's device."""
         return host_tensor(ids, torch.long, self.device)
@@ -372,6 +488,24 @@ class NeuralDrafter(Drafter):
             return Pick(self.model.vocab_map[best], None, top)
         q = self.draft_probs(logits, params)
         return Pick(torch.multinomial(q, 1, generator=generator)[0], q, q.max())
+
+    def pick_rows(
+        self, logits: torch.Tensor, params: list[SamplingParams], states: list[DraftState], live: list[bool]
+    ) -> tuple[list[Pick | None], torch.Tensor]:
+        """:meth:`pick` for each row of ``logits`` ``[B, V_draft]`` whose chain goes on (``live``;
+        row b: ``params[b]``, drawn with ``states[b]``'s generator, so that a sequence's draws do
+        not depend on what it is drafted with); greedy rows in one reduction. Also the picked
+        target ids ``[B]`` as one tensor, to feed the next step (a finished row's is a stand-in)."""
+        if all(p.greedy for p in params):
+            top, best = torch.softmax(logits.float(), -1).max(-1)
+            tokens = self.model.vocab_map[best]
+            return [Pick(token, None, t) for token, t in zip(tokens, top)], tokens
+        picks = [
+            self.pick(row, p, state.generator) if alive else None
+            for row, p, state, alive in zip(logits, params, states, live)
+        ]
+        stand_in = next(pick.token for pick in picks if pick is not None)
+        return picks, torch.stack([stand_in if pick is None else pick.token for pick in picks])
 
     def draft_probs(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """Draft-vocabulary ``logits`` ``[..., V_draft]`` -> ``q`` over the target vocabulary
@@ -407,8 +541,11 @@ class NeuralDrafter(Drafter):
         (its cache holds ``state.length - state.offset`` positions before them)."""
 
     @abstractmethod
-    def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
-        """A chain of up to ``depth`` draft tokens after the anchor ``token_ids[-1]`` (:meth:`chain_of`)."""
+    def chains(
+        self, states: list[DraftState], anchors: list[int], depths: list[int], params: list[SamplingParams]
+    ) -> list[TokenTree]:
+        """Each sequence's chain of up to ``depths[b]`` draft tokens after ``anchors[b]``
+        (:meth:`chain_of`), drafted together."""
 
     @abstractmethod
     def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:

@@ -143,13 +143,19 @@ def _on_meta(path: str | Path) -> tuple[Path, Checkpoint, Transformer]:
     """The Hugging Face folder at ``path``, its tensors' index, and the model built on the meta
     device from its config: where both loaders start, before any weight is read."""
     folder = resolve_model_dir(path)
-    try:
-        cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{str(folder)!r} has an unreadable config.json: {exc}") from exc
+    cfg = read_model_config(folder)
     checkpoint = Checkpoint(folder)
     with torch.device("meta"):
         return folder, checkpoint, Transformer(cfg)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The decoder config of a model folder or GGUF file, without reading a weight."""
+    folder = resolve_model_dir(path)
+    try:
+        return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{str(folder)!r} has an unreadable config.json: {exc}") from exc
 
 
 class Checkpoint:

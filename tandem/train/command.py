@@ -49,7 +49,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="dflash/dspark: give every block slot the features of the position before the anchor",
     )
+    p.add_argument(
+        "--layout",
+        default="tandem",
+        choices=["tandem", "deepspec", "specforge"],
+        help="tandem: Tandem's own drafter; deepspec (dflash/dspark) or specforge (eagle3): the published "
+        "layout, so that `tandem export` can write it for vLLM, SGLang, DeepSpec or SpecForge",
+    )
+    p.add_argument("--mask-token-id", type=int, default=None, help="--layout deepspec: the block slots' token")
     p.add_argument("--ce-weight", type=float, default=0.1, help="dspark: CE weight; TV gets 1 - it")
+    p.add_argument(
+        "--feature-layers",
+        type=_layer_list,
+        default=None,
+        help="target layers whose outputs are fused, e.g. 1,8,14,21,27 (default: 2, N/2, N-3)",
+    )
+    p.add_argument("--loss-decay", type=float, default=0.0, help="position k weighs exp(-k/D) (0: the block size)")
+    p.add_argument("--distance", default="tv", choices=["tv", "l1"], help="dspark: TV, or DeepSpec's L1 (= 2 TV)")
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--eval-every", type=int, default=0, help="steps between τ checks (0: start and end only)")
     p.add_argument("--eval-limit", type=int, default=4, help="τ check: prompts per benchmark (0: no checks)")
@@ -57,10 +73,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_train)
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers") from None
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from tandem.drafters import DraftConfig, new_draft_model
+    from tandem.drafters.formats import layout_overrides
     from tandem.target import load_target
     from tandem.train.features import build_store, draft_vocabulary, read_records
     from tandem.train.regenerate import responses_of
@@ -69,8 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "eval_tokens", "records"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TandemError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.eval_every < 0 or args.eval_limit < 0 or args.markov_rank < 0:
-        raise TandemError("--eval-every, --eval-limit and --markov-rank must be >= 0")
+    if args.eval_every < 0 or args.eval_limit < 0 or args.markov_rank < 0 or args.loss_decay < 0:
+        raise TandemError("--eval-every, --eval-limit, --markov-rank and --loss-decay must be >= 0")
     if not 0 <= args.ce_weight <= 1:
         raise TandemError("--ce-weight must be in [0, 1]")
     if args.minutes is not None and args.minutes <= 0:
@@ -83,9 +107,18 @@ def run_train(args: argparse.Namespace) -> int:
         "draft_vocab": min(args.draft_vocab, target.model.config.vocab_size),
         "markov_rank": args.markov_rank,
         "anchor_features": args.anchor_features,
+        "loss_decay": args.loss_decay,
+        "distance": args.distance,
     }
+    if args.feature_layers:
+        depth = target.model.config.num_layers
+        if any(not 0 <= i < depth for i in args.feature_layers):
+            raise TandemError(f"--feature-layers must lie in 0..{depth - 1} for this {depth}-layer target")
+        overrides["feature_layers"] = args.feature_layers
     if args.intermediate_size:
         overrides["intermediate_size"] = args.intermediate_size
+    vocab_size = target.model.config.vocab_size
+    overrides |= layout_overrides(args.layout, args.algo, vocab_size, args.mask_token_id)
     cfg = DraftConfig.for_target(args.algo, target.model, str(args.model), **overrides)
     layers = "-".join(map(str, cfg.feature_layers))
     features = Path(args.features) if args.features else Path(f"{args.data}.features-{args.dtype}-{layers}")
@@ -148,3 +181,42 @@ def replay_check(target, cfg, features: Path, limit: int, max_tokens: int):
         return {"tau": replay(drafter, cases)}
 
     return evaluate
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    from tandem.drafters.formats import FORMATS
+    from tandem.models.catalog import DEFAULT_MODEL, builtin_names
+
+    p = sub.add_parser(
+        "export", help="write a trained drafter in a published layout (vLLM, SGLang, DeepSpec, SpecForge)"
+    )
+    p.add_argument("drafter", help="drafter folder (written by `tandem train`, or a published one)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=list(FORMATS),
+        help="deepspec: DSpark/DFlash; specforge: EAGLE-3; zlab: DFlash",
+    )
+    p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"the drafter's target: {', '.join(builtin_names())}, an HF folder or a .gguf",
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="of the written weights")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from tandem.drafters import load_draft_model
+    from tandem.drafters.formats import export_drafter
+    from tandem.models.catalog import resolve_model_path
+    from tandem.models.loading import load_embeddings
+    from tandem.target import DTYPES
+
+    # The drafter's view of the target (embedding and LM head, no layers), as a draft worker loads it.
+    target = load_embeddings(resolve_model_path(args.model), DTYPES[args.dtype])
+    model = load_draft_model(args.drafter, target)
+    out = export_drafter(model, args.format, args.out, target.config.num_layers)
+    print(f"wrote the {model.config.algo} drafter to {out} in the {args.format} layout", file=sys.stderr)
+    return 0

@@ -1,8 +1,9 @@
 """Training objectives of the three drafters, each on one :class:`Example` (DeepSpec recipes).
 
-- DFlash: cross-entropy of every block position, weighted ``exp(-k/γ)``.
-- DSpark: ``c·CE + (1-c)·TV + BCE(confidence, 1 - TV)`` (``c`` = 0.1 by default), each weighted
-  ``exp(-k/γ)``; TV is the
+- DFlash: cross-entropy of every block position, weighted ``exp(-k/γ)`` (``γ``: the config's
+  ``decay``, the block size by default; DeepSpec uses 4).
+- DSpark: ``c·CE + (1-c)·TV + BCE(confidence, 1 - TV)`` (``c`` = 0.1 by default; DeepSpec's L1
+  distance with ``distance: l1``), each weighted ``exp(-k/γ)``; TV is the
   total-variation distance between the draft and target distributions (tokens outside the draft
   vocabulary count as draft mass 0), and ``1 - TV`` is the chance a sampled draft token survives.
 - EAGLE-3: cross-entropy at every step of training-time test, weighted ``exp(-j/γ)``: the layer
@@ -64,11 +65,12 @@ class BlockOutputs:
     labels: torch.Tensor  # draft ids; ``draft_vocab`` = outside the draft vocabulary
     weights: torch.Tensor  # exp(-k/γ), 0 past the end of the sequence
     tv: torch.Tensor | None = None  # DSpark: total variation to the target at each position
+    distance: torch.Tensor | None = None  # DSpark: the trained distance term (TV, or L1 = 2 TV)
     confidence: torch.Tensor | None = None  # DSpark: confidence logits
 
 
 def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors: torch.Tensor) -> BlockOutputs:
-    n, gamma = ex.tokens.numel(), model.config.block_size
+    n, gamma = ex.tokens.numel(), model.config.drafts
     hidden, _ = model.blocks(ex.tokens, ex.features, anchors)
     slots = torch.arange(gamma, device=anchors.device)
     positions = anchors[:, None] + slots  # block slot k predicts the token after position
@@ -77,7 +79,7 @@ def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors:
     out = BlockOutputs(
         logits=model.draft_logits(hidden),
         labels=model.to_draft[ex.labels[positions]],
-        weights=torch.exp(-slots / gamma) * valid,
+        weights=torch.exp(-slots / model.config.decay) * valid,
     )
     if isinstance(model, DSparkModel):
         code, bias = model.transition(ex.tokens[positions])  # teacher forcing: the true previous token
@@ -87,6 +89,7 @@ def block_outputs(model: DFlashModel, ex: Example, target: Transformer, anchors:
             p = torch.exp(target.logits(final, model.target_lm_head) - ex.lse[positions, None])
         q = torch.softmax(out.logits, -1)
         out.tv = 0.5 * ((p - q).abs().sum(-1) + (1 - p.sum(-1)).clamp(min=0))
+        out.distance = out.tv * (2 if model.config.distance == "l1" else 1)
         out.confidence = model.confidence_logits(hidden, code)
     return out
 
@@ -107,9 +110,12 @@ def block_loss(
     ignore = model.config.draft_vocab
     ce = F.cross_entropy(out.logits.flatten(0, 1), out.labels.flatten(), ignore_index=ignore, reduction="none")
     per_position = ce.view_as(out.weights)
-    if out.tv is not None and out.confidence is not None:
-        bce = F.binary_cross_entropy_with_logits(out.confidence, (1 - out.tv).detach(), reduction="none")
-        per_position = ce_weight * per_position + (1 - ce_weight) * out.tv + bce
+    if out.distance is not None:
+        per_position = ce_weight * per_position + (1 - ce_weight) * out.distance
+    if out.confidence is not None:
+        per_position = per_position + F.binary_cross_entropy_with_logits(
+            out.confidence, (1 - out.tv).detach(), reduction="none"
+        )
     loss = (per_position * out.weights).sum() / out.weights.sum()
     correct = (out.logits[:, 0].argmax(-1) == out.labels[:, 0]).sum()
     return LossOut(loss, correct, len(anchors))
@@ -126,7 +132,7 @@ def eagle3_loss(model: Eagle3Model, ex: Example, samples: int, generator: torch.
     outputs = torch.stack(model.chains(ex.tokens, ex.features, anchors, len(steps)), 1)  # [A, steps, d]
     targets = anchors[:, None] + steps + 2
     labels = model.to_draft[ex.labels[targets.clamp(max=n - 1) - 1]]
-    weights = torch.exp(-steps / gamma) * (targets < n) * (labels != model.config.draft_vocab)
+    weights = torch.exp(-steps / model.config.decay) * (targets < n) * (labels != model.config.draft_vocab)
     logits = model.draft_logits(outputs)
     ignore = model.config.draft_vocab
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore, reduction="none")

@@ -141,7 +141,7 @@ def train(
             _save(checkpoint, model, optimizer, generator, step, horizon, seconds, result)
     bar.close()
     model.eval()
-    if isinstance(model, DSparkModel) and held_ids and step == horizon:
+    if isinstance(model, DSparkModel) and model.confidence is not None and held_ids and step == horizon:
         calibrate_confidence(model, target, store, held_ids, settings.samples, settings.seed)
     result.steps, result.seconds = step, seconds
     return result
@@ -179,7 +179,7 @@ def calibrate_confidence(
     """Temperature scaling per block position: the temperature that minimises the confidence
     head's cross-entropy against ``1 - TV`` on held-out examples; stored in the config."""
     generator = torch.Generator(device=HOST).manual_seed(seed)
-    gamma, device = model.config.block_size, model.fc.weight.device
+    gamma, device = model.config.drafts, model.fc.weight.device
     logits: list[list[torch.Tensor]] = [[] for _ in range(gamma)]
     goals: list[list[torch.Tensor]] = [[] for _ in range(gamma)]
     for i in ids:
