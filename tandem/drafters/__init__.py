@@ -42,8 +42,10 @@ def new_draft_model(cfg: DraftConfig, target: Transformer, vocab_map=None) -> Dr
 def load_draft_model(folder: str | Path, target: Transformer) -> DraftModel:
     """The model of a drafter folder next to ``target``: one ``tandem train`` wrote, or a
     published EAGLE-3, DFlash or DSpark checkpoint (:mod:`tandem.drafters.formats`)."""
-    if published_format(read_json_config(folder)) is not None:
-        return load_published(folder, target, lambda cfg, vocab: new_draft_model(cfg, target, vocab))
+    hf = read_json_config(folder)
+    fmt = published_format(hf)
+    if fmt is not None:
+        return load_published(folder, hf, fmt, target, lambda cfg, vocab: new_draft_model(cfg, target, vocab))
     cfg = read_config(folder)
     return load_weights(MODELS[cfg.algo], cfg, folder, target)
 

@@ -96,14 +96,16 @@ def drafter_config(folder: str | Path, target: ModelConfig | None) -> DraftConfi
 
 
 def load_published(
-    folder: str | Path, target: Transformer, build: Callable[[DraftConfig, torch.Tensor], DraftModel]
+    folder: str | Path,
+    hf: dict[str, Any],
+    fmt: str,
+    target: Transformer,
+    build: Callable[[DraftConfig, torch.Tensor], DraftModel],
 ) -> DraftModel:
-    """A published drafter next to ``target``: ``build(config, vocab_map)`` makes the Tandem model,
-    which is then filled from the folder (every shape checked)."""
+    """A published drafter (``hf``: its config.json, in layout ``fmt``) next to ``target``:
+    ``build(config, vocab_map)`` makes the Tandem model, then filled from the folder (every
+    shape checked)."""
     folder = Path(folder)
-    hf = read_json_config(folder)
-    fmt = published_format(hf)
-    assert fmt is not None, "a tandem drafter folder"
     cfg = import_config(hf, fmt, target.config, str(folder / "config.json"))
     tensors = PublishedTensors(folder, fmt)
     if fmt != "specforge":  # Qwen3 layers norm each head's q and k; the tensors say whether these do
@@ -178,16 +180,17 @@ def import_config(hf: dict[str, Any], fmt: str, target: ModelConfig, source: str
     if fmt == "specforge":
         cfg = _eagle3_config(hf, n, common, source)
     else:
-        layers = hf.get("dflash_config", {}).get("target_layer_ids") if fmt == "zlab" else hf.get("target_layer_ids")
+        options = hf.get("dflash_config") or {}  # z-lab nests these; DeepSpec keeps them top-level
+        nested = options if fmt == "zlab" else hf
+        layers = nested.get("target_layer_ids")
         if layers is None:  # z-lab's default: evenly spaced from layer 1 to N - 3
             draft_layers = _field(hf, "num_hidden_layers", source)
             layers = [round(1 + i * (n - 4) / max(draft_layers - 1, 1)) for i in range(draft_layers)]
-        options = hf.get("dflash_config") or {}
         if "sliding_attention" in (hf.get("layer_types") or []) or options.get("causal") or options.get("use_swa"):
             raise ModelLoadError(f"{source}: causal or sliding-window draft layers are not supported")
         if hf.get("num_target_layers", n) != n:
             raise ModelLoadError(f"{source}: trained for a {hf['num_target_layers']}-layer target, this one has {n}")
-        mask = hf.get("dflash_config", {}).get("mask_token_id") if fmt == "zlab" else hf.get("mask_token_id")
+        mask = nested.get("mask_token_id")
         if mask is None:
             raise ModelLoadError(f"{source}: no mask_token_id in config.json")
         rank = int(hf.get("markov_rank", 0)) if fmt == "deepspec" else 0
@@ -280,16 +283,15 @@ class PublishedTensors:
     def state_for(self, model: DraftModel) -> dict[str, torch.Tensor]:
         """``model``'s state dict from the folder, every shape checked against it."""
         state: dict[str, torch.Tensor] = {}
-        used = set(BORROWED)
+        used: set[str | None] = set(BORROWED)
         for name, param in model.state_dict().items():
             published = published_name(name, self.fmt)
-            if published is None or name == "vocab_map":  # already in the model
-                used.add("d2t")
+            used.add(published)
+            if published is None or name == "vocab_map":  # already in the model (d2t: PublishedTensors.vocab_map)
                 state[name] = param
                 continue
             if published not in self.readers:
                 raise ModelLoadError(f"{self.folder}: the {self.fmt} checkpoint has no tensor {published!r}")
-            used.add(published)
             value = self.readers[published]()
             # Tandem's Markov embedding has an extra last row, for tokens outside a reduced vocabulary
             shape = [param.shape[0] - 1, *param.shape[1:]] if name == "markov_in.weight" else list(param.shape)
