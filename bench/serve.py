@@ -7,7 +7,11 @@ sides alternate which goes first, each side's tokens/s counts its own tokens, an
 cluster streams are compared with the engine decoding the same N requests as one batch.
 
 - single stream: tokens/s of each side prompt by prompt, and the router's overhead per target pass;
-- N streams (``--concurrency``): aggregate tokens/s of the cluster vs the engine at batch N.
+- N streams (``--concurrency``): aggregate tokens/s of the cluster vs the engine at batch N, and
+  the share of the cluster run each pool spent running batches (busy: both at once is overlap).
+
+``--config FILE`` runs the cluster from a config file as it is (ports aside), e.g.
+``configs/local.yaml``: what a user gets out of the box, against the engine at ``--threads``.
 
 Every figure is measured ``--repeats`` times and reported as min / median / max.
 
@@ -75,7 +79,7 @@ def local_config(args: argparse.Namespace, sessions: int) -> ClusterConfig:
         http_address=f"127.0.0.1:{_free_port()}",
         ray={"num_cpus": args.threads + 1},
         draft={"drafter": args.drafter, "num_cpus": 0.5, "max_draft_nodes": MAX_DRAFT_NODES, **room},
-        target={"num_cpus": args.threads, **room},
+        target={"num_cpus": args.threads, "torch_threads": args.threads, **room},
     )
 
 
@@ -119,7 +123,12 @@ def single_stream(engine: Engine, channel: grpc.Channel, prompts: list[Prompt], 
 
 
 def concurrent(
-    engine: Engine, channel: grpc.Channel, prompts: list[Prompt], streams: int, args: argparse.Namespace
+    engine: Engine,
+    channel: grpc.Channel,
+    prompts: list[Prompt],
+    streams: int,
+    args: argparse.Namespace,
+    config: ClusterConfig,
 ) -> dict:
     """The same ``streams`` requests through ``streams`` concurrent cluster clients and through the
     engine as one batch (the order alternates with ``streams``)."""
@@ -132,10 +141,13 @@ def concurrent(
         return {"seconds": time.perf_counter() - start_s, "tokens": sum(len(r.token_ids) for r in results)}
 
     def cluster_run() -> dict:
+        busy = pool_busy_seconds(config)
         start_s = time.perf_counter()
         with ThreadPoolExecutor(streams) as pool:
             outputs = list(pool.map(lambda p: generate(channel, _cluster_request(p, args), timeout=1800), jobs))
-        return {"seconds": time.perf_counter() - start_s, "tokens": sum(len(o.token_ids) for o in outputs)}
+        seconds = time.perf_counter() - start_s
+        shares = {f"{name}_busy": (s - busy[name]) / seconds for name, s in pool_busy_seconds(config).items()}
+        return {"seconds": seconds, "tokens": sum(len(o.token_ids) for o in outputs), **shares}
 
     figures = {}
     for side, run in [("engine", engine_run), ("cluster", cluster_run)][:: 1 if streams % 2 else -1]:
@@ -146,7 +158,20 @@ def concurrent(
         "engine_tok_s": figures["engine"]["tok_s"],
         "cluster_tok_s": figures["cluster"]["tok_s"],
         "cluster_vs_engine": figures["cluster"]["tok_s"] / figures["engine"]["tok_s"],
+        "draft_busy": figures["cluster"].get("draft_busy", 0.0),
+        "target_busy": figures["cluster"]["target_busy"],
     }
+
+
+def pool_busy_seconds(config: ClusterConfig) -> dict[str, float]:
+    """Seconds each pool's replica has spent running batches (one replica per pool here)."""
+    from ray import serve
+
+    from cluster.app import APP_NAME
+
+    pools = {"target": "Target", **({"draft": "Draft"} if config.has_draft_pool else {})}
+    stats = {pool: serve.get_deployment_handle(name, app_name=APP_NAME).stats.remote() for pool, name in pools.items()}
+    return {pool: call.result(timeout_s=30)["busy_s"] for pool, call in stats.items()}
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -212,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--config", type=Path, help="run the cluster from this config file as it is (ports aside)")
     args = parser.parse_args(argv)
     args.drafter = args.drafter or default_drafter(args.model)
     concurrency = [int(n) for n in args.concurrency.split(",")]
@@ -221,7 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = load_prompts(target, args.benchmarks.split(","), args.limit)
     drafter = scheduled_drafter(make_drafter(args.drafter, target.model, args.model), target.model, args.model)
     engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode, MAX_DRAFT_NODES)
-    config = local_config(args, max(concurrency))
+    if args.config:
+        ports = {"address": f"127.0.0.1:{_free_port()}", "http_address": f"127.0.0.1:{_free_port()}"}
+        config = load_config(args.config, **ports)
+        args.drafter = config.draft.drafter if config.draft.drafter != "default" else args.drafter
+    else:
+        config = local_config(args, max(concurrency))
     print("starting the cluster ...", file=sys.stderr)
     start(config)
     repeats = []
@@ -230,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.generate([Request(prompts[0].ids, SamplingParams(max_tokens=args.max_tokens))])
         for r in range(args.repeats):
             single = single_stream(engine, channel, prompts, args)
-            runs = [concurrent(engine, channel, prompts, n, args) for n in concurrency]
+            runs = [concurrent(engine, channel, prompts, n, args, config) for n in concurrency]
             print(json.dumps({"repeat": r + 1, "single": single, "concurrent": runs}), file=sys.stderr)
             repeats.append({"single": single, **{f"n{run['streams']}": run for run in runs}})
     results = {
@@ -243,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "prompts": len(prompts),
         "threads": args.threads,
+        "config": str(args.config) if args.config else "bench/serve.py's own: target threads = --threads",
         "repeats": args.repeats,
         "single_stream": summarize(repeats, "single"),
         "identical_outputs": f"{repeats[0]['single']['identical_outputs']}/{len(prompts)}",

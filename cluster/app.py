@@ -56,7 +56,7 @@ def build_app(config: ClusterConfig) -> Application:
     router = serve.deployment(
         serve.ingress()(Router),  # its HTTP app is built in the replica (Router.__serve_build_asgi_app__)
         name="Router",
-        num_replicas=1,  # it owns the public gRPC address
+        num_replicas=config.router.num_replicas,  # they share the public gRPC port
         max_ongoing_requests=config.router.max_ongoing_requests,
         graceful_shutdown_timeout_s=config.grace_period_s + ROUTER_STOP_S,
         ray_actor_options={"num_cpus": config.router.num_cpus, "resources": dict(config.router.resources)},

@@ -34,12 +34,24 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
+    # replicas serving the public API; on one node they share its port (SO_REUSEPORT), so losing
+    # one costs its streams a reconnect (clients continue them: cluster/client.py), never the service
+    num_replicas: int = 2
     num_cpus: float = 0.1
     draft_timeout_s: float = 5.0  # a drafter silent this long is dropped: the session goes on target-only
     # a session whose target replica is lost looks this long for another (or the restarted one)
     resume_timeout_s: float = 60.0
     resources: dict[str, float] = field(default_factory=dict)  # e.g. pin the router to the head node
     max_ongoing_requests: int = 1024  # HTTP requests in flight through Serve's proxy (gRPC ones are not capped)
+    # sessions take turns in this many groups: a pool batches one group at a time, so with 2 one
+    # group verifies while the other drafts (both pools busy at once); 1: every session in lockstep
+    pipeline_groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ConfigError(f"router.num_replicas must be >= 1, got {self.num_replicas}")
+        if self.pipeline_groups < 1:
+            raise ConfigError(f"router.pipeline_groups must be >= 1, got {self.pipeline_groups}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,9 @@ class PoolConfig:
             raise ConfigError(f"health_check_period_s must be > 0, got {self.health_check_period_s}")
 
     @property
-    def threads(self) -> int:
+    def threads(self) -> int | None:
+        """Torch threads per replica (target: per rank): its CPU share, at least 1 (the target
+        pool may leave it to the replica: None)."""
         return max(1, int(self.num_cpus))
 
     @property
@@ -119,11 +133,25 @@ class TargetConfig(PoolConfig):
     exact: bool | None = None
     # prompt tokens per prefill pass; running sessions' rounds go between the parts (null: whole)
     prefill_chunk: int | None = 512
+    # torch threads per rank; null: its CPU share (num_cpus), or, for a pool of one replica per node
+    # (num_replicas 1 without autoscaling, or max_replicas_per_node 1), every core of the node / tp:
+    # the pools take turns, so the target may use the whole machine while it verifies
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"target.prefill_chunk must be >= 1 or null, got {self.prefill_chunk}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"target.torch_threads must be >= 1 or null, got {self.torch_threads}")
+
+    @property
+    def threads(self) -> int | None:
+        """``torch_threads``; None: every core of the rank's node / tp (resolved there)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        alone = self.max_replicas_per_node == 1 or (not self.autoscaling_config and self.num_replicas == 1)
+        return None if alone and not self.num_gpus else super().threads
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -86,6 +87,7 @@ class Frontend:
         )
         self.sessions: dict[tuple[str, str], Session] = {}  # by (caller's owner, request id)
         self._streams: Counter[str] = Counter()  # live sessions per client
+        self._groups = itertools.cycle(range(config.router.pipeline_groups))  # new sessions take turns
         # One thread: a megabyte prompt's tokenizing (about 0.6 s) leaves the event loop, and the
         # streams it serves, running; the tokenizer is not safe to share between threads.
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -99,14 +101,20 @@ class Frontend:
             raise InvalidRequest("this model has no tokenizer: send token ids")
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.tokenizer.encode, prompt, chat)
 
-    def open(self, prompt_ids: list[int], params: SamplingParams, drafter: str = "") -> Session:
-        """A session for the request, not started yet; :class:`Refused` when it cannot run here."""
+    def open(
+        self, prompt_ids: list[int], params: SamplingParams, drafter: str = "", continued: list[int] | None = None
+    ) -> Session:
+        """A session for the request, not started yet; :class:`Refused` when it cannot run here.
+        ``continued``: the output a broken stream of this request delivered; this one goes on after it."""
         if self.draining:
             raise self.refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         try:
             self._check(prompt_ids, params)
+            if continued:
+                self._check_continued(prompt_ids, params, continued)
             use_drafter = self._use(drafter)
-            return Session(self.pools, secrets.token_hex(16), prompt_ids, with_seed(params), use_drafter)
+            session_id, group = secrets.token_hex(16), next(self._groups)
+            return Session(self.pools, session_id, prompt_ids, with_seed(params), use_drafter, continued, group)
         except InvalidRequest as exc:
             raise self.refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
@@ -138,6 +146,18 @@ class Frontend:
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequest(f"stop token ids must lie in [0, {vocab})")
 
+    def _check_continued(self, prompt_ids: list[int], params: SamplingParams, continued: list[int]) -> None:
+        """A continuation must be of a stream that could still be running."""
+        if min(continued) < 0 or max(continued) >= self.vocab_size:
+            raise InvalidRequest(f"continue_token_ids must lie in [0, {self.vocab_size})")
+        if len(continued) >= params.max_tokens:
+            raise InvalidRequest(f"{len(continued)} tokens to continue after, but max_tokens is {params.max_tokens}")
+        if len(prompt_ids) + len(continued) >= self.max_model_len:
+            raise InvalidRequest(f"prompt and continue_token_ids fill the context of {self.max_model_len} tokens")
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.pools.eos_token_ids))
+        if stops.intersection(continued):
+            raise InvalidRequest("continue_token_ids hold a stop token: that stream had finished")
+
     async def stream(self, session: Session, caller: Caller, request_id: str) -> AsyncIterator[Chunk]:
         """Run the session for ``caller``, who knows it as ``request_id``; its chunks, the last one
         with the finish reason. Raises :class:`Refused`."""
@@ -151,6 +171,8 @@ class Frontend:
         self._streams[caller.client] += 1
         tokenizer, metrics = self.tokenizer, self.metrics
         detokenizer = Detokenizer(tokenizer, session.params.stop) if tokenizer else None
+        if detokenizer is not None:  # the text of a continued stream's tokens was sent already
+            detokenizer.push(session.continued)
         started, first, emitted = time.perf_counter(), None, 0
         metrics.prompt_tokens.inc(len(session.prompt_ids))
         try:

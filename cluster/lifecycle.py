@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from cluster.app import APP_NAME
 
-CALL_MARGIN_S = 30.0  # beyond the grace period, for the drain call itself
+CALL_MARGIN_S = 30.0  # for one call to a router replica
+POLL_S = 0.2  # how often a drain looks at the live sessions
 
 
 def wait_for_stop_signal() -> str:
@@ -45,8 +47,18 @@ def children_ignore_interrupts() -> Iterator[None]:
 
 
 def drain(grace_s: float) -> int:
-    """Drain the running application's router; returns the sessions still live after ``grace_s``."""
-    from ray import serve
+    """Drain every router replica of the running application (a Serve handle would reach one);
+    returns the sessions still live after ``grace_s``."""
+    import ray
 
-    router = serve.get_deployment_handle("Router", app_name=APP_NAME)
-    return router.drain.remote(grace_s).result(timeout_s=grace_s + CALL_MARGIN_S)
+    from cluster.router import live_sessions, router_actors, start_draining
+
+    routers = router_actors(APP_NAME)
+    ray.get([actor.__ray_call__.remote(start_draining, name, grace_s) for name, actor in routers.items()])
+    deadline = time.monotonic() + grace_s
+    while True:
+        calls = [actor.__ray_call__.remote(live_sessions, name) for name, actor in routers.items()]
+        left = sum(ray.get(calls, timeout=CALL_MARGIN_S))
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(POLL_S)

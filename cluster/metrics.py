@@ -1,18 +1,24 @@
-"""The application's Prometheus metrics, kept by the router and served on its ``/metrics``.
+"""The application's Prometheus metrics, kept by the routers and served on their ``/metrics``.
 
-The router takes part in every round of every session (it sends the tree, reads the verdict), so
-its process alone sees every token, round and session of the application: one registry there is
-the whole picture, with no exporter agent and names exactly as written (``tandem:``, as vLLM's are
+A router takes part in every round of each of its sessions (it sends the tree, reads the verdict),
+so the router replicas together see every token, round and session of the application. Each keeps
+one registry; a scrape, which lands on any one replica, sums them all (:func:`merge`): the whole
+picture, with no exporter agent and names exactly as written (``tandem:``, as vLLM's are
 ``vllm:``). See docs/observability.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+
+# A registry's samples as plain data, to pass between processes:
+# (name, documentation, type, [(sample name, labels, value)]) per metric family.
+Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
 
 POOLS = ("draft", "target")
 # Latency buckets (seconds) from a fraction of a CPU round to a slow first token.
@@ -29,6 +35,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # the other router replicas' snapshots (set by the router; none: this registry is all)
+        self.peers: Callable[[], Awaitable[list[Snapshot]]] | None = None
         counter, gauge = self._bind(Counter), self._bind(Gauge)
         seconds = self._bind(Histogram, buckets=SECONDS)
         # Counters (exposed with the _total suffix)
@@ -87,5 +95,41 @@ class Metrics:
         self.verify_time.observe(verify_s)
         self.router_time.observe(router_s)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def snapshot(self) -> Snapshot:
+        return [
+            (m.name, m.documentation, m.type, [(x.name, x.labels, x.value) for x in m.samples])
+            for m in self.registry.collect()
+        ]
+
+    async def exposition(self) -> bytes:
+        """The text format of this registry summed with every other router replica's."""
+        others = await self.peers() if self.peers is not None else []
+        return merge([self.snapshot(), *others])
+
+
+def merge(snapshots: Iterable[Snapshot]) -> bytes:
+    """The text format of the samples of several registries, added up per series: counters and
+    histograms count every replica's events, gauges (sessions, rows held) every replica's holdings."""
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for snapshot in snapshots:
+        for name, documentation, kind, samples in snapshot:
+            families.setdefault(name, Metric(name, documentation, kind))
+            for sample, labels, value in samples:
+                key = (name, sample, tuple(sorted(labels.items())))
+                values[key] = values.get(key, 0.0) + value
+    for (name, sample, labels), value in values.items():
+        families[name].add_sample(sample, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Collected:
+    """A collector of metric families built elsewhere."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families

@@ -5,7 +5,9 @@ Requests run through the router's :class:`~cluster.frontend.Frontend`, as gRPC o
 response starts only once the first tokens are out, so a request the workers refuse (prompt too
 long, cluster full) still gets an HTTP status and OpenAI's error JSON, never a broken stream.
 Extensions, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``,
-``drafter``, and τ / rounds / drafted and accepted tokens in ``usage``.
+``drafter``, and τ / rounds / drafted and accepted tokens in ``usage``. Tandem's own:
+``continue_token_ids`` goes on after the output a broken stream delivered (with ``return_token_ids``
+each response carries the ``seed`` to send with it), as gRPC's ``continue_token_ids`` does.
 
 Before any route, :class:`_Gate` checks the bearer token (401; ``/health`` stays open for probes)
 and the body's size (413); the frontend checks the rest (400, or 429 past a client's streams).
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import grpc
@@ -81,6 +83,7 @@ class _Generation(BaseModel):
     stop_token_ids: list[NonNegativeInt] = []
     return_token_ids: bool = False
     drafter: str = ""  # "" : the cluster's; "none": target-only
+    continue_token_ids: list[NonNegativeInt] = []  # the output a broken stream of this request delivered
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -136,7 +139,10 @@ def build_http_app(frontend: Frontend) -> FastAPI:
     app.add_exception_handler(InvalidRequest, _invalid)
     app.add_exception_handler(Refused, _refusal)
     app.add_exception_handler(Exception, _internal)
-    app.add_middleware(_Gate, tokens=frontend.tokens, max_body=frontend.limits.max_request_bytes)
+    unauthenticated = frontend.metrics.failures.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc
+    app.add_middleware(
+        _Gate, tokens=frontend.tokens, max_body=frontend.limits.max_request_bytes, refused=unauthenticated
+    )
 
     @app.get("/health")
     async def health() -> Response:
@@ -146,7 +152,7 @@ def build_http_app(frontend: Frontend) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(frontend.metrics.exposition(), media_type=frontend.metrics.content_type)
+        return Response(await frontend.metrics.exposition(), media_type=frontend.metrics.content_type)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -185,8 +191,9 @@ async def _respond(
     frontend: Frontend, request: _Generation, caller: Caller, prompt_ids: list[int], max_tokens: int | None, chat: bool
 ) -> Response:
     """Run the request; the whole response, or a stream of server-sent events."""
-    reply = _Reply(frontend.model_name, chat, request.return_token_ids)
-    session = frontend.open(prompt_ids, request.sampling(max_tokens or frontend.max_output), request.drafter)
+    sampling = request.sampling(max_tokens or frontend.max_output)
+    session = frontend.open(prompt_ids, sampling, request.drafter, request.continue_token_ids)
+    reply = _Reply(frontend.model_name, chat, session.params.seed if request.return_token_ids else None)
     limit = frontend.max_model_len
     if max_tokens and len(prompt_ids) + max_tokens > limit:  # OpenAI's rule: what is asked for must fit
         raise InvalidRequest(
@@ -236,14 +243,16 @@ async def _close(session: Session, chunks: AsyncIterator[Chunk]) -> None:
 class _Reply:
     """The ids, names and shapes of one response's JSON (completion or chat, whole or chunked)."""
 
-    def __init__(self, model: str, chat: bool, with_token_ids: bool) -> None:
+    def __init__(self, model: str, chat: bool, seed: int | None) -> None:
+        """``seed``: with token ids asked for, the request's seed (to continue it with), else None."""
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(16)}"
-        self.model, self.chat, self.with_token_ids = model, chat, with_token_ids
+        self.model, self.chat, self.seed, self.with_token_ids = model, chat, seed, seed is not None
         self.created = int(time.time())
 
     def header(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        seed = {"seed": self.seed} if self.with_token_ids else {}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **seed}
 
     def _choice(self, text: str, token_ids: list[int], finish_reason: str | None, delta: bool) -> dict[str, Any]:
         if not self.chat:
@@ -306,10 +315,10 @@ def _check_model(frontend: Frontend, model: str) -> None:
 class _Gate:
     """ASGI middleware: the caller's bearer token (401 without a known one, except ``/health``) and
     the body, read whole up to ``max_body`` bytes (413 beyond) before any route parses it. The
-    caller lands in ``request.state.caller``."""
+    caller lands in ``request.state.caller``; ``refused`` counts a 401."""
 
-    def __init__(self, app: ASGIApp, tokens: Tokens | None, max_body: int) -> None:
-        self.app, self.tokens, self.max_body = app, tokens, max_body
+    def __init__(self, app: ASGIApp, tokens: Tokens | None, max_body: int, refused: Callable[[], None]) -> None:
+        self.app, self.tokens, self.max_body, self.refused = app, tokens, max_body, refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -319,6 +328,7 @@ class _Gate:
         if self.tokens is not None and scope["path"] != "/health":
             name = self.tokens.name(headers.get("authorization"))
             if name is None:
+                self.refused()
                 message = "send a valid API key as `Authorization: Bearer KEY`"
                 refusal = JSONResponse(
                     _error_body(401, "authentication_error", message),

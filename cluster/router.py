@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +30,8 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.config import ClusterConfig
 from cluster.frontend import Frontend, Refused
-from cluster.security import TokenGate, grpc_caller, server_credentials
+from cluster.metrics import Snapshot
+from cluster.security import DecodeGuard, TokenGate, grpc_caller, server_credentials
 from cluster.session import Session
 from tandem.errors import InvalidRequest
 from tandem_proto.v1 import api_pb2, api_pb2_grpc
@@ -36,6 +40,10 @@ from workers.wire import params_from_proto
 log = logging.getLogger(__name__)
 SERVICE = api_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
 MAX_REQUEST_ID = 128  # characters; the id comes back in every response
+ROUTER_HEADER = "tandem-router"  # initial metadata: the Serve replica serving the stream (for logs)
+PEER_TIMEOUT_S = 2.0  # a router replica that does not give its metrics by then is left out of a scrape
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # Serve's replica actors are named this and their full id
+_LOCAL: dict[str, Router] = {}  # the routers of this process, by replica id (one in a Serve replica)
 
 
 class Router(api_pb2_grpc.TandemServicer):
@@ -44,9 +52,16 @@ class Router(api_pb2_grpc.TandemServicer):
         self._internal_tls = config.internal_tls
         self.frontend = Frontend(config, draft, target, self._channel)
         self.grace_period_s = config.grace_period_s
+        self.replica = _replica_id()
+        self.frontend.metrics.peers = functools.partial(_peer_snapshots, self.replica)
+        self._loop = asyncio.get_running_loop()
+        _LOCAL[self.replica] = self
         tokens = self.frontend.tokens
+        failures = self.frontend.metrics.failures
+        unauthenticated = failures.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc
+        gate = [TokenGate(tokens, SERVICE, unauthenticated)] if tokens else []
         self._server = grpc.aio.server(
-            interceptors=[TokenGate(tokens, SERVICE)] if tokens else [],
+            interceptors=[*gate, DecodeGuard(failures.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc)],
             options=[("grpc.max_receive_message_length", config.limits.max_request_bytes)],
         )
         api_pb2_grpc.add_TandemServicer_to_server(self, self._server)
@@ -87,6 +102,7 @@ class Router(api_pb2_grpc.TandemServicer):
         reconnect there on their next call, while its live streams get the grace period."""
         stopping = asyncio.ensure_future(self._server.stop(grace=self.grace_period_s + 1.0))
         left = await self.drain()
+        _LOCAL.pop(self.replica, None)
         if left:
             log.warning("stopping with %d live sessions after the %.0f s grace period", left, self.grace_period_s)
         await stopping
@@ -111,18 +127,20 @@ class Router(api_pb2_grpc.TandemServicer):
                 params = params_from_proto(request.params)
                 if not request.params.HasField("max_tokens"):  # the default stays within a lower limit
                     params = dataclasses.replace(params, max_tokens=min(params.max_tokens, frontend.max_output))
-                session = frontend.open(await self._prompt_ids(request), params, request.drafter)
+                prompt_ids, continued = await self._prompt_ids(request), list(request.continue_token_ids)
+                session = frontend.open(prompt_ids, params, request.drafter, continued)
             except InvalidRequest as exc:
                 raise frontend.refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             # Cancel, deadline or disconnect: free the workers now, not when the generators are collected.
             context.add_done_callback(lambda _: session.close())
-            request_id = request.request_id or session.session_id
+            request_id, seed = request.request_id or session.session_id, session.params.seed
             caller = grpc_caller(frontend.tokens, context)
+            await context.send_initial_metadata(((ROUTER_HEADER, self.replica),))
             async with contextlib.aclosing(frontend.stream(session, caller, request_id)) as chunks:
                 async for chunk in chunks:
                     delta = api_pb2.Delta(token_ids=chunk.token_ids, text=chunk.text)
-                    yield api_pb2.GenerateResponse(request_id=request_id, delta=delta)
-            yield api_pb2.GenerateResponse(request_id=request_id, finished=_finished(session))
+                    yield api_pb2.GenerateResponse(request_id=request_id, seed=seed, delta=delta)
+            yield api_pb2.GenerateResponse(request_id=request_id, seed=seed, finished=_finished(session))
         except Refused as exc:
             await context.abort(exc.code, exc.message)
 
@@ -163,3 +181,54 @@ def _finished(session: Session) -> api_pb2.Finished:
         target_resumes=session.target_resumes,
     )
     return api_pb2.Finished(finish_reason=state.finish_reason, usage=usage)
+
+
+def _replica_id() -> str:
+    """This Serve replica's full id (its actor's name), or the process id outside Serve."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()  # REPLICA_ACTOR_PREFIX + app#Router#id
+    except RayServeException:
+        return f"pid-{os.getpid()}"
+
+
+def router_actors(app: str) -> dict[str, Any]:
+    """The Ray actors of ``app``'s router replicas, by replica id (their actors' names)."""
+    import ray
+
+    prefix = f"{REPLICA_ACTOR_PREFIX}{app}#Router#"
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in named}
+
+
+def start_draining(_actor: object, replica: str, grace_s: float) -> None:
+    """Run in a router replica's process through ``__ray_call__``: start its drain, return at once."""
+    router = _LOCAL[replica]
+    asyncio.run_coroutine_threadsafe(router.drain(grace_s), router._loop)
+
+
+def live_sessions(_actor: object, replica: str) -> int:
+    """Run in a router replica's process through ``__ray_call__``: its live sessions."""
+    return len(_LOCAL[replica].frontend.sessions)
+
+
+async def _peer_snapshots(replica: str) -> list[Snapshot]:
+    """The metrics of the application's other router replicas; one that is gone or silent is left out."""
+    if not replica.startswith(REPLICA_ACTOR_PREFIX):  # a router outside Serve has no peers
+        return []
+    app = replica.removeprefix(REPLICA_ACTOR_PREFIX).split("#")[0]
+
+    def ask(name: str, actor: Any) -> Awaitable[Snapshot]:
+        return asyncio.wait_for(actor.__ray_call__.remote(_local_snapshot, name), PEER_TIMEOUT_S)
+
+    peers = await asyncio.to_thread(router_actors, app)
+    waits = [ask(name, actor) for name, actor in peers.items() if name != replica]
+    results = await asyncio.gather(*waits, return_exceptions=True)
+    return [r for r in results if not isinstance(r, BaseException)]
+
+
+def _local_snapshot(_actor: object, replica: str) -> Snapshot:
+    """Run in a router replica's process through ``__ray_call__``: that router's samples."""
+    return _LOCAL[replica].frontend.metrics.snapshot()

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +104,10 @@ def grpc_caller(tokens: Tokens | None, context: grpc.aio.ServicerContext) -> Cal
 
 class TokenGate(grpc.aio.ServerInterceptor):
     """Refuses calls to ``service`` without a known token (UNAUTHENTICATED) before their request is
-    even read; other services (health, reflection) pass."""
+    even read, and calls ``refused`` (to count it); other services (health, reflection) pass."""
 
-    def __init__(self, tokens: Tokens, service: str) -> None:
-        self.tokens, self.prefix = tokens, f"/{service}/"
+    def __init__(self, tokens: Tokens, service: str, refused: Callable[[], None]) -> None:
+        self.tokens, self.prefix, self.refused = tokens, f"/{service}/", refused
 
     async def intercept_service(
         self,
@@ -116,8 +116,60 @@ class TokenGate(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         if details.method.startswith(self.prefix):
             if self.tokens.name(dict(details.invocation_metadata).get("authorization")) is None:
+                self.refused()
                 return grpc.unary_unary_rpc_method_handler(_unauthenticated)
         return await continuation(details)
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request get INVALID_ARGUMENT with the parser's
+    message (gRPC's own answer is UNKNOWN), and ``refused`` is called to count it. For the
+    methods with one request message: every method of Tandem's public API."""
+
+    def __init__(self, refused: Callable[[], None]) -> None:
+        self.refused = refused
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, refused = handler.request_deserializer, self.refused
+
+        def parsed(data: bytes) -> object:
+            try:
+                return parse(data)
+            except Exception as exc:  # protobuf's DecodeError and what a bad length gives
+                return _Unparsable(f"the request does not parse: {exc}")
+
+        if handler.response_streaming:
+            streaming = handler.unary_stream
+
+            async def stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+                if isinstance(request, _Unparsable):
+                    refused()
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async for response in streaming(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(stream, parsed, handler.response_serializer)
+        unary = handler.unary_unary
+
+        async def call(request: object, context: grpc.aio.ServicerContext) -> object:
+            if isinstance(request, _Unparsable):
+                refused()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(call, parsed, handler.response_serializer)
+
+
+@dataclass(frozen=True)
+class _Unparsable:
+    message: str
 
 
 async def _unauthenticated(_: bytes, context: grpc.aio.ServicerContext) -> None:

@@ -10,6 +10,10 @@ A target replica lost mid-stream (process, tp rank or node gone) costs the clien
 session is placed again (on another replica or the restarted one), prefills everything up to its
 anchor, and replays the round in flight. The target's draws depend only on (seed, position)
 (:func:`tandem.sampling.round_seed`), so the stream goes on exactly as it would have.
+
+A router lost mid-stream takes its sessions with it; the client opens a new one elsewhere with the
+tokens it received (``continued``). That session prefills up to its last token and drafts from
+there, so its first round has the anchor and the draws the lost one's next round would have had.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -110,11 +114,20 @@ class Link:
 
 class Session:
     def __init__(
-        self, pools: Pools, session_id: str, prompt_ids: list[int], params: SamplingParams, use_drafter: bool
+        self,
+        pools: Pools,
+        session_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        use_drafter: bool,
+        continued: list[int] | None = None,
+        group: int = 0,
     ) -> None:
         self.pools = pools
         self.session_id = session_id
         self.prompt_ids = prompt_ids
+        self.continued = continued or []  # output a lost router's stream already delivered
+        self.group = group  # its pipeline group: both pools batch it with its group's sessions
         self.params = params  # seed resolved: the target and the drafter share it
         self.state: SequenceState | None = None
         self.drafter_lost = False
@@ -152,9 +165,13 @@ class Session:
             self._holds_row = True
             pools.metrics.kv_rows.inc()
             state = self.state = SequenceState.start(
-                0, self.prompt_ids, self.params, pools.eos_token_ids, reply.capacity, pools.decode
+                0, self.prompt_ids, self.params, pools.eos_token_ids, reply.capacity, pools.decode, self.continued
             )
-            yield state.advance(step_from_proto(reply)), state.finish_reason
+            step = step_from_proto(reply)
+            if self.continued:  # the anchor is the client's last token: of the prefill, keep the features
+                state.advance(replace(step, tokens=[]))
+            else:
+                yield state.advance(step), state.finish_reason
             if self._placing is not None and state.finish_reason is None:
                 await self._placing
             last_verdict = time.perf_counter()
@@ -217,19 +234,26 @@ class Session:
 
     def _opening(self) -> worker_pb2.VerifyOpen:
         state, features = self.state, self._draft_link is not None
-        if state is None:
-            prompt_ids, resume = self.prompt_ids, False
+        if state is None:  # continuing: all but the client's last token, which anchors the first round
+            context = self.prompt_ids + self.continued
+            prompt_ids, resume = context[:-1] if self.continued else context, False
         else:  # everything but the anchor, which heads the round being replayed
             prompt_ids, resume = state.token_ids[:-1], True
         params = params_to_proto(self.params)
         return worker_pb2.VerifyOpen(
-            session_id=self.session_id, prompt_ids=prompt_ids, params=params, want_features=features, resume=resume
+            session_id=self.session_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            want_features=features,
+            resume=resume,
+            group=self.group,
         )
 
     async def _open_draft(self, draft: Link) -> None:
         try:
             await asyncio.wait_for(draft.place(self.session_id), self.pools.draft_timeout_s)
-            opening = worker_pb2.DraftOpen(session_id=self.session_id, params=params_to_proto(self.params))
+            params = params_to_proto(self.params)
+            opening = worker_pb2.DraftOpen(session_id=self.session_id, params=params, group=self.group)
             await draft.send(worker_pb2.DraftIn(open=opening))
             self._draft = draft
         except Exception as exc:  # any failure to place: decode without a drafter

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 import time
 
@@ -149,6 +150,14 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--offset", type=int, default=0, help="skip this many usable prompts")
     p.add_argument("--limit", type=int, default=None, help="regenerate at most this many prompts")
+    p.add_argument(
+        "--server",
+        help="regenerate through this OpenAI-compatible server (tandem serve's HTTP API, vLLM, SGLang: "
+        "http://host:port) instead of in process; --model still names the tokenizer and chat template",
+    )
+    p.add_argument("--server-model", help="the model name the server serves (default: --model)")
+    p.add_argument("--api-key", help="the server's API key (default: $OPENAI_API_KEY)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight to the server")
     p.set_defaults(run=run_data)
 
 
@@ -158,9 +167,12 @@ def run_data(args: argparse.Namespace) -> int:
     from tandem.sampling import SamplingParams
     from tandem.train.prompts import DataError, sharegpt_path
     from tandem.train.regenerate import regenerate_dataset
+    from tandem.train.remote import Server
+
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
 
     # Validate cheap things before reading prompts and loading the model.
-    minimums = {"batch_size": 1, "max_prompt_tokens": 1, "offset": 0, "limit": 1}
+    minimums = {"batch_size": 1, "max_prompt_tokens": 1, "offset": 0, "limit": 1, "concurrency": 1}
     for name, low in minimums.items():
         value = getattr(args, name)
         if value is not None and value < low:
@@ -180,6 +192,8 @@ def run_data(args: argparse.Namespace) -> int:
         limit=args.limit,
         responses=args.responses,
         log=lambda line: print(line, file=sys.stderr),
+        server=Server(args.server, args.server_model or args.model, api_key) if args.server else None,
+        concurrency=args.concurrency,
     )
     no_reply = f"{stats.no_reply} without a reply, " if args.responses == "dataset" else ""
     print(

@@ -9,8 +9,10 @@ synchronisation), never with ``.item()`` / ``.tolist()`` inside a loop over node
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -74,3 +76,14 @@ def host_tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.T
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def available_cpus() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's limit, which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cpus
+    return cpus if quota == "max" else max(1, min(cpus, int(quota) // int(period)))

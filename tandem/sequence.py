@@ -64,9 +64,16 @@ class SequenceState:
         eos_token_ids: Sequence[int],
         capacity: int,
         decode: Callable[[list[int]], str] | None = None,
+        output: Sequence[int] = (),
     ) -> SequenceState:
+        """``output``: tokens already emitted (a stream continued after its router was lost); they
+        count toward max_tokens, and a stop string may begin in them."""
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-        return cls(seq_id, with_seed(params), frozenset(stop_ids), list(prompt_ids), len(prompt_ids), capacity, decode)
+        token_ids = [*prompt_ids, *output]
+        state = cls(seq_id, with_seed(params), frozenset(stop_ids), token_ids, len(prompt_ids), capacity, decode)
+        if state.text is not None:
+            state.text.push(list(output))
+        return state
 
     @property
     def output(self) -> list[int]:

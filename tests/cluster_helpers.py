@@ -21,6 +21,7 @@ import torch
 from cluster.app import APP_NAME, start
 from cluster.client import Output, connect, generate, prompt_request, stream
 from cluster.config import ClusterConfig, load_config
+from cluster.router import ROUTER_HEADER
 from tandem.drafters import make_drafter
 from tandem.engine import Engine, Request
 from tandem.models.catalog import DEFAULT_MODEL, resolve_model_path
@@ -118,9 +119,9 @@ def config_for(model: Path, port: int, **sections: Any) -> ClusterConfig:
         "address": f"127.0.0.1:{port}",
         "http_address": f"127.0.0.1:{free_port()}",  # never the default 8000: tests run side by side
         "ray": {"num_cpus": 4},
-        "router": {"num_cpus": 0.1, "draft_timeout_s": 10.0},
+        "router": {"num_replicas": 1, "num_cpus": 0.1, "draft_timeout_s": 10.0},
         "draft": {"num_cpus": 0.1, "max_ongoing_requests": 8, "drafter": "ngram"},
-        "target": {"num_cpus": 0.2, "max_ongoing_requests": 8},
+        "target": {"num_cpus": 0.2, "torch_threads": 1, "max_ongoing_requests": 8},
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values} if isinstance(values, dict) else values
@@ -203,6 +204,10 @@ class Stream:
 
     def started(self) -> bool:
         return len(self.token_ids) >= 20
+
+    def router(self) -> str:
+        """The router replica serving the stream (its actor's name), from the initial metadata."""
+        return dict(self._responses.initial_metadata())[ROUTER_HEADER]
 
     def result(self) -> list[int]:
         self._thread.join(300)

@@ -1,4 +1,5 @@
-"""The cluster on a real local Ray with real gRPC clients (tp=1, n-gram draft pool, tiny target):
+"""The cluster on a real local Ray with real gRPC clients (tp=1, n-gram draft pool, tiny target, two
+pipeline groups):
 it emits what the in-process engine emits, refuses bad requests clearly, and frees both workers'
 state however a session ends, even when its drafter dies."""
 
@@ -39,8 +40,14 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def channel(model: Path):
-    with running(config_for(model, free_port())) as channel:
+    # two pipeline groups: sessions batch with their group, and outputs must not change
+    with running(config_for(model, free_port(), router={"pipeline_groups": 2})) as channel:
         yield channel
+
+
+def _continuing(req: api_pb2.GenerateRequest, received: list[int]) -> api_pb2.GenerateRequest:
+    req.continue_token_ids.extend(received)
+    return req
 
 
 def _no_live_sessions() -> bool:
@@ -79,6 +86,10 @@ def test_concurrent_streams_match_the_engine(channel: grpc.Channel, model: Path)
         (request([1, 2] * 2500, 8), "prompt has 5000 tokens"),
         (request([1, 99], 8), "prompt token ids must lie in [0, 64)"),
         (api_pb2.GenerateRequest(text="hello"), "no tokenizer"),
+        (_continuing(request([1, 2], 8), [3, 64]), "continue_token_ids must lie in [0, 64)"),
+        (_continuing(request([1, 2], 3), [3, 4, 5]), "3 tokens to continue after, but max_tokens is 3"),
+        (_continuing(request([1, 2], 8, stop_token_ids=[5]), [5, 4]), "hold a stop token"),
+        (_continuing(request([1, 2] * 2000, 200), [3] * 96), "fill the context of 4096 tokens"),
     ],
     ids=[
         "empty",
@@ -92,6 +103,10 @@ def test_concurrent_streams_match_the_engine(channel: grpc.Channel, model: Path)
         "too-long",
         "vocab",
         "text",
+        "continue-vocab",
+        "continue-max-tokens",
+        "continue-stopped",
+        "continue-context",
     ],
 )
 def test_invalid_requests(channel: grpc.Channel, req: api_pb2.GenerateRequest, message: str) -> None:
@@ -99,6 +114,19 @@ def test_invalid_requests(channel: grpc.Channel, req: api_pb2.GenerateRequest, m
         run(channel, req)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in failure.value.details()
+
+
+@pytest.mark.parametrize("drafter,params", [("", {}), ("none", {"temperature": 0.9, "top_p": 0.95})])
+def test_a_continued_stream_gives_exactly_the_rest(channel: grpc.Channel, drafter: str, params: dict) -> None:
+    """A client whose router was lost sends the prompt again with the output it received and the
+    seed the server reported (drawn by the server here): it gets exactly the rest of the stream."""
+    whole = run(channel, request(PROMPTS[2], 70, drafter, ignore_eos=True, **params))
+    assert len(whole.token_ids) == 70 and whole.seed is not None
+    for cut in (1, 29, 69):
+        again = request(PROMPTS[2], 70, drafter, ignore_eos=True, seed=whole.seed, **params)
+        rest = run(channel, _continuing(again, whole.token_ids[:cut]))
+        assert rest.token_ids == whole.token_ids[cut:], cut
+        assert rest.seed == whole.seed and rest.finished.usage.completion_tokens == 70
 
 
 def test_errors_leave_other_sessions_streaming(channel: grpc.Channel, model: Path) -> None:

@@ -34,7 +34,7 @@ from tandem.models.exact import apply_exact
 from tandem.models.loading import load_embeddings, load_model
 from tandem.sampling import SamplingParams
 from tandem.scheduler import DraftCost, PassCost, ScheduledDrafter
-from tandem.train.features import FeatureStore, build_store, draft_vocabulary, sequence_features
+from tandem.train.features import FeatureStore, OnlineStore, build_store, draft_vocabulary, sequence_features
 from tandem.train.prompts import DataError
 from tandem.train.trainer import TrainSettings, calibrate_confidence, train
 from tandem.tree import path_to
@@ -381,6 +381,25 @@ def test_target_probabilities_from_the_stored_normaliser(target, store):
         full = torch.softmax(target.logits(ex.final.float()), -1)[:, model.vocab_map]
         rows = torch.exp(target.logits(ex.final.float(), model.target_lm_head) - ex.lse[:, None])
     torch.testing.assert_close(rows, full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher_forced", [False, True])
+def test_online_features_equal_the_cached_ones_bit_for_bit(target, tmp_path, teacher_forced):
+    """``--features online`` computes each example when it is read: the same tensors as the cache
+    (float32 target), the same label counts, and so the same training."""
+    rng = random.Random(7)
+    records = [(p, [rng.randrange(VOCAB) for _ in range(rng.randrange(3, 20))]) for p in _prompts(70, seed=7)]
+    layers = DraftConfig.for_target("dspark", target, "tiny").feature_layers
+    cached = build_store(target, records, layers, tmp_path / "f", progress=False, teacher_forced=teacher_forced)
+    online = OnlineStore(target, records, layers, teacher_forced)
+    assert len(online) == len(cached) == 70  # two shards of the cache
+    for i in (0, 1, 63, 64, 69):
+        a, b = cached[i], online[i]
+        assert a.prompt_len == b.prompt_len
+        for name in ("tokens", "features", "final", "lse", "labels"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), (i, name)
+    assert torch.equal(cached.token_counts(VOCAB, [3, 5, 8]), online.token_counts(VOCAB, [3, 5, 8]))
 
 
 def test_teacher_forced_labels_are_the_targets_greedy_tokens(target, tmp_path):

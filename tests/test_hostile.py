@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 from cluster.client import Metadata, bearer, generate, stream
 from cluster.config import ClusterConfig
+from cluster.router import SERVICE
 from tandem_proto.v1 import api_pb2, api_pb2_grpc
 from tests.cluster_helpers import (
     config_for,
@@ -135,6 +137,31 @@ def test_grpc_needs_tls_and_a_token(channel: grpc.Channel, config: ClusterConfig
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert generate(channel, req, 60, metadata=ALICE).finished.finish_reason == "length"
+
+
+def test_refused_credentials_and_unparsable_bytes_are_counted(
+    channel: grpc.Channel, config: ClusterConfig, certs: dict[str, Path]
+) -> None:
+    def failures(code: str) -> float:
+        url = f"https://{config.http_address}/metrics"
+        headers = {"authorization": f"Bearer {TOKENS['alice']}"}
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), context=_trust(certs)) as response:
+            text = response.read().decode()
+        series = f'tandem:request_failure_total{{code="{code}"}} '
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
+
+    before = {code: failures(code) for code in ("UNAUTHENTICATED", "INVALID_ARGUMENT")}
+    stub = api_pb2_grpc.TandemStub(channel)
+    assert _code(stub.Generate, request(PROMPT, 4), timeout=60) == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(stub.Abort, api_pb2.AbortRequest(), metadata=bearer("x" * 30)) == grpc.StatusCode.UNAUTHENTICATED
+    assert _https(config, certs, "GET", "/v1/models", token="wrong-token-0123456789")[0] == 401
+    raw = channel.unary_stream(f"/{SERVICE}/Generate", request_serializer=lambda data: data)
+    with pytest.raises(grpc.RpcError) as failure:
+        list(raw(b"\x0a\xff", timeout=60, metadata=ALICE))  # field 1, a length that never ends
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details().startswith("the request does not parse")
+    assert failures("UNAUTHENTICATED") == before["UNAUTHENTICATED"] + 3
+    assert failures("INVALID_ARGUMENT") == before["INVALID_ARGUMENT"] + 1
 
 
 def test_tandem_client_sends_its_token_over_tls(channel: grpc.Channel, config: ClusterConfig, certs: dict) -> None:
@@ -396,9 +423,8 @@ def _unknown_fields(data: bytes) -> bytes:
 
 OK = {grpc.StatusCode.OK}
 REFUSED = OK | {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-# Bytes that do not parse as a GenerateRequest: gRPC's Python server itself answers UNKNOWN
-# ("Unexpected DecodeError ...") before any Tandem code runs; the one case where that code is fine.
-GARBLED = REFUSED | {grpc.StatusCode.UNKNOWN}
+# Bytes that do not parse as a GenerateRequest get INVALID_ARGUMENT (cluster.security.DecodeGuard)
+GARBLED = REFUSED
 WIRE = st.one_of(  # (bytes on the wire, the answers allowed)
     requests(hostile=False).map(lambda data: (data, OK)),
     requests(hostile=False).map(lambda data: (_unknown_fields(data), OK)),  # unknown fields are ignored

@@ -1,7 +1,8 @@
 """``/metrics`` on a real local Ray, scraped after requests through both APIs: every metric is there
 in Prometheus text format, in the ``tandem:`` namespace, and its value agrees with the usage the
 requests reported (rounds, drafted, accepted and emitted tokens, acceptance by position, one τ /
-TTFT / TPOT observation per request, per-round timings), and the gauges are back at 0."""
+TTFT / TPOT observation per request, per-round timings), and the gauges are back at 0. Two
+router replicas serve it: a scrape that lands on either sums both."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import ClusterConfig
+from cluster.metrics import Metrics, merge
 from tests.cluster_helpers import (
     PROMPTS,
     config_for,
@@ -29,10 +31,34 @@ from tests.cluster_helpers import (
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def test_merge_sums_every_series_of_every_registry() -> None:
+    one, two = Metrics(), Metrics()
+    one.record_round(4, 2, 0.01, 0.02, 0.001)
+    two.record_round(6, 3, None, 0.5, 0.002)
+    two.record_round(1, 0, 0.03, 0.01, 0.001)
+    one.running.labels("target").inc(2)
+    two.running.labels("target").inc()
+    two.failures.labels("UNAVAILABLE").inc()  # a series only one registry has
+    merged = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(merge([one.snapshot(), two.snapshot()]).decode())
+        for s in family.samples
+    }
+    assert merged[("tandem:spec_decode_num_rounds_total", ())] == 3
+    assert merged[("tandem:spec_decode_num_draft_tokens_total", ())] == 11
+    assert merged[("tandem:spec_decode_num_accepted_tokens_per_pos_total", (("position", "2"),))] == 1
+    assert merged[("tandem:round_verify_seconds_count", ())] == 3
+    assert merged[("tandem:round_verify_seconds_sum", ())] == pytest.approx(0.53)
+    assert merged[("tandem:round_verify_seconds_bucket", (("le", "0.02"),))] == 2
+    assert merged[("tandem:round_draft_seconds_count", ())] == 2  # not asked: not observed
+    assert merged[("tandem:num_sessions_running", (("pool", "target"),))] == 3
+    assert merged[("tandem:request_failure_total", (("code", "UNAVAILABLE"),))] == 1
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> ClusterConfig:
     model = tiny_target(tmp_path_factory.mktemp("metrics") / "tiny")
-    return config_for(model, free_port())
+    return config_for(model, free_port(), router={"num_replicas": 2})  # a scrape must sum both
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,23 @@ def test_streams_add_up_to_the_whole_response(client: openai.OpenAI, model: str)
     assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
 
 
+def test_a_broken_stream_continues_with_the_same_text(client: openai.OpenAI, model: str) -> None:
+    """A client whose stream broke after some chunks sends their token ids and the seed back: the
+    text of the rest completes the text it has, exactly (sampled, target-only: the same draws)."""
+    body = {"return_token_ids": True, "drafter": "none"}
+    kwargs = {"model": model, "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.8, "top_p": 0.9}
+    chunks = [c for c in client.completions.create(**kwargs, stream=True, extra_body=body) if c.choices]
+    whole = "".join(c.choices[0].text for c in chunks)
+    [seed] = {c.model_extra["seed"] for c in chunks}
+    for cut in (1, len(chunks) // 2):
+        received = [t for c in chunks[:cut] for t in c.choices[0].token_ids]
+        text = "".join(c.choices[0].text for c in chunks[:cut])
+        extra = {**body, "continue_token_ids": received}
+        rest = client.completions.create(**kwargs, seed=seed, extra_body=extra)
+        assert received + rest.choices[0].token_ids == [t for c in chunks for t in c.choices[0].token_ids]
+        assert text + rest.choices[0].text == whole and rest.usage.completion_tokens == 30
+
+
 def test_stop_strings_and_token_prompts(client: openai.OpenAI, model: str) -> None:
     first = client.completions.create(model=model, prompt=[5, 6, 7, 8], max_tokens=12, temperature=0)
     text = first.choices[0].text

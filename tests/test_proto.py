@@ -3,6 +3,8 @@ and the generated stubs match proto/."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,6 +51,27 @@ def test_trees_and_steps_round_trip() -> None:
     assert step_from_proto(step_to_proto(step, 7, 64, with_features=False)).features is None
 
 
+def test_q_travels_over_its_support_bit_for_bit() -> None:
+    """A drafter's q over a reduced vocabulary (8 of 100 ids here) crosses as those columns and
+    their ids, and comes back as the same dense tensor; a q over most of the vocabulary stays dense."""
+    vocab = torch.tensor([3, 7, 11, 20, 21, 50, 64, 99])
+    sparse = torch.zeros(5, 100).index_copy_(1, vocab, torch.softmax(torch.randn(5, 8), -1))
+    sparse[0] = 0  # the anchor's row is unused
+    sparse[2, 64] = 0  # a column one node leaves out is still sent for the others
+    tree = TokenTree(torch.tensor([5, 3, 7, 11, 20]), torch.tensor([-1, 0, 0, 1, 1]), sparse)
+    msg = worker_pb2.Tree.FromString(tree_to_proto(tree).SerializeToString())
+    assert msg.vocab_size == 100 and list(tensor_from_proto(msg.draft_support)) == vocab.tolist()
+    back = tree_from_proto(msg)
+    assert back.draft_probs.shape == (5, 100) and torch.equal(back.draft_probs, sparse)
+    dense_tree = TokenTree(tree.tokens, tree.parents, torch.softmax(torch.randn(5, 100), -1))
+    dense = tree_to_proto(dense_tree)
+    assert not dense.HasField("draft_support") and len(msg.SerializeToString()) < len(dense.SerializeToString()) / 5
+    assert torch.equal(tree_from_proto(dense).draft_probs, dense_tree.draft_probs)
+    msg.draft_support.CopyFrom(tensor_to_proto(vocab[:5].to(torch.int32)))
+    with pytest.raises(ValueError, match="draft_support does not match"):
+        tree_from_proto(msg)
+
+
 def test_sampling_params_defaults_and_validation() -> None:
     params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_tokens=9, seed=3, stop=("x",), ignore_eos=True)
     assert params_from_proto(params_to_proto(params)) == params
@@ -68,9 +91,29 @@ def test_config_rejects_unknown_keys_and_fills_defaults(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("target: {tp: 2, num_cpus: 0.5}\ndraft: {drafter: none}\n")
     config = load_config(path, address="127.0.0.1:1")
-    assert config.target.tp == 2 and config.target.threads == 1 and not config.has_draft_pool
+    assert config.target.tp == 2 and not config.has_draft_pool
     assert config.address == "127.0.0.1:1" and config.model == "smollm2-135m-instruct"
     assert config.target.serve_options(config.grace_period_s)["num_replicas"] == 1
     path.write_text("target: {tpp: 2}\n")
     with pytest.raises(ConfigError, match="unknown keys in config.target: tpp"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "target,threads",
+    [
+        ({"num_cpus": 0.5}, None),  # one replica: the node's cores / tp, resolved in the rank
+        ({"num_cpus": 0.5, "num_replicas": 2}, 1),  # replicas may share a node: the CPU share
+        ({"num_cpus": 2.5, "autoscaling_config": {"max_replicas": 4}}, 2),
+        ({"num_cpus": 0.5, "autoscaling_config": {"max_replicas": 4}, "max_replicas_per_node": 1}, None),
+        ({"num_cpus": 1, "num_gpus": 1}, 1),  # a GPU rank needs no cores of its own
+        ({"num_cpus": 0.5, "num_replicas": 2, "torch_threads": 3}, 3),
+    ],
+)
+def test_target_threads_use_the_machine_where_the_replica_is_alone(target: dict, threads: int | None) -> None:
+    assert load_config(None, target=target).target.threads == threads
+
+
+def test_the_local_config_loads_and_gives_the_target_every_core() -> None:
+    config = load_config(Path(__file__).parents[1] / "configs" / "local.yaml")
+    assert config.target.threads is None and config.router.num_replicas == 2

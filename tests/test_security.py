@@ -140,6 +140,9 @@ def test_grpc_tls_credentials(tmp_path: Path, client_certificates: bool) -> None
     assert ours == ("UNAVAILABLE" if client_certificates else "SERVING") and ours_with_cert == "SERVING"
 
 
+REFUSED: list[str] = []  # the paths the gate counted a 401 for
+
+
 def _call(tokens: Tokens | None, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict, object]:
     """One request through the gate (10-byte bodies at most; chunks: the body as the client streams
     it): the status, the JSON body, and the caller and body the app behind it saw (None if it never ran)."""
@@ -165,7 +168,7 @@ def _call(tokens: Tokens | None, path: str, headers: dict[str, str], chunks: lis
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         "client": ("10.1.2.3", 5555),
     }
-    asyncio.run(_Gate(app, tokens, max_body=10)(scope, receive, send))
+    asyncio.run(_Gate(app, tokens, max_body=10, refused=lambda: REFUSED.append(path))(scope, receive, send))
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(body), seen or None
 
@@ -176,6 +179,7 @@ def test_http_gate_checks_the_token_then_the_body_size() -> None:
     assert status == 401 and body["error"]["type"] == "authentication_error" and seen is None
     assert _call(tokens, "/v1/models", {"authorization": f"Bearer {BOB}"}, [b""])[0] == 401
     assert _call(tokens, "/health", {}, [b""])[:1] == (200,)  # probes carry no token
+    assert REFUSED[-2:] == ["/v1/models", "/v1/models"] and len(REFUSED) == 2  # both 401s counted
 
     auth = {"authorization": f"Bearer {ALICE}"}
     status, _, seen = _call(tokens, "/v1/completions", auth, [b"0123", b"456789"])

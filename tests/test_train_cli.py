@@ -49,6 +49,19 @@ def test_train_writes_a_drafter_folder(pipeline):
     assert all(t >= 1.0 for p in curve for t in p["tau"].values())
 
 
+def test_online_features_train_the_same_drafter_without_a_cache(pipeline, tmp_path):
+    data = pipeline.parent / "data.jsonl"
+    args = ["--algo", "dflash", "--data", str(data), "--steps", "2", "--batch-size", "2", "--warmup", "1"]
+    args += ["--eval-limit", "0", "--draft-vocab", "512", "--block-size", "4"]
+    _ok(_tandem("train", *args, "--out", str(tmp_path / "cached")))
+    before = set(pipeline.parent.iterdir())
+    _ok(_tandem("train", *args, "--out", str(tmp_path / "online"), "--features", "online"))
+    made = {p.name for p in set(pipeline.parent.iterdir()) - before}
+    assert all(".online-" in name for name in made)  # no feature cache: only the (empty) replay folder
+    weights = [(tmp_path / side / "model.safetensors").read_bytes() for side in ("cached", "online")]
+    assert weights[0] == weights[1]
+
+
 def test_learning_curve_plot(pipeline, tmp_path):
     out = tmp_path / "curve"
     script = Path(__file__).parent.parent / "bench" / "learning_curve.py"

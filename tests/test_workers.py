@@ -197,10 +197,55 @@ def test_one_failing_call_does_not_fail_its_batch() -> None:
         return [item.upper() for item in items]
 
     async def scenario() -> list:
-        batcher = Batcher(run, 0.5, lambda: 3)
+        batcher = Batcher(run, 0.5, lambda _: 3)
         results = await asyncio.gather(*(batcher.submit(x) for x in ("a", "bad", "c")), return_exceptions=True)
         assert batcher.batches == 4  # the failed batch, then each call alone
         return results
 
     first, bad, third = asyncio.run(scenario())
     assert (first, third) == ("A", "C") and isinstance(bad, ValueError)
+
+
+def test_a_batcher_counts_the_time_its_batches_run() -> None:
+    """``busy_s``: the seconds inside ``run`` (failed runs too), not the seconds spent waiting."""
+
+    async def run(items: list[float]) -> list[float]:
+        await asyncio.sleep(max(items))
+        if 0.0 in items:
+            raise ValueError("no")
+        return items
+
+    async def scenario() -> float:
+        batcher = Batcher(run, 0.0, lambda _: 1, isolate=False)
+        await batcher.submit(0.05)
+        await asyncio.sleep(1.0)  # idle: not counted
+        await batcher.submit(0.05)
+        with pytest.raises(ValueError):
+            await batcher.submit(0.0)
+        return batcher.busy_s
+
+    assert 0.1 <= asyncio.run(scenario()) < 0.9
+
+
+def test_pipeline_groups_batch_apart_and_wait_only_for_their_own() -> None:
+    """Group 0's calls run together without waiting for group 1's sessions; group 1's follow."""
+    ran: list[list[str]] = []
+
+    async def run(items: list[str]) -> list[str]:
+        ran.append(sorted(items))
+        await asyncio.sleep(0.01)
+        return items
+
+    async def scenario() -> None:
+        live = {0: 2, 1: 2}
+        batcher = Batcher(run, 5.0, lambda group: live[group])  # a long window: only full groups start
+        calls = [batcher.submit("a0", 0), batcher.submit("b1", 1), batcher.submit("c0", 0)]
+        first = asyncio.gather(*calls)
+        await asyncio.sleep(0.2)
+        assert ran == [["a0", "c0"]]  # group 1 still waits for its second session
+        live[1] = 1  # that session ended
+        batcher._wake.set()
+        await asyncio.wait_for(first, 10)
+        assert ran == [["a0", "c0"], ["b1"]]
+
+    asyncio.run(scenario())

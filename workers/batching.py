@@ -5,6 +5,10 @@ when the window since the first waiting call has passed; calls that arrive while
 into the next one. With ``isolate``, a batch that fails is run again one call at a time, so one
 bad call fails alone (``run`` must then leave no trace of a call that raised); without it, every
 caller of the failed batch learns why.
+
+Sessions may come in pipeline groups: a batch then holds the calls of one group (that of the
+oldest waiting call) and waits for that group's live sessions only. With two groups, one group's
+sessions verify while the other's draft, so both pools work at once instead of taking turns.
 """
 
 from __future__ import annotations
@@ -23,23 +27,24 @@ class Batcher(Generic[Item, Result]):
         self,
         run: Callable[[list[Item]], Awaitable[list[Result]]],
         window_s: float,
-        live: Callable[[], int],
+        live: Callable[[int], int],
         isolate: bool = True,
     ) -> None:
         self.run = run  # one result per item, in order
         self.isolate = isolate
         self.window_s = window_s
-        self.live = live  # sessions that may submit: waiting for all of them is never too long
+        self.live = live  # sessions of a group that may submit: waiting for all of them is never too long
         self.batches = 0
-        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self.busy_s = 0.0  # seconds spent running batches: over a stretch of time, the pool's busy share
+        self._pending: list[tuple[Item, asyncio.Future[Result], int]] = []  # item, its caller, its group
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, group: int = 0) -> Result:
         if self._task is None:
             self._task = asyncio.create_task(self._loop())
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, group))
         self._wake.set()
         return await future
 
@@ -47,22 +52,30 @@ class Batcher(Generic[Item, Result]):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if not self._pending:
+                continue
+            group = self._pending[0][2]
             deadline = time.monotonic() + self.window_s
-            while len(self._pending) < self.live() and (left := deadline - time.monotonic()) > 0:
+            while self._waiting(group) < self.live(group) and (left := deadline - time.monotonic()) > 0:
                 try:
                     await asyncio.wait_for(self._wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
                 self._wake.clear()
-            batch = [(item, future) for item, future in self._pending if not future.cancelled()]
-            self._pending = []
+            batch = [(item, future) for item, future, g in self._pending if g == group and not future.cancelled()]
+            self._pending = [call for call in self._pending if call[2] != group]
+            if self._pending:  # other groups' calls: their turn next
+                self._wake.set()
             if batch:
                 await self._run(batch)
+
+    def _waiting(self, group: int) -> int:
+        return sum(g == group for *_, g in self._pending)
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         self.batches += 1
         try:
-            results = await self.run([item for item, _ in batch])
+            results = await self._timed([item for item, _ in batch])
         except Exception as exc:
             if self.isolate and len(batch) > 1:  # find the call that failed: the others must not fail with it
                 for one in batch:
@@ -75,3 +88,10 @@ class Batcher(Generic[Item, Result]):
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+    async def _timed(self, items: list[Item]) -> list[Result]:
+        started = time.perf_counter()
+        try:
+            return await self.run(items)
+        finally:
+            self.busy_s += time.perf_counter() - started

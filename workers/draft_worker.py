@@ -76,9 +76,15 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         )
         await self.start_server(spec.host, partial(worker_pb2_grpc.add_DraftServicer_to_server, self), spec.tls)
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, float]:
         held = await asyncio.get_running_loop().run_in_executor(self._thread, self.drafter.held)
-        return {"sessions": self.live_sessions(), "batches": self.batcher.batches, "drafter_states": held}
+        batcher = self.batcher
+        return {
+            "sessions": self.live_sessions(),
+            "batches": batcher.batches,
+            "drafter_states": held,
+            "busy_s": batcher.busy_s,
+        }
 
     async def _propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._propose_on_host, requests)
@@ -93,13 +99,13 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         opening = await self.read_open(requests, context)
         params = params_from_proto(opening.params)
         seq_id, token_ids = next(self._seq_ids), []
-        with self.stream_of(opening.session_id):
+        with self.stream_of(opening.session_id, opening.group):
             try:
                 async for message in requests:
                     step = message.step
                     token_ids.extend(step.new_token_ids)
                     features = tensor_from_proto(step.features)
                     request = DraftRequest(seq_id, token_ids, step.max_nodes, params, features)
-                    yield worker_pb2.DraftOut(tree=tree_to_proto(await self.batcher.submit(request)))
+                    yield worker_pb2.DraftOut(tree=tree_to_proto(await self.batcher.submit(request, opening.group)))
             finally:
                 self._thread.submit(self.drafter.release, seq_id)

@@ -27,6 +27,7 @@ CONNECT_TIMEOUT_S = 30.0
 class _Placement:
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    group: int = 0  # the session's pipeline group (workers/batching.py)
 
 
 class WorkerServer:
@@ -64,9 +65,10 @@ class WorkerServer:
             self._placements.pop(session_id, None)
 
     @contextlib.contextmanager
-    def stream_of(self, session_id: str) -> Iterator[None]:
+    def stream_of(self, session_id: str, group: int = 0) -> Iterator[None]:
         """Bracket a session's gRPC stream: its end also ends the Serve call that placed it."""
         placement = self._placements.setdefault(session_id, _Placement())
+        placement.group = group
         placement.opened.set()
         try:
             yield
@@ -82,5 +84,6 @@ class WorkerServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session stream starts with an open message")
         return first.open
 
-    def live_sessions(self) -> int:
-        return sum(p.opened.is_set() for p in self._placements.values())
+    def live_sessions(self, group: int | None = None) -> int:
+        """Sessions whose stream is open (of one pipeline group, or all)."""
+        return sum(p.opened.is_set() and group in (None, p.group) for p in self._placements.values())

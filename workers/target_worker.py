@@ -65,12 +65,13 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         self.verifies: Batcher[Job, Verdict] = Batcher(self._verify, spec.batch_wait_s, self.live_sessions)
         await self.start_server(spec.host, partial(worker_pb2_grpc.add_VerifyServicer_to_server, self), spec.tls)
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, float]:
         batches = self.prefills.batches + self.verifies.batches
         rows = await self.ranks.call("rows_in_use")
         return {
             "sessions": self.live_sessions(),
             "batches": batches,
+            "busy_s": self.prefills.busy_s + self.verifies.busy_s,
             "capacity": self.capacity,
             "rows": rows,
             "calibrated_rows": self.calibration.held(),
@@ -123,7 +124,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.VerifyOut]:
         opening = await self.read_open(requests, context)
-        with self.stream_of(opening.session_id):
+        with self.stream_of(opening.session_id, opening.group):
             try:
                 params = params_from_proto(opening.params)
                 row = await self.ranks.call("open", list(opening.prompt_ids), params, params.seed)
@@ -134,7 +135,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             try:
-                step, room = await self.prefills.submit(row)
+                step, room = await self.prefills.submit(row, opening.group)
                 # Resuming: the drafter saw these tokens' features on the lost replica already.
                 features, skip_draft = opening.want_features and not opening.resume, False
                 while True:
@@ -146,7 +147,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                         break
                     waited = message.draft_seconds if message.HasField("draft_seconds") else None
                     job = (row, tree_from_proto(message.tree), params.greedy, waited)
-                    step, room, draft = await self.verifies.submit(job)
+                    step, room, draft = await self.verifies.submit(job, opening.group)
                     features, skip_draft = opening.want_features, not draft
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

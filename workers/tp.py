@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from tandem.devices import field_to_host
+from tandem.devices import available_cpus, field_to_host
 from tandem.models.catalog import resolve_model_path
 from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
@@ -40,13 +40,16 @@ class ShardSpec:
     rows: int
     max_model_len: int
     feature_layers: tuple[int, ...]
-    threads: int  # torch threads per rank: its CPU share, never more (oversubscription is ~20x slower)
+    # torch threads per rank: its CPU share, never more (oversubscription is ~20x slower); None: the
+    # rank is its node's only target work, and takes the node's cores / tp
+    threads: int | None
     device: str = "cpu"  # "cuda" when the pool asks for GPUs: NCCL joins the ranks instead of gloo
     exact: bool | None = None  # batch-invariant kernels (tandem.models.exact; None: where they run)
 
 
 def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> Verifier:
-    torch.set_num_threads(spec.threads)
+    world = 1 if group is None else dist.get_world_size(group)
+    torch.set_num_threads(spec.threads or max(1, available_cpus() // world))
     model, _ = load_model(resolve_model_path(spec.model), DTYPES[spec.dtype], spec.device, group)
     agree = None if group is None else rank0_verdicts(group)
     apply_exact(model, spec.exact)  # after sharding: it packs this rank's weights
@@ -123,7 +126,9 @@ RANK_NAME = "tandem-tp-rank"
 
 
 class Rank:
-    """One rank of a tp > 1 group (a Ray actor)."""
+    """One rank of a tp > 1 group (a Ray actor). Its operations run in order on one thread of
+    its own; :meth:`alive` runs in a concurrency group of its own (``HEALTH``), so a health
+    check answers while a long pass runs instead of queueing behind it."""
 
     def __init__(self, spec: ShardSpec, rank: int, world: int, init_method: str) -> None:
         backend = "nccl" if spec.device == "cuda" else "gloo"
@@ -131,14 +136,18 @@ class Rank:
             torch.cuda.set_device(0)  # Ray exposes this rank's one GPU as device 0
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
         self.rank = rank
-        self.verifier = build_verifier(spec, dist.group.WORLD)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")  # torch threads are per thread
+        self.verifier = self._thread.submit(build_verifier, spec, dist.group.WORLD).result()
 
     def call(self, operation: str, *args: Any) -> Any:
-        result = OPERATIONS[operation](self.verifier, *args)
+        result = self._thread.submit(OPERATIONS[operation], self.verifier, *args).result()
         return result if self.rank == 0 else None
 
     def alive(self) -> bool:
         return True
+
+
+HEALTH = "health"  # the Rank actors' concurrency group for health checks
 
 
 class RayRanks:
@@ -152,7 +161,7 @@ class RayRanks:
 
         group = get_current_placement_group()
         init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
-        actor = ray.remote(Rank)
+        actor = ray.remote(concurrency_groups={HEALTH: 1})(Rank)
         self.actors = [
             actor.options(
                 name=f"{RANK_NAME}{rank}-{group.id.hex()}",  # ray list actors: which group, which rank
@@ -169,7 +178,7 @@ class RayRanks:
         return (await self._all([a.call.remote(operation, *args) for a in self.actors]))[0]
 
     async def check(self) -> None:
-        await self._all([a.alive.remote() for a in self.actors])
+        await self._all([a.alive.options(concurrency_group=HEALTH).remote() for a in self.actors])
 
     async def _all(self, calls: list[Any]) -> list[Any]:
         from ray.exceptions import RayActorError

@@ -43,19 +43,32 @@ def tensor_from_proto(msg: worker_pb2.Tensor) -> torch.Tensor | None:
 
 
 def tree_to_proto(tree: TokenTree) -> worker_pb2.Tree:
-    return worker_pb2.Tree(
-        tokens=tree.tokens,
-        parents=tree.parents,
-        draft_probs=tensor_to_proto(tree.draft_probs),
-        survival=tree.survival or [],
-    )
+    """``q`` travels over its support alone (the token ids some node gives a probability), when
+    that is at most half the vocabulary: the same numbers, a fraction of the bytes."""
+    msg = worker_pb2.Tree(tokens=tree.tokens, parents=tree.parents, survival=tree.survival or [])
+    q = tree.draft_probs
+    if q is not None:
+        support = q.ne(0).any(dim=0).nonzero().flatten()
+        if 2 * len(support) <= q.shape[1]:
+            msg.draft_support.CopyFrom(tensor_to_proto(support.to(torch.int32)))
+            msg.vocab_size = q.shape[1]
+            q = q[:, support]
+        msg.draft_probs.CopyFrom(tensor_to_proto(q))
+    return msg
 
 
 def tree_from_proto(msg: worker_pb2.Tree) -> TokenTree:
+    q = tensor_from_proto(msg.draft_probs)
+    support = tensor_from_proto(msg.draft_support)
+    if q is not None and support is not None:
+        if support.dim() != 1 or len(support) != q.shape[1] or msg.vocab_size < len(support):
+            raise ValueError("draft_support does not match draft_probs")
+        dense = torch.zeros(q.shape[0], msg.vocab_size, dtype=q.dtype, device=q.device)
+        q = dense.index_copy_(1, support.long(), q)
     return TokenTree(
         tokens=tuple(msg.tokens),
         parents=tuple(msg.parents),
-        draft_probs=tensor_from_proto(msg.draft_probs),
+        draft_probs=q,
         survival=tuple(msg.survival) if msg.survival else None,
     )
 

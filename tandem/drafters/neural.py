@@ -27,7 +27,7 @@ from tandem.errors import ModelLoadError
 from tandem.kernels.cpu import ExactKernels
 from tandem.models.decoder import Linear, RMSNorm, Rotary, Transformer, apply_rotary
 from tandem.models.rope import RopeParams
-from tandem.sampling import SamplingParams, target_probs
+from tandem.sampling import SamplingParams, round_seed, target_probs
 from tandem.tree import TokenTree, chain
 from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
 
@@ -365,6 +365,7 @@ class DraftState:
     generator: torch.Generator  # on the drafter's device: draft tokens are drawn there
     extra: dict[str, Any] = field(default_factory=dict)
     offset: int = 0  # ... from here: the cache holds positions offset .. length - 1
+    seed: int = 0  # the draws of the round anchored at position a come from round_seed(seed, a)
 
 
 class NeuralDrafter(Drafter):
@@ -432,8 +433,11 @@ class NeuralDrafter(Drafter):
         state = self._states.get(request.seq_id)
         if state is None:
             seed = (request.params.seed or 0) ^ 0x5DEECE66D
-            state = DraftState([], 0, torch.Generator(device=self.device).manual_seed(seed))
+            state = DraftState([], 0, torch.Generator(device=self.device), seed=seed)
             self._states[request.seq_id] = state
+        # This round's draws depend on (seed, anchor position) alone, not on the rounds before: a
+        # stream continued elsewhere drafts the very trees from the same context (cluster/session.py).
+        state.generator.manual_seed(round_seed(state.seed, len(request.token_ids) - 1))
         if request.features is not None and len(request.features):
             token_ids = list(request.token_ids)
             features, start = request.features, len(token_ids) - 1 - len(request.features)

@@ -21,7 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--algo", required=True, choices=ALGORITHMS)
     p.add_argument("--data", required=True, help="jsonl written by `tandem data`")
     p.add_argument("--out", required=True, help="drafter folder (config.json + model.safetensors); resumes")
-    p.add_argument("--features", help="feature cache folder (default: <data>.features-<layers>/)")
+    p.add_argument(
+        "--features",
+        help="feature cache folder (default: <data>.features-<dtype>-<layers>/), or `online`: the target "
+        "computes each example's features when it is trained on, and nothing is cached (big targets)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(builtin_names())}, an HF folder or a .gguf")
     p.add_argument(
         "--dtype",
@@ -86,7 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
     from tandem.drafters import DraftConfig, new_draft_model
     from tandem.drafters.formats import layout_overrides
     from tandem.target import load_target
-    from tandem.train.features import build_store, draft_vocabulary, read_records
+    from tandem.train.features import OnlineStore, build_store, draft_vocabulary, read_records
     from tandem.train.regenerate import responses_of
     from tandem.train.trainer import TrainSettings, split, train
 
@@ -121,9 +125,14 @@ def run_train(args: argparse.Namespace) -> int:
     overrides |= layout_overrides(args.layout, args.algo, vocab_size, args.mask_token_id)
     cfg = DraftConfig.for_target(args.algo, target.model, str(args.model), **overrides)
     layers = "-".join(map(str, cfg.feature_layers))
-    features = Path(args.features) if args.features else Path(f"{args.data}.features-{args.dtype}-{layers}")
     teacher_forced = responses_of(Path(args.data)) == "dataset"
-    store = build_store(target.model, records, cfg.feature_layers, features, teacher_forced=teacher_forced)
+    if args.features == "online":
+        store = OnlineStore(target.model, records, cfg.feature_layers, teacher_forced)
+        features = Path(f"{args.data}.online-{args.dtype}-{layers}")  # for the learning curve's replay cases
+        features.mkdir(parents=True, exist_ok=True)
+    else:
+        features = Path(args.features or f"{args.data}.features-{args.dtype}-{layers}")
+        store = build_store(target.model, records, cfg.feature_layers, features, teacher_forced=teacher_forced)
     torch.manual_seed(args.seed)
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)})
     # With --records the draft vocabulary comes from those records only (a data ablation sees no more).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,20 +96,10 @@ def _write_shard(
     feature_layers: Sequence[int],
     path: Path,
 ) -> None:
-    layers = [*feature_layers, target.config.num_layers - 1]
     sequences = [p + r for p, r in records]
-    d = target.config.hidden_size
-    features, finals, lses, greedy = [], [], [], []
-    for sequence in sequences:
-        feats = sequence_features(target, sequence, layers).to(torch.bfloat16)
-        features.append(feats[:, :-d])
-        finals.append(feats[:, -d:])
-        # Of the stored (rounded) final states, so that exp(logits - lse) sums to exactly 1.
-        logits = target.logits(finals[-1].to(target.dtype))
-        lses.append(torch.logsumexp(logits, -1))
-        greedy.append(logits.argmax(-1).to(torch.int32))
+    per_record = [record_tensors(target, sequence, feature_layers) for sequence in sequences]
     offsets = [0, *itertools.accumulate(len(s) for s in sequences)]
-    computed = to_host(*(torch.cat(t).contiguous() for t in (features, finals, lses, greedy)))  # one sync a shard
+    computed = to_host(*(torch.cat(t).contiguous() for t in zip(*per_record)))  # one sync a shard
     tensors = {
         "tokens": torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=HOST),
         "offsets": torch.tensor(offsets, dtype=torch.long, device=HOST),
@@ -119,6 +109,20 @@ def _write_shard(
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.rename(path)  # a shard is either complete or absent: resuming never reads half a shard
+
+
+@torch.inference_mode()
+def record_tensors(
+    target: Transformer, sequence: Sequence[int], feature_layers: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the trainer reads of one sequence: features [T, F] and final hidden states [T, d]
+    (bfloat16), the logsumexp of the logits [T] (float32) and the greedy tokens [T] (int32)."""
+    d = target.config.hidden_size
+    feats = sequence_features(target, sequence, [*feature_layers, target.config.num_layers - 1]).to(torch.bfloat16)
+    final = feats[:, -d:]
+    # Of the stored (rounded) final states, so that exp(logits - lse) sums to exactly 1.
+    logits = target.logits(final.to(target.dtype))
+    return feats[:, :-d], final, torch.logsumexp(logits, -1), logits.argmax(-1).to(torch.int32)
 
 
 def sequence_features(target: Transformer, sequence: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
@@ -160,17 +164,67 @@ class FeatureStore:
         data = self._shards[shard]
         a, b = int(data["offsets"][j]), int(data["offsets"][j + 1])
         tokens, features, final, lse = (data[k][a:b] for k in ("tokens", "features", "final", "lse"))
-        labels = data["greedy"][a:b].long() if self.teacher_forced else torch.cat([tokens[1:], tokens[-1:]])
+        labels = data["greedy"][a:b].long() if self.teacher_forced else _next_tokens(tokens)
         return Example(tokens, int(data["prompt_lens"][j]), features, final, lse, labels)
 
     def token_counts(self, vocab_size: int, examples: Sequence[int] | None = None) -> torch.Tensor:
         """How often each token is a label of a response position (in ``examples``, default all):
         the draft vocabulary's basis."""
-        counts = torch.zeros(vocab_size, dtype=torch.long, device=HOST)
-        for i in range(len(self)) if examples is None else examples:
-            ex = self[i]
-            counts += torch.bincount(ex.labels[max(ex.prompt_len - 1, 0) : -1], minlength=vocab_size)
-        return counts
+        chosen = map(self.__getitem__, range(len(self)) if examples is None else examples)
+        return _label_counts(((ex.labels, ex.prompt_len) for ex in chosen), vocab_size)
+
+
+class OnlineStore:
+    """The target's view of each record computed when the trainer reads it (``tandem train
+    --features online``): no cache on disk, the very numbers a :class:`FeatureStore` of the same
+    records holds (the same pass of one record alone, the same rounding), at the cost of a target
+    pass per example read."""
+
+    def __init__(
+        self,
+        target: Transformer,
+        records: Sequence[tuple[list[int], list[int]]],
+        feature_layers: Sequence[int],
+        teacher_forced: bool = False,
+    ) -> None:
+        self.target, self.records, self.layers = target, records, list(feature_layers)
+        self.teacher_forced = teacher_forced
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Example:
+        prompt, response = self.records[i]
+        tokens = torch.tensor([*prompt, *response], dtype=torch.long, device=HOST)
+        features, final, lse, greedy = to_host(*record_tensors(self.target, tokens.tolist(), self.layers))
+        labels = greedy.long() if self.teacher_forced else _next_tokens(tokens)
+        return Example(tokens, len(prompt), features, final, lse, labels)
+
+    def token_counts(self, vocab_size: int, examples: Sequence[int] | None = None) -> torch.Tensor:
+        """As :meth:`FeatureStore.token_counts`; a target pass per record only for teacher-forced data."""
+        chosen = range(len(self)) if examples is None else examples
+        if self.teacher_forced:
+            pairs = ((ex.labels, ex.prompt_len) for ex in map(self.__getitem__, chosen))
+        else:
+            records = (self.records[i] for i in chosen)
+            pairs = ((_next_tokens(torch.tensor([*p, *r], device=HOST)), len(p)) for p, r in records)
+        return _label_counts(pairs, vocab_size)
+
+
+def _next_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Each position's label in a record the target wrote: the next token (the last is unused)."""
+    return torch.cat([tokens[1:], tokens[-1:]])
+
+
+def _label_counts(pairs: Iterable[tuple[torch.Tensor, int]], vocab_size: int) -> torch.Tensor:
+    """Counts of the labels of response positions, over (labels, prompt length) pairs."""
+    counts = torch.zeros(vocab_size, dtype=torch.long, device=HOST)
+    for labels, prompt_len in pairs:
+        counts += torch.bincount(labels[max(prompt_len - 1, 0) : -1], minlength=vocab_size)
+    return counts
+
+
+Store = FeatureStore | OnlineStore  # what the trainer reads examples from
 
 
 def draft_vocabulary(counts: torch.Tensor, size: int) -> torch.Tensor:

@@ -19,15 +19,21 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
 from tandem.drafters import make_drafter
 from tandem.engine import Engine, Request
+from tandem.models.catalog import resolve_model_path
+from tandem.models.loading import resolve_model_dir
 from tandem.sampling import SamplingParams
 from tandem.target import load_target
+from tandem.tokenizer import Tokenizer
 from tandem.train.prompts import DataError, Prompt, eval_prompts, read_prompts
+
+if TYPE_CHECKING:
+    from tandem.train.remote import Server
 
 # Settings that change what is generated: a resumed run must use the same ones.
 SETTINGS = ("model", "dtype", "temperature", "max_tokens", "seed", "responses")
@@ -131,13 +137,13 @@ def regenerate(
     stats = RunStats(selected=len(prompts), already_done=len(prompts) - len(todo))
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="regenerating", unit="prompt", disable=not progress, dynamic_ncols=True)
-    encoded = _encode_fitting(todo, encode, min(max_prompt_tokens, engine.context_length - 1), stats)
+    encoded = encode_fitting(todo, encode, min(max_prompt_tokens, engine.context_length - 1), stats)
     try:
         with out.open("a", encoding="utf-8") as f:
             while batch := list(islice(encoded, batch_size)):
-                requests = [Request(ids, _seeded(params, p.id)) for p, ids in batch]
+                requests = [Request(ids, seeded(params, p.id)) for p, ids in batch]
                 for (prompt, ids), result in zip(batch, engine.generate(requests)):
-                    _write_record(f, prompt, ids, result.token_ids, decode, result.finish_reason)
+                    write_record(f, prompt, ids, result.token_ids, decode, result.finish_reason)
                     stats.written += 1
                     stats.generated_tokens += len(result.token_ids)
                 f.flush()  # an interrupted run loses at most the batch in flight
@@ -173,11 +179,11 @@ def write_replies(
     start = time.perf_counter()
     try:
         with out.open("a", encoding="utf-8") as f:
-            for prompt, ids in _encode_fitting(todo, encode, max_prompt_tokens, stats):
+            for prompt, ids in encode_fitting(todo, encode, max_prompt_tokens, stats):
                 reply = encode_reply(prompt.reply or "")
                 finish = "length" if len(reply) >= max_tokens else "stop"
                 response = reply[:max_tokens] if finish == "length" else [*reply, stop_id]
-                _write_record(f, prompt, ids, response, decode, finish)
+                write_record(f, prompt, ids, response, decode, finish)
                 stats.written += 1
                 stats.generated_tokens += len(response)
     except OSError as exc:
@@ -186,7 +192,7 @@ def write_replies(
     return stats
 
 
-def _write_record(
+def write_record(
     f: TextIO, prompt: Prompt, ids: list[int], response: list[int], decode: Callable[[list[int]], str], finish: str
 ) -> None:
     record = {
@@ -214,10 +220,13 @@ def regenerate_dataset(
     responses: str = "target",
     log: Callable[[str], None] = print,
     device: str = "auto",
+    server: Server | None = None,
+    concurrency: int = 16,
 ) -> RunStats:
-    """The whole ``tandem data`` stage: read and filter prompts, load the target, regenerate into
-    ``out`` (resuming it), or write the source's replies (``responses="dataset"``), and record the
-    settings and counts beside it."""
+    """The whole ``tandem data`` stage: read and filter prompts, load the target (its tokenizer
+    alone with a ``server``), regenerate into ``out`` (resuming it) in process or through the
+    server, or write the source's replies (``responses="dataset"``), and record the settings and
+    counts beside it."""
     prompts, source_stats = read_prompts(source, eval_prompts())
     log(f"{source}: {source_stats.summary()}")
     selected = prompts[offset : None if limit is None else offset + limit]
@@ -225,15 +234,15 @@ def regenerate_dataset(
         raise DataError(f"no prompts to regenerate ({len(prompts)} usable, --offset {offset})")
     settings = {
         "model": str(model),
-        "dtype": dtype,
+        "dtype": "server" if server else dtype,  # a server's own: unknown here
         "temperature": params.temperature,
         "max_tokens": params.max_tokens,
         "seed": params.seed,
         "responses": responses,
     }
     check_meta(out, settings)
-    target = load_target(model, dtype, device)
-    tok = target.tokenizer
+    target = None if server else load_target(model, dtype, device)
+    tok = target.tokenizer if target else Tokenizer(resolve_model_dir(resolve_model_path(model)))
     if not tok.has_chat_template:
         raise DataError(f"{model} has no chat template (a base model); responses need a chat model")
     try:
@@ -245,16 +254,23 @@ def regenerate_dataset(
         "drafter": drafter,
         "max_prompt_tokens": max_prompt_tokens,
         "prompts": str(source),
+        **({"server": server.url, "server_model": server.model} if server else {}),
         "offset": offset,
         "limit": limit,
         "source": source_stats.as_dict(),
     }
     write_meta(out, meta)
     encode = partial(tok.encode, chat=True)
+    reply = partial(tok.hf.encode, add_special_tokens=False)
+    eos = target.eos_token_ids if target else tok.eos_token_ids
     if responses == "dataset":
-        reply = partial(tok.hf.encode, add_special_tokens=False)
-        stop = target.eos_token_ids[0]
-        stats = write_replies(selected, encode, reply, tok.decode, out, stop, params.max_tokens, max_prompt_tokens)
+        stats = write_replies(selected, encode, reply, tok.decode, out, eos[0], params.max_tokens, max_prompt_tokens)
+    elif server:
+        from tandem.train.remote import regenerate_remote  # it builds on this module
+
+        stats = regenerate_remote(
+            server, selected, encode, reply, tok.decode, eos, out, params, concurrency, max_prompt_tokens, True
+        )
     else:
         engine = Engine(target.model, make_drafter(drafter, target.model, model), target.eos_token_ids, tok.decode)
         stats = regenerate(engine, selected, encode, tok.decode, out, params, batch_size, max_prompt_tokens, True)
@@ -262,7 +278,7 @@ def regenerate_dataset(
     return stats
 
 
-def _encode_fitting(
+def encode_fitting(
     prompts: Sequence[Prompt], encode: Callable[[str], list[int]], max_tokens: int, stats: RunStats
 ) -> Iterator[tuple[Prompt, list[int]]]:
     """Prompts with their ids, lazily, so a batch is filled with prompts that fit."""
@@ -274,5 +290,5 @@ def _encode_fitting(
             yield prompt, ids
 
 
-def _seeded(params: SamplingParams, prompt_id: str) -> SamplingParams:
+def seeded(params: SamplingParams, prompt_id: str) -> SamplingParams:
     return params if params.seed is None else replace(params, seed=prompt_seed(params.seed, prompt_id))

@@ -27,7 +27,7 @@ from tandem.devices import HOST, to_host
 from tandem.drafters.dspark import DSparkModel
 from tandem.drafters.neural import DraftModel
 from tandem.models.decoder import Transformer
-from tandem.train.features import FeatureStore
+from tandem.train.features import Store
 from tandem.train.losses import block_outputs, choose, example_loss
 
 
@@ -58,7 +58,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)  # step, tokens, seconds and what evaluate returned
 
 
-def split(store: FeatureStore, holdout: float, records: int | None = None) -> tuple[list[int], list[int]]:
+def split(store: Store, holdout: float, records: int | None = None) -> tuple[list[int], list[int]]:
     """Training and held-out example indices: the last ``holdout`` share is held out, and at most
     the first ``records`` of the rest are trained on."""
     held = max(1, int(len(store) * holdout)) if len(store) > 1 else 0
@@ -68,7 +68,7 @@ def split(store: FeatureStore, holdout: float, records: int | None = None) -> tu
 def train(
     model: DraftModel,
     target: Transformer,
-    store: FeatureStore,
+    store: Store,
     settings: TrainSettings,
     checkpoint: Path | None = None,
     progress: bool = True,
@@ -174,7 +174,7 @@ def _save(path: Path, model, optimizer, generator, step, horizon, seconds, resul
 
 @torch.no_grad()
 def calibrate_confidence(
-    model: DSparkModel, target: Transformer, store: FeatureStore, ids: list[int], samples: int, seed: int
+    model: DSparkModel, target: Transformer, store: Store, ids: list[int], samples: int, seed: int
 ) -> list[float]:
     """Temperature scaling per block position: the temperature that minimises the confidence
     head's cross-entropy against ``1 - TV`` on held-out examples; stored in the config."""

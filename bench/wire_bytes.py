@@ -1,0 +1,104 @@
+"""Bytes per round between the router and the two pools, as the cluster's messages encode them:
+the draft call (new tokens and their target features in, the tree out), the verify call (the
+tree in, the verdict and features out). ``q`` is counted both ways on the very same trees: dense
+[nodes, vocabulary] (the encoding before) and over its support (the one on the wire now).
+
+    python bench/wire_bytes.py                       # dspark, eagle3, ngram; greedy and T = 1
+    python bench/wire_bytes.py --drafters dspark --prompts 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from decode import load_prompts, machine_info
+
+from tandem.drafters import Drafter, DraftRequest, make_drafter
+from tandem.engine import Engine, Request
+from tandem.models.catalog import DEFAULT_MODEL
+from tandem.sampling import SamplingParams
+from tandem.target import load_target
+from tandem.tree import TokenTree
+from tandem_proto.v1 import worker_pb2
+from workers.wire import tensor_to_proto, tree_to_proto
+
+OUT = Path(__file__).parent / "results" / "wire_bytes.json"
+
+
+class Measured(Drafter):
+    """``inner``, with each round's messages encoded and their sizes kept."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner, self.name, self.feature_layers = inner, inner.name, inner.feature_layers
+        self.rounds: list[dict[str, int]] = []
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
+        trees = self.inner.propose(requests)
+        for request, tree in zip(requests, trees):
+            features = tensor_to_proto(request.features)
+            step = worker_pb2.DraftStep(new_token_ids=request.token_ids[-1:], features=features)
+            dense = worker_pb2.Tree(tokens=tree.tokens, parents=tree.parents)
+            if tree.draft_probs is not None:
+                dense.draft_probs.CopyFrom(tensor_to_proto(tree.draft_probs))
+            sent = tree_to_proto(tree).ByteSize()
+            # draft in + tree out + tree in + verdict out (its features are the next draft call's)
+            self.rounds.append(
+                {
+                    "features": 2 * (features.ByteSize() if features is not None else 0),
+                    "tree_before": 2 * dense.ByteSize(),
+                    "tree_after": 2 * sent,
+                    "other": 2 * step.ByteSize() - 2 * (features.ByteSize() if features is not None else 0),
+                }
+            )
+        return trees
+
+    def release(self, seq_id: int) -> None:
+        self.inner.release(seq_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drafters", nargs="+", default=["dspark", "eagle3", "ngram"])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    target = load_target(args.model, "bfloat16")
+    prompts = [p.ids for p in load_prompts(target, ("humaneval", "mbpp", "mt-bench"), args.prompts)][: args.prompts]
+    results: dict[str, dict] = {}
+    for name in args.drafters:
+        for temperature in (0.0, 1.0):
+            measured = Measured(make_drafter(name, target.model, str(args.model)))
+            engine = Engine(target.model, measured, target.eos_token_ids)
+            params = [SamplingParams(temperature, max_tokens=args.max_tokens, seed=i) for i in range(len(prompts))]
+            engine.generate([Request(p, s) for p, s in zip(prompts, params)])
+            per_round = {key: statistics.mean(r[key] for r in measured.rounds) for key in measured.rounds[0]}
+            before = per_round["features"] + per_round["tree_before"] + per_round["other"]
+            after = per_round["features"] + per_round["tree_after"] + per_round["other"]
+            results[f"{name} T={temperature:g}"] = {
+                "rounds": len(measured.rounds),
+                "bytes_per_round_before": round(before),
+                "bytes_per_round_after": round(after),
+                "features_bytes_per_round": round(per_round["features"]),
+                "tree_bytes_per_round_before": round(per_round["tree_before"]),
+                "tree_bytes_per_round_after": round(per_round["tree_after"]),
+            }
+            print(f"{name} T={temperature:g}: {before / 1e3:.1f} kB -> {after / 1e3:.1f} kB a round", file=sys.stderr)
+    meta = {**machine_info(torch.get_num_threads(), "bfloat16"), "model": str(args.model), "prompts": len(prompts)}
+    record = {"meta": meta, "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
