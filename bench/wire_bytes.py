@@ -43,7 +43,7 @@ class Measured(Drafter):
         for request, tree in zip(requests, trees):
             features = tensor_to_proto(request.features)
             step = worker_pb2.DraftStep(new_token_ids=request.token_ids[-1:], features=features)
-            dense = worker_pb2.Tree(tokens=tree.tokens, parents=tree.parents)
+            dense = worker_pb2.Tree(tokens=tree.tokens, parents=tree.parents, survival=tree.survival or [])
             if tree.draft_probs is not None:
                 dense.draft_probs.CopyFrom(tensor_to_proto(tree.draft_probs))
             sent = tree_to_proto(tree).ByteSize()

@@ -28,7 +28,7 @@ from tests.cluster_helpers import (
     one_torch_thread,  # noqa: F401 - autouse
     tiny_target,
 )
-from workers.batching import Batcher
+from workers.batching import Batcher, BusyClock
 from workers.draft_worker import DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
@@ -222,9 +222,24 @@ def test_a_batcher_counts_the_time_its_batches_run() -> None:
         await batcher.submit(0.05)
         with pytest.raises(ValueError):
             await batcher.submit(0.0)
-        return batcher.busy_s
+        return batcher.busy.seconds
 
     assert 0.1 <= asyncio.run(scenario()) < 0.9
+
+
+def test_a_shared_busy_clock_counts_overlapping_batches_once() -> None:
+    clock = BusyClock()
+
+    async def run(items: list[float]) -> list[float]:
+        await asyncio.sleep(items[0])
+        return items
+
+    async def scenario() -> None:
+        first, second = Batcher(run, 0.0, lambda _: 1, busy=clock), Batcher(run, 0.0, lambda _: 1, busy=clock)
+        await asyncio.gather(first.submit(0.3), second.submit(0.3))  # at the same time
+
+    asyncio.run(scenario())
+    assert 0.3 <= clock.seconds < 0.55  # one stretch, not two
 
 
 def test_pipeline_groups_batch_apart_and_wait_only_for_their_own() -> None:

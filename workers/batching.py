@@ -14,12 +14,37 @@ sessions verify while the other's draft, so both pools work at once instead of t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+class BusyClock:
+    """Seconds during which at least one batch was running: batchers that share a clock (a
+    target's prefills and verifications, which queue for the same passes) are counted once."""
+
+    def __init__(self) -> None:
+        self._seconds, self._running, self._since = 0.0, 0, 0.0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        if not self._running:
+            self._since = time.perf_counter()
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._seconds += time.perf_counter() - self._since
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds + (time.perf_counter() - self._since if self._running else 0.0)
 
 
 class Batcher(Generic[Item, Result]):
@@ -29,13 +54,14 @@ class Batcher(Generic[Item, Result]):
         window_s: float,
         live: Callable[[int], int],
         isolate: bool = True,
+        busy: BusyClock | None = None,
     ) -> None:
         self.run = run  # one result per item, in order
         self.isolate = isolate
         self.window_s = window_s
         self.live = live  # sessions of a group that may submit: waiting for all of them is never too long
         self.batches = 0
-        self.busy_s = 0.0  # seconds spent running batches: over a stretch of time, the pool's busy share
+        self.busy = busy or BusyClock()  # over a stretch of time: the share the pool was working
         self._pending: list[tuple[Item, asyncio.Future[Result], int]] = []  # item, its caller, its group
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -90,8 +116,5 @@ class Batcher(Generic[Item, Result]):
                 future.set_result(result)
 
     async def _timed(self, items: list[Item]) -> list[Result]:
-        started = time.perf_counter()
-        try:
+        with self.busy.running():
             return await self.run(items)
-        finally:
-            self.busy_s += time.perf_counter() - started

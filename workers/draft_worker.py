@@ -83,7 +83,7 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
             "sessions": self.live_sessions(),
             "batches": batcher.batches,
             "drafter_states": held,
-            "busy_s": batcher.busy_s,
+            "busy_s": batcher.busy.seconds,
         }
 
     async def _propose(self, requests: list[DraftRequest]) -> list[TokenTree]:

@@ -23,7 +23,7 @@ from tandem.scheduler import DraftGate, PassCost, schedule
 from tandem.tree import TokenTree
 from tandem.verifier import NoRoom, Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
-from workers.batching import Batcher
+from workers.batching import Batcher, BusyClock
 from workers.server import WorkerServer
 from workers.tls import InternalTls
 from workers.tp import LocalRanks, Ranks, RanksLost, RayRanks, ShardSpec
@@ -61,8 +61,10 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         self.calibration = SurvivalCalibration()  # per cache row: the scheduler's survival, calibrated
         self.gate = DraftGate(self.cost) if self.cost is not None else None  # per cache row: draft at all?
         self._room: dict[int, int] = {}  # per cache row: draft nodes that fit below its anchor
-        self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, spec.batch_wait_s, self.live_sessions)
-        self.verifies: Batcher[Job, Verdict] = Batcher(self._verify, spec.batch_wait_s, self.live_sessions)
+        self.busy = BusyClock()  # prefills and verifications queue for the same passes: counted once
+        wait_s, live = spec.batch_wait_s, self.live_sessions
+        self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, wait_s, live, busy=self.busy)
+        self.verifies: Batcher[Job, Verdict] = Batcher(self._verify, wait_s, live, busy=self.busy)
         await self.start_server(spec.host, partial(worker_pb2_grpc.add_VerifyServicer_to_server, self), spec.tls)
 
     async def stats(self) -> dict[str, float]:
@@ -71,7 +73,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         return {
             "sessions": self.live_sessions(),
             "batches": batches,
-            "busy_s": self.prefills.busy_s + self.verifies.busy_s,
+            "busy_s": self.busy.seconds,
             "capacity": self.capacity,
             "rows": rows,
             "calibrated_rows": self.calibration.held(),
