@@ -58,8 +58,11 @@ def test_online_features_train_the_same_drafter_without_a_cache(pipeline, tmp_pa
     _ok(_tandem("train", *args, "--out", str(tmp_path / "online"), "--features", "online"))
     made = {p.name for p in set(pipeline.parent.iterdir()) - before}
     assert all(".online-" in name for name in made)  # no feature cache: only the (empty) replay folder
-    weights = [(tmp_path / side / "model.safetensors").read_bytes() for side in ("cached", "online")]
-    assert weights[0] == weights[1]
+    # the same examples and features (bit for bit: tests/test_drafters.py); the backward pass on
+    # 2 threads is not bit-reproducible from run to run, so the losses agree closely, not exactly
+    cached, online = (json.loads((tmp_path / side / "training.json").read_text()) for side in ("cached", "online"))
+    assert cached["response_tokens_seen"] == online["response_tokens_seen"] and cached["steps"] == online["steps"]
+    assert abs(cached["final_loss"] - online["final_loss"]) < 1e-3
 
 
 def test_learning_curve_plot(pipeline, tmp_path):
