@@ -132,17 +132,23 @@ def build(args: dict[str, Any]) -> Application:
 
 def connect(config: ClusterConfig) -> None:
     """Start (or join) Ray: ``ray.address``, or a local cluster on the loopback."""
+    start_ray(config.ray.address, config.ray.num_cpus)
+
+
+def start_ray(address: str | None, num_cpus: float | None = None, dashboard: bool = False) -> None:
+    """Join the Ray cluster at ``address``, or start a private one on the loopback (with the
+    dashboard when asked: Ray Train's state API queries go through it)."""
     import ray
 
     if ray.is_initialized():
         return
-    if config.ray.address:  # an existing cluster keeps its own settings, authentication included
-        ray.init(address=config.ray.address)
+    if address:  # an existing cluster keeps its own settings, authentication included
+        ray.init(address=address)
         return
     # A private cluster on the loopback: this box's Ray needs both to start one.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, _node_ip_address="127.0.0.1")
 
 
 def start(config: ClusterConfig) -> None:

@@ -170,7 +170,8 @@ def assert_follows_the_target(engine: Engine, prompt: list[int], top_k: int, n: 
     observed = [triples[k] for k in expected]
     assert chisquare(observed, [expected[k] / total * n for k in expected]).pvalue > 1e-3
     accepted, drafted = sum(r.stats.accepted for r in results), sum(r.stats.drafted for r in results)
-    assert n // 10 < accepted < drafted - n // 10, "both accept and reject branches must run often"
+    # Each branch at least once per 20 requests: a scheduled drafter drafts (and so accepts) less.
+    assert n // 20 < accepted < drafted - n // 20, "both accept and reject branches must run often"
 
 
 def exact_law(model, prompt: list[int], params: SamplingParams, steps: int) -> dict[tuple[int, ...], float]:

@@ -140,3 +140,64 @@ def test_probes_service_and_drain_match_the_config(path: Path) -> None:
     for pod in pods:
         assert pod["template"]["spec"]["terminationGracePeriodSeconds"] >= config.grace_period_s + ROUTER_STOP_S
     assert manifest["spec"]["rayClusterDeletionDelaySeconds"] >= config.grace_period_s + ROUTER_STOP_S
+
+
+# The fields of a KubeRay v1 RayJob's spec (ray-project/kuberay, ray-operator/apis/ray/v1/rayjob_types.go);
+# its rayClusterSpec is the same RayClusterSpec type a RayService's rayClusterConfig is.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
+    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
+    "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode", "submitterConfig",
+    "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
+}  # fmt: skip
+RAYJOB = ROOT / "k8s" / "rayjob-train-gpu.yaml"
+
+
+def _train_args(manifest: dict):
+    import shlex
+
+    from tandem.cli import build_parser
+
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:2] == ["tandem", "train"]
+    return build_parser().parse_args(argv[1:])
+
+
+def test_the_training_rayjob_matches_the_crd(rayservice_schema: dict) -> None:
+    manifest = yaml.safe_load(RAYJOB.read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    assert set(manifest["spec"]) <= RAYJOB_SPEC_FIELDS, set(manifest["spec"]) - RAYJOB_SPEC_FIELDS
+    cluster_schema = rayservice_schema["properties"]["spec"]["properties"]["rayClusterConfig"]
+    jsonschema.validate(manifest["spec"]["rayClusterSpec"], cluster_schema)
+    broken = copy.deepcopy(manifest["spec"]["rayClusterSpec"])
+    broken["workerGroupSpecs"][0]["rayStartParms"] = {}
+    with pytest.raises(jsonschema.ValidationError, match="rayStartParms"):
+        jsonschema.validate(broken, cluster_schema)
+
+
+def test_the_training_rayjob_runs_tandem_train_on_what_its_pods_offer() -> None:
+    """The entrypoint is a valid ``tandem train --workers N`` command line; the GPU workers hold N
+    workers of the asked size (none on the head); every path it names lies on the volume that every
+    pod mounts, so checkpoints survive a pod and a replaced worker finds them."""
+    manifest = yaml.safe_load(RAYJOB.read_text())
+    args = _train_args(manifest)
+    assert args.workers >= 2 and args.gpus_per_worker == 1 and args.features == "online"
+    cluster = manifest["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert _ray_resources(head)["CPU"] == 0
+    slots = 0
+    for group in cluster["workerGroupSpecs"]:
+        offer = _ray_resources(group)
+        per_pod = min(offer["GPU"] // args.gpus_per_worker, offer["CPU"] // args.cpus_per_worker)
+        slots += int(per_pod) * group["minReplicas"]
+        [container] = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(int(offer["GPU"]))
+    assert slots >= args.workers
+    for pod in [head, *cluster["workerGroupSpecs"]]:
+        spec = pod["template"]["spec"]
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v
+        }
+        mounts = {m["mountPath"]: claims.get(m["name"]) for m in spec["containers"][0]["volumeMounts"]}
+        for path in (args.model, args.data, args.out, args.storage):
+            assert any(path.startswith(mount + "/") and claim for mount, claim in mounts.items()), path

@@ -4,13 +4,24 @@ Hugging Face style folder."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
 
 from tandem.errors import TandemError
 from tandem.flags import add_device_flag
+
+if TYPE_CHECKING:
+    from tandem.drafters import DraftConfig
+    from tandem.drafters.neural import DraftModel
+    from tandem.target import Target
+    from tandem.train.features import Store
+    from tandem.train.trainer import Checkpointer, TrainResult, TrainSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +82,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss-decay", type=float, default=0.0, help="position k weighs exp(-k/D) (0: the block size)")
     p.add_argument("--distance", default="tv", choices=["tv", "l1"], help="dspark: TV, or DeepSpec's L1 (= 2 TV)")
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-parallel workers through Ray Train (DDP: gloo on CPUs, NCCL on GPUs), on the Ray cluster "
+        "at RAY_ADDRESS or a local one; the global batch and schedule are those of one process (0: in process)",
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="--workers: CPUs (and torch threads) each")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="--workers: GPUs each (default: 1 with CUDA)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="--workers: Ray Train's run storage (default: <out>/ray-train); on several nodes a shared path or bucket",
+    )
+    p.add_argument("--max-failures", type=int, default=3, help="--workers: restarts from the last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--eval-every", type=int, default=0, help="steps between τ checks (0: start and end only)")
     p.add_argument("--eval-limit", type=int, default=4, help="τ check: prompts per benchmark (0: no checks)")
     p.add_argument("--eval-tokens", type=int, default=96, help="τ check: greedy tokens per prompt")
@@ -85,24 +112,102 @@ def _layer_list(text: str) -> list[int]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
+    _check(args)
+    if args.workers:
+        return _launcher()(args)
+    job = prepare(args)
+    result = job.train(checkpoint=Path(args.out) / "checkpoint.pt")
+    summary = job.save(result, Path(args.out))
+    print(
+        f"saved {args.algo} drafter to {args.out} after {result.steps} steps in {result.seconds:.0f} s "
+        f"(loss {summary['final_loss']}, first-token accuracy {summary['final_accuracy']})",
+        file=sys.stderr,
+    )
+    return 0
 
-    from tandem.drafters import DraftConfig, new_draft_model
-    from tandem.drafters.formats import layout_overrides
-    from tandem.target import load_target
-    from tandem.train.features import OnlineStore, build_store, draft_vocabulary, read_records
-    from tandem.train.regenerate import responses_of
-    from tandem.train.trainer import TrainSettings, split, train
 
+def _check(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "eval_tokens", "records"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TandemError(f"--{name.replace('_', '-')} must be >= 1")
     if args.eval_every < 0 or args.eval_limit < 0 or args.markov_rank < 0 or args.loss_decay < 0:
         raise TandemError("--eval-every, --eval-limit, --markov-rank and --loss-decay must be >= 0")
+    if args.workers < 0 or args.checkpoint_every < 1:
+        raise TandemError("--workers must be >= 0 and --checkpoint-every >= 1")
     if not 0 <= args.ce_weight <= 1:
         raise TandemError("--ce-weight must be in [0, 1]")
     if args.minutes is not None and args.minutes <= 0:
         raise TandemError("--minutes must be > 0")
+
+
+def _launcher():
+    """``tandem train --workers N`` runs through Ray Train, which a package layered on this one
+    provides (``cluster.training``, registered as the ``tandem.train`` entry point ``ray``)."""
+    for entry in importlib.metadata.entry_points(group="tandem.train", name="ray"):
+        return entry.load()
+    raise TandemError("--workers needs the cluster package (Ray Train); install tandem with its cluster part")
+
+
+@dataclass
+class TrainJob:
+    """Everything one training process holds: the target, the features, a fresh drafter."""
+
+    args: argparse.Namespace
+    target: Target
+    cfg: DraftConfig
+    store: Store
+    model: DraftModel
+    settings: TrainSettings
+    features: Path  # the feature cache's folder (online: where the learning curve's cases are kept)
+    teacher_forced: bool
+
+    def train(self, checkpoint: Path | Checkpointer, progress: bool = True) -> TrainResult:
+        """Train the drafter; rank 0 alone measures the learning curve."""
+        from tandem.train.trainer import rank_and_world, train
+
+        args = self.args
+        probe = rank_and_world()[0] == 0 and args.eval_limit
+        evaluate = (
+            replay_check(self.target, self.cfg, self.features, args.eval_limit, args.eval_tokens) if probe else None
+        )
+        return train(self.model, self.target.model, self.store, self.settings, checkpoint, progress, evaluate)
+
+    def save(self, result: TrainResult, out: Path) -> dict:
+        """Write the drafter folder (config.json, model.safetensors, training.json) into ``out``."""
+        import torch
+
+        self.model.save(out, dtype=getattr(torch, self.args.save_dtype))
+        last = result.history[-min(20, len(result.history)) :]
+        summary = {
+            "algo": self.args.algo,
+            "steps": result.steps,
+            "seconds": round(result.seconds, 1),
+            "examples": len(self.store),
+            "final_loss": round(sum(h["loss"] for h in last) / len(last), 4),
+            "final_accuracy": round(sum(h["accuracy"] for h in last) / len(last), 4),
+            "response_tokens_seen": result.tokens,
+            "teacher_forced": self.teacher_forced,
+            "workers": max(1, self.args.workers),
+            "learning_curve": result.evals,
+            "settings": asdict(self.settings),
+            "config": asdict(self.cfg),
+        }
+        (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
+
+
+def prepare(args: argparse.Namespace) -> TrainJob:
+    """Load the target, compute (or open) the features and build the drafter to train. With a
+    process group, rank 0 computes a missing feature cache while the other ranks wait for it."""
+    import torch
+
+    from tandem.drafters import DraftConfig, new_draft_model
+    from tandem.drafters.formats import layout_overrides
+    from tandem.target import load_target
+    from tandem.train.features import FeatureStore, OnlineStore, build_store, draft_vocabulary, read_records
+    from tandem.train.regenerate import responses_of
+    from tandem.train.trainer import TrainSettings, rank_and_world, split
+
     records = read_records(Path(args.data))
     target = load_target(args.model, args.dtype, args.device)
     overrides = {
@@ -126,44 +231,26 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = DraftConfig.for_target(args.algo, target.model, str(args.model), **overrides)
     layers = "-".join(map(str, cfg.feature_layers))
     teacher_forced = responses_of(Path(args.data)) == "dataset"
+    lead = rank_and_world()[0] == 0
     if args.features == "online":
         store = OnlineStore(target.model, records, cfg.feature_layers, teacher_forced)
         features = Path(f"{args.data}.online-{args.dtype}-{layers}")  # for the learning curve's replay cases
         features.mkdir(parents=True, exist_ok=True)
     else:
         features = Path(args.features or f"{args.data}.features-{args.dtype}-{layers}")
-        store = build_store(target.model, records, cfg.feature_layers, features, teacher_forced=teacher_forced)
+        if lead:
+            store = build_store(target.model, records, cfg.feature_layers, features, teacher_forced=teacher_forced)
+        if dist.is_initialized():
+            dist.barrier()
+        if not lead:
+            store = FeatureStore(features, teacher_forced)
     torch.manual_seed(args.seed)
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)})
     # With --records the draft vocabulary comes from those records only (a data ablation sees no more).
     trained_on = split(store, settings.holdout, settings.records)[0] if settings.records else None
     vocab = draft_vocabulary(store.token_counts(target.model.config.vocab_size, trained_on), cfg.draft_vocab)
     model = new_draft_model(cfg, target.model, vocab).to(device=target.model.device, dtype=torch.float32)
-    out = Path(args.out)
-    evaluate = replay_check(target, cfg, features, args.eval_limit, args.eval_tokens) if args.eval_limit else None
-    result = train(model, target.model, store, settings, checkpoint=out / "checkpoint.pt", evaluate=evaluate)
-    model.save(out, dtype=getattr(torch, args.save_dtype))
-    last = result.history[-min(20, len(result.history)) :]
-    summary = {
-        "algo": args.algo,
-        "steps": result.steps,
-        "seconds": round(result.seconds, 1),
-        "examples": len(store),
-        "final_loss": round(sum(h["loss"] for h in last) / len(last), 4),
-        "final_accuracy": round(sum(h["accuracy"] for h in last) / len(last), 4),
-        "response_tokens_seen": result.tokens,
-        "teacher_forced": teacher_forced,
-        "learning_curve": result.evals,
-        "settings": asdict(settings),
-        "config": asdict(cfg),
-    }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(
-        f"saved {args.algo} drafter to {out} after {result.steps} steps in {result.seconds:.0f} s "
-        f"(loss {summary['final_loss']}, first-token accuracy {summary['final_accuracy']})",
-        file=sys.stderr,
-    )
-    return 0
+    return TrainJob(args, target, cfg, store, model, settings, features, teacher_forced)
 
 
 def replay_check(target, cfg, features: Path, limit: int, max_tokens: int):

@@ -9,6 +9,15 @@ first steps were slow, e.g. reading a feature cache that was not in memory yet.)
 With an ``evaluate`` callback the run measures the drafter every ``eval_every`` steps (and at the
 start and the end) against the response tokens it has seen: the learning curve. Evaluation time
 is not counted against the budget.
+
+Data parallel when ``torch.distributed`` is initialised (``tandem train --workers N`` starts the
+ranks through Ray Train): every rank draws the same global batch, scores its share of it (the
+examples at positions ``rank, rank + N, ...``), and one all-reduce per step sums the gradients with
+the step's counts. The gradient is then divided by the number of examples scored in the whole
+batch, so N ranks take the very step one process takes on the same batch, up to float rounding.
+An example's anchors are drawn from a generator seeded by (seed, step, position in the batch), not
+by which rank scores it. Rank 0 alone evaluates, shows progress and keeps the clock that the
+budget reads.
 """
 
 from __future__ import annotations
@@ -18,15 +27,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from tandem.devices import HOST, to_host
 from tandem.drafters.dspark import DSparkModel
 from tandem.drafters.neural import DraftModel
 from tandem.models.decoder import Transformer
+from tandem.sampling import round_seed
 from tandem.train.features import Store
 from tandem.train.losses import block_outputs, choose, example_loss
 
@@ -65,35 +76,68 @@ def split(store: Store, holdout: float, records: int | None = None) -> tuple[lis
     return list(range(len(store) - held))[:records], list(range(len(store) - held, len(store)))
 
 
+class Checkpointer(Protocol):
+    """Where a run's state goes every ``checkpoint_every`` steps and comes back from on resume.
+    ``save`` is called on every rank at the same steps (Ray Train reports are collective)."""
+
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict) -> None: ...
+
+
+class FileCheckpoint:
+    """The state in one file (``<out>/checkpoint.pt``), written by rank 0, atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        if rank_and_world()[0] != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.rename(self.path)
+
+
 def train(
     model: DraftModel,
     target: Transformer,
     store: Store,
     settings: TrainSettings,
-    checkpoint: Path | None = None,
+    checkpoint: Path | Checkpointer | None = None,
     progress: bool = True,
     evaluate: Callable[[DraftModel], dict[str, Any]] | None = None,
 ) -> TrainResult:
+    rank, world = rank_and_world()
+    lead = rank == 0
     train_ids, held_ids = split(store, settings.holdout, settings.records)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     device = model.fc.weight.device
-    generator = torch.Generator(device=HOST).manual_seed(settings.seed)  # draws what to train on
+    generator = torch.Generator(device=HOST).manual_seed(settings.seed)  # draws each global batch
     budget = settings.minutes * 60 if settings.minutes is not None else None
     step, horizon, seconds = 0, (1 << 62) if budget else settings.steps, 0.0
     result = TrainResult(0, 0.0)
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
+    saver = FileCheckpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint
+    saved = saver.load() if saver is not None else None
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         step, horizon, seconds = saved["step"], saved["horizon"], saved["seconds"]
         result.history, result.tokens, result.evals = saved["history"], saved["tokens"], saved["evals"]
+    elif world > 1:
+        for p in model.parameters():  # every rank starts from rank 0's weights, as DDP does
+            dist.broadcast(p.data, 0)
 
     def measure() -> float:
         """Run ``evaluate`` (if due and not done yet for this step); returns the seconds it took."""
-        if evaluate is None or (result.evals and result.evals[-1]["step"] == step):
+        if evaluate is None or not lead or (result.evals and result.evals[-1]["step"] == step):
             return 0.0
         begin = time.perf_counter()
         figures = evaluate(model)
@@ -103,33 +147,44 @@ def train(
         return time.perf_counter() - begin
 
     total = None if budget else horizon  # with a budget the bar shows the steps done and their rate
-    bar = tqdm(total=total, initial=step, desc=f"train {model.config.algo}", unit="step", disable=not progress)
+    bar = tqdm(
+        total=total, initial=step, desc=f"train {model.config.algo}", unit="step", disable=not progress or not lead
+    )
     started = time.perf_counter() - seconds - measure()
     while step < min(horizon, settings.stop_at or horizon):
         for group in optimizer.param_groups:
             done = seconds / budget if budget else (step - settings.warmup) / max(1, horizon - settings.warmup)
             group["lr"] = settings.lr * _schedule(step, settings.warmup, done)
         batch = torch.randint(len(train_ids), (settings.batch_size,), generator=generator, device=HOST).tolist()
-        losses, correct, counted = [], [], 0
-        for i in batch:
-            ex = store[train_ids[i]].to(device)
-            result.tokens += ex.tokens.numel() - ex.prompt_len
-            out = example_loss(model, ex, target, settings.samples, generator, settings.ce_weight)
+        losses, correct, counted, tokens = [], [], 0, 0
+        for j in range(rank, len(batch), world):  # this rank's share of the global batch
+            ex = store[train_ids[batch[j]]].to(device)
+            tokens += ex.tokens.numel() - ex.prompt_len
+            draws = torch.Generator(device=HOST).manual_seed(round_seed(round_seed(settings.seed, step), j))
+            out = example_loss(model, ex, target, settings.samples, draws, settings.ce_weight)
             if out is not None:
                 losses.append(out.loss)
                 correct.append(out.correct)
                 counted += out.counted
-        if not losses:
-            continue
-        loss = torch.stack(losses).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        zero = torch.zeros((), device=device)
+        loss_sum = torch.stack(losses).sum() if losses else zero
+        if losses:
+            loss_sum.backward()
+        clock = time.perf_counter() - started if lead else 0.0  # the budget reads rank 0's clock
+        counts = [len(losses), loss_sum.detach(), sum(correct, zero), counted, tokens, clock]
+        scored, loss_total, right, counted, tokens, clock = _sum_over_ranks(params, counts, device, world)
+        result.tokens += int(tokens)
+        if not scored:
+            continue
+        for p in params:  # the mean over the examples scored in the whole batch
+            if p.grad is not None:
+                p.grad.div_(scored)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        seconds = time.perf_counter() - started
-        loss_value, right = to_host(loss.detach(), torch.stack(correct).sum())  # the step's one sync
-        record = {"step": step, "loss": float(loss_value), "accuracy": int(right) / max(counted, 1), "seconds": seconds}
+        seconds = clock
+        record = {"step": step, "loss": loss_total / scored, "accuracy": right / max(counted, 1), "seconds": seconds}
         result.history.append(record)
         bar.update()
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
@@ -137,14 +192,40 @@ def train(
             horizon = step
         if (settings.eval_every and step % settings.eval_every == 0) or step == horizon:
             started += measure()
-        if checkpoint is not None and (step % settings.checkpoint_every == 0 or step in (horizon, settings.stop_at)):
-            _save(checkpoint, model, optimizer, generator, step, horizon, seconds, result)
+        if saver is not None and (step % settings.checkpoint_every == 0 or step in (horizon, settings.stop_at)):
+            saver.save(_state(model, optimizer, generator, step, horizon, seconds, result))
     bar.close()
     model.eval()
-    if isinstance(model, DSparkModel) and model.confidence is not None and held_ids and step == horizon:
+    if isinstance(model, DSparkModel) and model.confidence is not None and held_ids and step == horizon and lead:
         calibrate_confidence(model, target, store, held_ids, settings.samples, settings.seed)
     result.steps, result.seconds = step, seconds
     return result
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the data-parallel world's size (0, 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(params: list[torch.Tensor], counts: list, device: torch.device, world: int) -> list[float]:
+    """Sum every rank's gradients (in place) and ``counts`` with one all-reduce; the summed counts
+    come back as numbers, after the step's one host synchronisation. A parameter that no rank
+    gave a gradient keeps none, so the optimizer skips it as a single process would. (float32
+    holds the counts exactly: they stay far below 2**24.)"""
+    stats = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=device) for c in counts])
+    if world > 1:
+        touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
+        flat = torch.cat([*grads, touched, stats])
+        dist.all_reduce(flat)
+        stats = flat[-len(counts) :]
+        offset = 0
+        for p, was in zip(params, flat[-len(counts) - len(params) : -len(counts)].tolist()):
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype) if was else None
+            offset += p.numel()
+    return [float(v) for v in to_host(stats)[0].tolist()]
 
 
 def _schedule(step: int, warmup: int, done: float) -> float:
@@ -154,9 +235,8 @@ def _schedule(step: int, warmup: int, done: float) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, done))))
 
 
-def _save(path: Path, model, optimizer, generator, step, horizon, seconds, result: TrainResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
+def _state(model, optimizer, generator, step, horizon, seconds, result: TrainResult) -> dict:
+    return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
@@ -167,9 +247,6 @@ def _save(path: Path, model, optimizer, generator, step, horizon, seconds, resul
         "tokens": result.tokens,
         "evals": result.evals,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.rename(path)
 
 
 @torch.no_grad()
