@@ -34,16 +34,20 @@ class RayCheckpoint:
     """Checkpoints through Ray Train: rank 0 reports the state as a checkpoint directory, the
     other ranks report the same metrics without one (a report is collective)."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, earlier: Path | None = None) -> None:
         self.rank = rank
+        self.earlier = earlier  # an earlier run's state in --out, resumed when this run has none yet
         self.last: dict | None = None  # the latest state, which the final drafter folder also holds
 
     def load(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self.last = torch.load(Path(folder) / STATE, weights_only=False)
+        elif self.earlier is not None and self.earlier.exists():
+            self.last = torch.load(self.earlier, weights_only=False)
+        else:
             return None
-        with checkpoint.as_directory() as folder:
-            self.last = torch.load(Path(folder) / STATE, weights_only=False)
         if self.rank == 0:
             print(f"tandem train: resuming at step {self.last['step']}", file=sys.stderr, flush=True)
         return self.last
@@ -70,7 +74,8 @@ def _worker(config: dict) -> None:
     reports the drafter folder (with the final state, so a rerun resumes as in process)."""
     torch.set_num_threads(max(1, int(config["threads"])))
     job = prepare(argparse.Namespace(**config["args"]))
-    saver = RayCheckpoint(ray.train.get_context().get_world_rank())
+    earlier = Path(config["args"]["out"]) / STATE
+    saver = RayCheckpoint(ray.train.get_context().get_world_rank(), earlier)
     result = job.train(saver, progress=False)
     saver.report(
         {"step": result.steps, "tokens": result.tokens, "final": True}, lambda folder: job.save(result, folder)
@@ -107,7 +112,6 @@ def fit(args: argparse.Namespace) -> int:
             failure_config=FailureConfig(max_failures=args.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        resume_from_checkpoint=Checkpoint.from_directory(str(out)) if (out / STATE).exists() else None,
     )
     result = trainer.fit()
     if result.error is not None or result.checkpoint is None:
