@@ -26,27 +26,26 @@ from cluster.app import start_ray
 from tandem.errors import TandemError
 from tandem.train.command import prepare
 from tandem.train.features import read_records
-
-STATE = "checkpoint.pt"
+from tandem.train.trainer import CHECKPOINT_FILE, FileCheckpoint
 
 
 class RayCheckpoint:
     """Checkpoints through Ray Train: rank 0 reports the state as a checkpoint directory, the
     other ranks report the same metrics without one (a report is collective)."""
 
-    def __init__(self, rank: int, earlier: Path | None = None) -> None:
+    def __init__(self, rank: int, earlier: Path) -> None:
         self.rank = rank
-        self.earlier = earlier  # an earlier run's state in --out, resumed when this run has none yet
+        self.earlier = FileCheckpoint(earlier)  # an earlier run's state in --out, resumed when this run has none
         self.last: dict | None = None  # the latest state, which the final drafter folder also holds
 
     def load(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                self.last = torch.load(Path(folder) / STATE, weights_only=False)
-        elif self.earlier is not None and self.earlier.exists():
-            self.last = torch.load(self.earlier, weights_only=False)
+                self.last = FileCheckpoint(Path(folder) / CHECKPOINT_FILE).load()
         else:
+            self.last = self.earlier.load()
+        if self.last is None:
             return None
         if self.rank == 0:
             print(f"tandem train: resuming at step {self.last['step']}", file=sys.stderr, flush=True)
@@ -65,7 +64,7 @@ class RayCheckpoint:
         print(f"tandem train: {metrics}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as folder:
             write(Path(folder))
-            torch.save(self.last, Path(folder) / STATE)
+            torch.save(self.last, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
@@ -74,7 +73,7 @@ def _worker(config: dict) -> None:
     reports the drafter folder (with the final state, so a rerun resumes as in process)."""
     torch.set_num_threads(max(1, int(config["threads"])))
     job = prepare(argparse.Namespace(**config["args"]))
-    earlier = Path(config["args"]["out"]) / STATE
+    earlier = Path(config["args"]["out"]) / CHECKPOINT_FILE
     saver = RayCheckpoint(ray.train.get_context().get_world_rank(), earlier)
     result = job.train(saver, progress=False)
     saver.report(

@@ -115,8 +115,10 @@ def run_train(args: argparse.Namespace) -> int:
     _check(args)
     if args.workers:
         return _launcher()(args)
+    from tandem.train.trainer import CHECKPOINT_FILE
+
     job = prepare(args)
-    result = job.train(checkpoint=Path(args.out) / "checkpoint.pt")
+    result = job.train(checkpoint=Path(args.out) / CHECKPOINT_FILE)
     summary = job.save(result, Path(args.out))
     print(
         f"saved {args.algo} drafter to {args.out} after {result.steps} steps in {result.seconds:.0f} s "

@@ -85,6 +85,9 @@ class Checkpointer(Protocol):
     def save(self, state: dict) -> None: ...
 
 
+CHECKPOINT_FILE = "checkpoint.pt"  # in the drafter folder: what a rerun resumes from
+
+
 class FileCheckpoint:
     """The state in one file (``<out>/checkpoint.pt``), written by rank 0, atomically."""
 
