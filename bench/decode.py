@@ -219,7 +219,8 @@ def divergence(target: Target, prompt: Prompt, run: Run, plain: Run) -> dict[str
     return {"position": pos, "top2_margin": round(top2_margin(target, prompt.ids + plain.token_ids[:pos]), 4)}
 
 
-def machine_info(threads: int, dtype: str) -> dict[str, object]:
+def machine_info(threads: int, dtype: str, device: torch.device | None = None) -> dict[str, object]:
+    """Where a result was measured; ``gpu`` names the accelerator when the run used one."""
     import transformers
 
     cpu = "unknown"
@@ -232,6 +233,7 @@ def machine_info(threads: int, dtype: str) -> dict[str, object]:
         pass
     return {
         "cpu": cpu,
+        "gpu": torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "dtype": dtype,
@@ -310,7 +312,8 @@ def bandwidth_bound(target: Target, plain: list[Run], bandwidth: dict[str, float
 
 
 def print_table(console: Console, summaries: dict[str, dict], bound: dict, info: dict, max_tokens: int) -> None:
-    title = f"Greedy decoding, {info['dtype']}, {info['threads']} threads, max {max_tokens} tokens — {info['cpu']}"
+    where = info.get("gpu") or info["cpu"]
+    title = f"Greedy decoding, {info['dtype']}, {info['threads']} threads, max {max_tokens} tokens — {where}"
     table = Table(title=title)
     for column in ("benchmark", "method"):
         table.add_column(column)
@@ -428,8 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 150)  # logs get the full table, not 80 columns
-    info = machine_info(torch.get_num_threads(), args.dtype)
     target = load_target(args.model, args.dtype, args.device, args.exact)
+    info = machine_info(torch.get_num_threads(), args.dtype, target.model.device)
     info["exact_kernels"] = target.model.exact
     prompts = load_prompts(target, args.benchmarks, args.limit)
     runners = build_runners(target, args)
