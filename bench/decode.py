@@ -219,6 +219,12 @@ def divergence(target: Target, prompt: Prompt, run: Run, plain: Run) -> dict[str
     return {"position": pos, "top2_margin": round(top2_margin(target, prompt.ids + plain.token_ids[:pos]), 4)}
 
 
+def write_json(path: Path, record: dict) -> None:
+    """A result people compare: indented JSON beside its plot, the folder made if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def machine_info(threads: int, dtype: str, device: torch.device | None = None) -> dict[str, object]:
     """Where a result was measured; ``gpu`` names the accelerator when the run used one."""
     import transformers
@@ -505,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(margins)} runs left plain decoding's tokens; the target's top-2 logit margin at the first "
             f"divergent token: median {statistics.median(margins):.3f}, max {max(margins):.3f}"
         )
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.out, report)
     png = args.out.with_suffix(".png")
     plot(summaries, png, f"{args.model}, {args.dtype}, {info['threads']} threads, greedy, {args.max_tokens} tokens")
     console.print(f"wrote {args.out} and {png}")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from decode import load_prompts, machine_info
+from decode import load_prompts, machine_info, write_json
 
 from tandem.drafters import Drafter, DraftRequest, make_drafter
 from tandem.engine import Engine, Request
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     print(json.dumps(results, indent=2))
     return 0
 

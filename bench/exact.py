@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from decode import DEFAULT_BENCHMARKS, Prompt, load_prompts
+from decode import DEFAULT_BENCHMARKS, Prompt, load_prompts, write_json
 from tqdm import tqdm
 
 from tandem.drafters import make_drafter
@@ -82,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max": max(len(p.ids) for p in prompts),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.out, report)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from decode import load_prompts, machine_info
+from decode import load_prompts, machine_info, write_json
 
 from tandem.engine import Engine, Request
 from tandem.models.catalog import DEFAULT_MODEL
@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "bench/prefill.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     print(json.dumps(record, indent=2))
     return 0
 

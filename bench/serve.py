@@ -35,7 +35,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from decode import MAX_DRAFT_NODES, Prompt, load_prompts
+from decode import MAX_DRAFT_NODES, Prompt, load_prompts, write_json
 
 from cluster.app import start
 from cluster.client import generate, prompt_request
@@ -281,8 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "concurrent": [{"streams": n, **summarize(repeats, f"n{n}")} for n in concurrency],
         "raw": repeats,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.out, results)
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png').name}", file=sys.stderr)
     return 0

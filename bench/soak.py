@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from decode import load_prompts
+from decode import load_prompts, write_json
 from serve import add_cluster_args, local_config
 from tqdm import tqdm
 
@@ -92,8 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "median_request_s": round(sorted(o.seconds for o in outcomes)[len(outcomes) // 2], 2),
         "rss_mib": {name: [before[name] >> 20, after.get(name, 0) >> 20] for name in before},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.out, results)
     print(json.dumps(results, indent=1))
     return 0 if results["failed"] == results["different_outputs"] == 0 else 1
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from decode import machine_info
+from decode import machine_info, write_json
 
 OUT = Path(__file__).parent / "results" / "train_parallel.json"
 
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "trained_parameters": params,
         "all_reduce": {"world": args.workers, "megabytes": round(params * 4 / 2**20, 1), "seconds": round(seconds, 4)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.out, report)
     for name, run in runs.items():
         print(f"{name:>16}: {run['s_per_step']:.3f} s/step, {run['response_tok_s']:.0f} response tok/s")
     print(f"all-reduce of {params:,} float32 gradients on {args.workers} gloo ranks: {seconds * 1000:.1f} ms")

@@ -94,6 +94,8 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
         threads=pool.threads,
         device=pool.torch_device,
         exact=pool.exact,
+        prefix_cache_blocks=pool.prefix_cache_blocks,
+        block_size=pool.block_size,
     )
     wait_s = pool.batch_wait_ms / 1000
     return TargetSpec(

@@ -197,6 +197,8 @@ class Frontend:
             session.close()
         stats = session.state.stats
         metrics.requests.labels(session.state.finish_reason).inc()
+        metrics.prefix_queries.inc(len(session.prompt_ids))
+        metrics.prefix_hits.inc(stats.cached_tokens)
         if stats.drafted:
             metrics.tau.observe(stats.tau)
         if emitted > 1:

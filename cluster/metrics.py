@@ -50,6 +50,12 @@ class Metrics:
             ["position"],
         )
         self.prompt_tokens = counter("tandem:prompt_tokens", "Prompt tokens of the requests run")
+        self.prefix_queries = counter(
+            "tandem:prefix_cache_queries", "Prompt tokens looked up in the target's prefix cache (finished requests)"
+        )
+        self.prefix_hits = counter(
+            "tandem:prefix_cache_hits", "Of those, tokens the prefix cache served instead of a prefill"
+        )
         self.generation_tokens = counter("tandem:generation_tokens", "Tokens streamed to clients")
         self.requests = counter("tandem:request_success", "Finished requests by finish reason", ["finished_reason"])
         self.resumes = counter(

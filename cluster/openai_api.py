@@ -283,6 +283,7 @@ def _usage(session: Session) -> dict[str, Any]:
         "prompt_tokens": state.prompt_len,
         "completion_tokens": completion,
         "total_tokens": state.prompt_len + completion,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
         "tau": stats.tau,
         "rounds": stats.rounds,
         "drafted_tokens": stats.drafted,

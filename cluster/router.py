@@ -179,6 +179,7 @@ def _finished(session: Session) -> api_pb2.Finished:
         tau=stats.tau,
         drafter_lost=session.drafter_lost,
         target_resumes=session.target_resumes,
+        cached_tokens=stats.cached_tokens,
     )
     return api_pb2.Finished(finish_reason=state.finish_reason, usage=usage)
 

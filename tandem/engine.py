@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from tandem.drafters.base import Drafter
 from tandem.errors import InvalidRequest
 from tandem.models.decoder import Transformer
+from tandem.prefix_cache import PrefixCache
 from tandem.sampling import SamplingParams
 from tandem.sequence import SequenceState, Stats
 from tandem.tree import TokenTree, chain
@@ -61,15 +62,21 @@ class Engine:
         decode: Callable[[list[int]], str] | None = None,
         max_draft_nodes: int = 16,
         prefill_chunk: int | None = 512,
+        prefix_cache_blocks: int = 0,
+        block_size: int = 16,
     ) -> None:
         """``prefill_chunk``: prompt tokens per prefill pass (None: whole prompts), which bounds
-        a pass's attention mask and activations whatever the prompt's length."""
+        a pass's attention mask and activations whatever the prompt's length.
+        ``prefix_cache_blocks``: blocks of ``block_size`` prompt tokens kept across calls, so a
+        prompt that starts like an earlier one skips that part of its prefill (0: none)."""
         self.model = model
         self.drafter = drafter
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
         self.max_draft_nodes = max_draft_nodes
         self.prefill_chunk = prefill_chunk
+        layers = drafter.feature_layers if drafter else ()
+        self.prefix_cache = PrefixCache(prefix_cache_blocks, block_size, layers) if prefix_cache_blocks else None
         self.target_passes = 0
         self._seq_ids = itertools.count()
 
@@ -96,7 +103,7 @@ class Engine:
         room = self.max_draft_nodes + 1 if self.drafter else 1
         capacity = min(self.context_length, max(len(r.prompt_ids) + r.params.max_tokens + room for r in requests))
         layers = self.drafter.feature_layers if self.drafter else ()
-        verifier = Verifier(self.model, len(requests), capacity, layers)
+        verifier = Verifier(self.model, len(requests), capacity, layers, prefix_cache=self.prefix_cache)
         for r in requests:  # all or nothing: check every prompt before any work
             verifier.check_prompt(r.prompt_ids)
         seqs = [self._new_sequence(i, r, verifier) for i, r in enumerate(requests)]

@@ -26,6 +26,7 @@ class Stats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (OpenAI's usage.prompt_tokens_details)
 
     @property
     def tau(self) -> float:
@@ -99,6 +100,7 @@ class SequenceState:
     def advance(self, step: Step) -> list[int]:
         """Take a target step's tokens up to the first stop condition; returns the tokens kept."""
         self.features = _append(self.features, step.features)
+        self.stats.cached_tokens += step.cached_tokens
         taken: list[int] = []
         for token in step.tokens:
             taken.append(token)

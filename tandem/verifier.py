@@ -16,6 +16,7 @@ import torch
 from tandem.devices import HOST, host_tensor
 from tandem.errors import InvalidRequest, TandemError
 from tandem.models.decoder import Transformer
+from tandem.prefix_cache import PrefixCache
 from tandem.sampling import SamplingParams, round_seed
 from tandem.tree import TokenTree, ancestor_rows, chain, tree_depths
 from tandem.verify import Verdict, verify_batch
@@ -32,6 +33,7 @@ class Step:
     tokens: list[int]  # accepted draft tokens, then the bonus token (after prefill: the first token)
     accepted: int  # accepted draft tokens
     features: torch.Tensor | None  # [n, F] on the target's device: features of the n tokens this pass verified
+    cached_tokens: int = 0  # the prefill's answer: prompt tokens copied from the prefix cache, not computed
 
 
 @dataclass
@@ -40,7 +42,11 @@ class _Slot:
     seed: int
     generator: torch.Generator  # on the host, where verification walks (tandem.verify); reseeded per round
     prompt_ids: list[int]
-    prompt_features: list[torch.Tensor] = field(default_factory=list)  # of the prompt parts prefilled so far
+    # Target features of the tokens in the row: the prompt's parts while it is prefilled; with a
+    # prefix cache, everything committed since, for the blocks its sequence leaves at close
+    features: list[torch.Tensor] = field(default_factory=list)
+    cached_tokens: int = 0  # of the prompt, from the prefix cache
+    committed: list[int] = field(default_factory=list)  # with a prefix cache: tokens committed after the prompt
 
 
 class Verifier:
@@ -53,12 +59,21 @@ class Verifier:
         capacity: int,
         feature_layers: Sequence[int] = (),
         agree: Callable[[list[Verdict]], list[Verdict]] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """``agree``: what a tensor-parallel group commits, given this rank's verdicts
-        (:func:`tandem.models.tp.rank0_verdicts`); alone, a verifier commits its own."""
+        (:func:`tandem.models.tp.rank0_verdicts`); alone, a verifier commits its own.
+        ``prefix_cache``: prompts start from their longest cached prefix and leave their full
+        blocks there (it may outlive this verifier: the engine keeps one across calls)."""
         layers = model.config.num_layers
         if any(not 0 <= i < layers for i in feature_layers):
             raise ValueError(f"feature layers {list(feature_layers)} outside the target's {layers} layers")
+        if prefix_cache is not None and prefix_cache.feature_layers != tuple(feature_layers):
+            raise ValueError(
+                f"the prefix cache keeps features of layers {list(prefix_cache.feature_layers)}, "
+                f"this verifier computes {list(feature_layers)}"
+            )
+        self.prefix_cache = prefix_cache
         self.model = model
         self.feature_layers = tuple(feature_layers)
         self.agree = agree
@@ -91,11 +106,23 @@ class Verifier:
             raise NoRoom(f"all {self.cache.num_rows} sequences are in use")
         row = min(set(range(self.cache.num_rows)) - self._slots.keys())
         self.cache.reset(row)
-        self._slots[row] = _Slot(params, seed, torch.Generator(device=HOST), list(prompt_ids))
+        slot = _Slot(params, seed, torch.Generator(device=HOST), list(prompt_ids))
+        if self.prefix_cache is not None:
+            hit = self.prefix_cache.load(self.cache, row, prompt_ids)
+            slot.cached_tokens = hit.tokens
+            if hit.features is not None:
+                slot.features.append(hit.features)
+        self._slots[row] = slot
         return row
 
     def close(self, row: int) -> None:
-        self._slots.pop(row, None)
+        """Give the row back; with a prefix cache, its sequence's full blocks stay there (a chat's
+        next turn starts with this one's prompt and reply)."""
+        slot = self._slots.pop(row, None)
+        if self.prefix_cache is None or slot is None or self.cache.lengths[row] < len(slot.prompt_ids):
+            return  # closed before its prompt was whole: the prompt's blocks were never stored
+        features = torch.cat(slot.features) if slot.features else None
+        self.prefix_cache.store(self.cache, row, slot.prompt_ids + slot.committed, features)
 
     def room(self, row: int) -> int:
         """Draft nodes that still fit below the anchor in ``row``."""
@@ -144,12 +171,15 @@ class Verifier:
         for b, (row, part) in enumerate(zip(rows, parts)):  # only now: a pass that raised changed nothing
             self.cache.commit(row, range(len(part)))
             if features is not None:
-                self._slots[row].prompt_features.append(features[b, : len(part)])
+                self._slots[row].features.append(features[b, : len(part)])
         steps: list[Step | None] = [None] * len(rows)
         for b, verdict in zip(done, verdicts):
-            kept = self._slots[rows[b]].prompt_features
-            steps[b] = Step([verdict.bonus_token], 0, torch.cat(kept) if kept else None)
-            kept.clear()
+            slot = self._slots[rows[b]]
+            features = torch.cat(slot.features) if slot.features else None
+            slot.features[:] = [features] if self.prefix_cache is not None and features is not None else []
+            if self.prefix_cache is not None:  # sessions that start alike hit it while this one runs
+                self.prefix_cache.store(self.cache, rows[b], slot.prompt_ids, features)
+            steps[b] = Step([verdict.bonus_token], 0, features, slot.cached_tokens)
         return steps
 
     def verify(self, rows: Sequence[int], trees: Sequence[TokenTree]) -> list[Step]:
@@ -182,6 +212,10 @@ class Verifier:
         for b, (row, tree, verdict) in enumerate(zip(rows, trees, verdicts)):
             self.cache.commit(row, verdict.accepted_nodes)
             kept = None if features is None else features[b, list(verdict.accepted_nodes)]
+            if self.prefix_cache is not None:
+                slot = self._slots[row]
+                slot.committed += [tree.tokens[i] for i in verdict.accepted_nodes]
+                slot.features += [] if kept is None else [kept]
             steps.append(Step(verdict.emitted(tree), verdict.accepted_drafts, kept))
         return steps
 

@@ -115,6 +115,22 @@ def test_generation_is_device_clean(target, drafts, plain, spec, mode, monkeypat
         assert [r.token_ids for r in results] == [r.token_ids for r in expected]
 
 
+@pytest.mark.parametrize("spec", ["none", "dspark:tree"])
+def test_prefix_cache_hits_are_device_clean(target, drafts, plain, spec, monkeypatch):
+    """Blocks copied in (keys, values, the drafter's target features) and out, at prefill and at
+    close, without a transfer of their own."""
+    drafter = None if spec == "none" else _drafter(spec, drafts)
+    engine = Engine(target, drafter, max_draft_nodes=8, prefix_cache_blocks=32, block_size=2)
+    requests = [Request(p, PARAMS["greedy"]) for p in _prompts(1)]
+    engine.generate(requests)  # leaves every prompt and reply cached
+    passes = engine.target_passes
+    with device_check(target, *drafts.values(), monkeypatch=monkeypatch) as transfers:
+        results = engine.generate(requests)
+    assert transfers["tandem.verify"] == engine.target_passes - passes
+    assert all(r.stats.cached_tokens for r in results)
+    assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+
+
 def test_the_check_catches_what_it_should(target, monkeypatch):
     """It must fail on a factory without a device, a stray sync, and a Generator without a device."""
     with device_check(target, monkeypatch=monkeypatch), pytest.raises(DeviceError, match="without a device"):

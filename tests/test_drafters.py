@@ -34,6 +34,7 @@ from tandem.models.exact import apply_exact
 from tandem.models.loading import load_embeddings, load_model
 from tandem.sampling import SamplingParams
 from tandem.scheduler import DraftCost, PassCost, ScheduledDrafter
+from tandem.train.command import _label_counts
 from tandem.train.features import FeatureStore, OnlineStore, build_store, draft_vocabulary, sequence_features
 from tandem.train.prompts import DataError
 from tandem.train.trainer import TrainSettings, calibrate_confidence, train
@@ -400,6 +401,11 @@ def test_online_features_equal_the_cached_ones_bit_for_bit(target, tmp_path, tea
             x, y = getattr(a, name), getattr(b, name)
             assert x.dtype == y.dtype and torch.equal(x, y), (i, name)
     assert torch.equal(cached.token_counts(VOCAB, [3, 5, 8]), online.token_counts(VOCAB, [3, 5, 8]))
+    # the draft vocabulary's counts: every record from the cache; online, where labels cost a
+    # target pass (teacher-forced), a sample spread over the records
+    spread = [0, 14, 28, 42, 56] if teacher_forced else list(range(70))
+    assert torch.equal(_label_counts(online, None, 5, VOCAB, target.device), online.token_counts(VOCAB, spread))
+    assert torch.equal(_label_counts(cached, None, 5, VOCAB, target.device), cached.token_counts(VOCAB))
 
 
 def test_teacher_forced_labels_are_the_targets_greedy_tokens(target, tmp_path):

@@ -1,7 +1,7 @@
 """``/metrics`` on a real local Ray, scraped after requests through both APIs: every metric is there
 in Prometheus text format, in the ``tandem:`` namespace, and its value agrees with the usage the
 requests reported (rounds, drafted, accepted and emitted tokens, acceptance by position, one τ /
-TTFT / TPOT observation per request, per-round timings), and the gauges are back at 0. Two
+TTFT / TPOT observation per request, per-round timings, prefix-cache hits), and the gauges are back at 0. Two
 router replicas serve it: a scrape that lands on either sums both."""
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def test_merge_sums_every_series_of_every_registry() -> None:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> ClusterConfig:
     model = tiny_target(tmp_path_factory.mktemp("metrics") / "tiny")
-    return config_for(model, free_port(), router={"num_replicas": 2})  # a scrape must sum both
+    # a scrape must sum both routers; blocks of 4 tokens: PROMPTS[0], sent twice, hits the prefix cache
+    return config_for(model, free_port(), router={"num_replicas": 2}, target={"block_size": 4})
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,10 @@ def test_metrics_add_up_to_the_requests(config: ClusterConfig, channel: grpc.Cha
     # Every round emits its accepted drafts plus one bonus token; the prefill emits the first token.
     assert value("spec_decode_num_emitted_tokens_total") == accepted + rounds == emitted - requests
     assert value("generation_tokens_total") == emitted
+    prompt_tokens = sum(u.prompt_tokens for u in usages + grpc_usages)
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages] + [u.cached_tokens for u in grpc_usages]
+    assert value("prompt_tokens_total") == value("prefix_cache_queries_total") == prompt_tokens
+    assert value("prefix_cache_hits_total") == sum(cached) and cached[-1] == 8  # PROMPTS[0] again: 2 blocks
     by_position = {
         int(dict(labels)["position"]): count
         for (name, labels), count in samples.items()

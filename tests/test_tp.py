@@ -122,12 +122,24 @@ def _exact_rank_main(rank: int, world: int, port: int, folder: str, out: str) ->
         plain = [Engine(model).generate([Request(p, params)])[0].token_ids for p in prompts]
         engine = Engine(model, NgramDrafter(depth=3, branches=2), max_draft_nodes=6)
         speculative = [r.token_ids for r in engine.generate([Request(p, params) for p in prompts])]
-        torch.save({"plain": plain, "speculative": speculative}, f"{out}/rank{rank}.pt")
+        # with prefix hits: every prompt behind a shared system prompt another call left cached
+        system = [rng.randrange(64) for _ in range(13)]
+        shared = [system + p for p in prompts]
+        cold = [Engine(model).generate([Request(p, params)])[0].token_ids for p in shared]
+        engine = Engine(
+            model, NgramDrafter(depth=3, branches=2), max_draft_nodes=6, prefix_cache_blocks=32, block_size=4
+        )
+        engine.generate([Request(shared[0], params)])
+        hot = engine.generate([Request(p, params) for p in shared])
+        assert min(r.stats.cached_tokens for r in hot) == 12
+        results = {"plain": plain, "speculative": speculative, "cold": cold, "hot": [r.token_ids for r in hot]}
+        torch.save(results, f"{out}/rank{rank}.pt")
 
 
 def test_tp2_on_the_exact_kernels_keeps_bf16_plain_output(tmp_path: Path) -> None:
     """bf16 tp ranks on the exact kernels: speculative output equals the same ranks' plain decoding
-    token for token (the all-reduce sums partial outputs elementwise, so rows stay independent)."""
+    token for token (the all-reduce sums partial outputs elementwise, so rows stay independent),
+    with and without prefix-cache hits (each rank keeps the blocks of its own KV heads)."""
     try:
         exact_kernels()
     except KernelUnavailable as exc:
@@ -140,6 +152,7 @@ def test_tp2_on_the_exact_kernels_keeps_bf16_plain_output(tmp_path: Path) -> Non
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["speculative"] == result["plain"]
+        assert result["hot"] == result["cold"]
 
 
 def _sampled_tokens(verifier: Verifier, seed: int, rounds: int = 8) -> list[int]:

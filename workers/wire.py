@@ -105,9 +105,14 @@ def params_from_proto(msg: api_pb2.SamplingParams) -> SamplingParams:
 def step_to_proto(step: Step, room: int, capacity: int, with_features: bool) -> worker_pb2.VerifyOut:
     features = tensor_to_proto(step.features) if with_features else None
     return worker_pb2.VerifyOut(
-        tokens=step.tokens, accepted=step.accepted, features=features, room=room, capacity=capacity
+        tokens=step.tokens,
+        accepted=step.accepted,
+        features=features,
+        room=room,
+        capacity=capacity,
+        cached_tokens=step.cached_tokens,
     )
 
 
 def step_from_proto(msg: worker_pb2.VerifyOut) -> Step:
-    return Step(list(msg.tokens), msg.accepted, tensor_from_proto(msg.features))
+    return Step(list(msg.tokens), msg.accepted, tensor_from_proto(msg.features), msg.cached_tokens)

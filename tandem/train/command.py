@@ -17,6 +17,10 @@ from tandem.errors import TandemError
 from tandem.flags import add_device_flag
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+
     from tandem.drafters import DraftConfig
     from tandem.drafters.neural import DraftModel
     from tandem.target import Target
@@ -57,6 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=1, help="drafter layers (dflash/dspark)")
     p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="most frequent target tokens kept")
+    p.add_argument(
+        "--vocab-records",
+        type=int,
+        default=512,
+        help="--features online with teacher-forced data: the draft vocabulary counts the target's labels "
+        "of this many records, spread over the data (each costs a target pass; cached features count all)",
+    )
     p.add_argument("--markov-rank", type=int, default=64, help="dspark: rank of the Markov head (0: none)")
     p.add_argument(
         "--anchor-features",
@@ -129,7 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "eval_tokens", "records"):
+    names = ("steps", "batch_size", "samples", "block_size", "layers", "draft_vocab", "vocab_records", "eval_tokens")
+    for name in (*names, "records"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TandemError(f"--{name.replace('_', '-')} must be >= 1")
     if args.eval_every < 0 or args.eval_limit < 0 or args.markov_rank < 0 or args.loss_decay < 0:
@@ -198,6 +210,28 @@ class TrainJob:
         return summary
 
 
+def _label_counts(
+    store: Store, examples: Sequence[int] | None, sample: int, vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """The draft vocabulary's basis (:meth:`FeatureStore.token_counts`), over ``sample`` records
+    spread over ``examples`` where each costs a target pass (online, teacher-forced), else over all;
+    with a process group the ranks count their shares and add them up (on ``device``: NCCL's)."""
+    from tandem.devices import to_host
+    from tandem.train.features import OnlineStore
+    from tandem.train.trainer import rank_and_world
+
+    chosen = list(range(len(store)) if examples is None else examples)
+    if isinstance(store, OnlineStore) and store.teacher_forced and len(chosen) > sample:
+        chosen = [chosen[i * len(chosen) // sample] for i in range(sample)]
+    rank, world = rank_and_world()
+    counts = store.token_counts(vocab_size, chosen[rank::world])
+    if world > 1:
+        total = counts.to(device)
+        dist.all_reduce(total)
+        counts = to_host(total)[0]
+    return counts
+
+
 def prepare(args: argparse.Namespace) -> TrainJob:
     """Load the target, compute (or open) the features and build the drafter to train. With a
     process group, rank 0 computes a missing feature cache while the other ranks wait for it."""
@@ -250,7 +284,8 @@ def prepare(args: argparse.Namespace) -> TrainJob:
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)})
     # With --records the draft vocabulary comes from those records only (a data ablation sees no more).
     trained_on = split(store, settings.holdout, settings.records)[0] if settings.records else None
-    vocab = draft_vocabulary(store.token_counts(target.model.config.vocab_size, trained_on), cfg.draft_vocab)
+    counts = _label_counts(store, trained_on, args.vocab_records, vocab_size, target.model.device)
+    vocab = draft_vocabulary(counts, cfg.draft_vocab)
     model = new_draft_model(cfg, target.model, vocab).to(device=target.model.device, dtype=torch.float32)
     return TrainJob(args, target, cfg, store, model, settings, features, teacher_forced)
 
