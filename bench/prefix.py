@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -140,13 +141,13 @@ def copy_cost(target: Target, tokens: int, repeats: int = 5) -> dict:
     times: dict[str, list[float]] = {"first_store_ms": [], "store_ms": [], "load_ms": []}
     for _ in range(repeats):
         prefix = PrefixCache(1024, 16)
-        for name, call, sequence in (
-            ("first_store_ms", prefix.store, ids[: tokens // 2]),
-            ("store_ms", prefix.store, ids),
-            ("load_ms", prefix.load, [*ids, 0]),
+        for name, run in (
+            ("first_store_ms", partial(prefix.store, cache, 0, ids[: tokens // 2], None)),
+            ("store_ms", partial(prefix.store, cache, 0, ids, None)),
+            ("load_ms", partial(prefix.load, cache, 0, [*ids, 0])),
         ):
             start = time.perf_counter()
-            call(cache, 0, sequence, *([None] if call == prefix.store else []))
+            run()
             times[name].append((time.perf_counter() - start) * 1e3)
     return {"tokens": tokens, **{k: round(statistics.median(v), 3) for k, v in times.items()}}
 

@@ -75,8 +75,9 @@ class Engine:
         self.decode = decode
         self.max_draft_nodes = max_draft_nodes
         self.prefill_chunk = prefill_chunk
-        layers = drafter.feature_layers if drafter else ()
-        self.prefix_cache = PrefixCache(prefix_cache_blocks, block_size, layers) if prefix_cache_blocks else None
+        self.feature_layers = tuple(drafter.feature_layers) if drafter else ()
+        blocks = prefix_cache_blocks
+        self.prefix_cache = PrefixCache(blocks, block_size, self.feature_layers) if blocks else None
         self.target_passes = 0
         self._seq_ids = itertools.count()
 
@@ -102,8 +103,7 @@ class Engine:
             raise InvalidRequest("stop strings need a tokenizer")
         room = self.max_draft_nodes + 1 if self.drafter else 1
         capacity = min(self.context_length, max(len(r.prompt_ids) + r.params.max_tokens + room for r in requests))
-        layers = self.drafter.feature_layers if self.drafter else ()
-        verifier = Verifier(self.model, len(requests), capacity, layers, prefix_cache=self.prefix_cache)
+        verifier = Verifier(self.model, len(requests), capacity, self.feature_layers, prefix_cache=self.prefix_cache)
         for r in requests:  # all or nothing: check every prompt before any work
             verifier.check_prompt(r.prompt_ids)
         seqs = [self._new_sequence(i, r, verifier) for i, r in enumerate(requests)]

@@ -144,9 +144,10 @@ class PrefixCache:
                 self.features = torch.empty(shape, dtype=features.dtype, device=features.device)
         numbers = host_tensor([b for b, _ in new], torch.long, cache.device)
         slots = host_tensor([s for _, s in new], torch.long, cache.device)
+        span = (new[-1][0] + 1) * size  # the tokens up to the last new block (numbers increase)
         for store, source in ((self.k, cache.k), (self.v, cache.v)):
-            blocks = source[:, row, :, : (max(b for b, _ in new) + 1) * size].reshape(layers, heads, -1, size, dim)
+            blocks = source[:, row, :, :span].reshape(layers, heads, -1, size, dim)
             store.index_copy_(1, slots, blocks.index_select(2, numbers).transpose(1, 2))
         if self.features is not None and features is not None:
-            blocks = features[: (max(b for b, _ in new) + 1) * size].reshape(-1, size, features.shape[-1])
+            blocks = features[:span].reshape(-1, size, features.shape[-1])
             self.features.index_copy_(0, slots, blocks.index_select(0, numbers))

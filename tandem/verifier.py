@@ -176,9 +176,10 @@ class Verifier:
         for b, verdict in zip(done, verdicts):
             slot = self._slots[rows[b]]
             features = torch.cat(slot.features) if slot.features else None
-            slot.features[:] = [features] if self.prefix_cache is not None and features is not None else []
+            slot.features.clear()
             if self.prefix_cache is not None:  # sessions that start alike hit it while this one runs
                 self.prefix_cache.store(self.cache, rows[b], slot.prompt_ids, features)
+                slot.features += [] if features is None else [features]  # for the store at close
             steps[b] = Step([verdict.bonus_token], 0, features, slot.cached_tokens)
         return steps
 
