@@ -2,7 +2,7 @@
 request, against a cold one, through the OpenAI API of a local cluster; the hot request's output
 against the in-process engine's without a cache; a resumed session's re-prefill; and generation
 speed at batch 1, 4 and 16 with the cache on and off, in the same run (the cache may cost nothing
-per token: it only copies blocks at the end of a prefill).
+per token: a hit shares the cached blocks, and indexing a sequence's blocks copies nothing).
 
     python bench/prefix.py        # 1,500-token prompts sharing all but 50 tokens, 3 rounds
 """
@@ -15,7 +15,6 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import openai
@@ -130,30 +129,8 @@ def resume(target: Target, prompt: list[int], generated: int) -> dict:
     }
 
 
-def copy_cost(target: Target, tokens: int, repeats: int = 5) -> dict:
-    """Milliseconds the cache's own copies take for one ``tokens``-token sequence: storing its
-    blocks (the first store also allocates the storage) and copying them into a row."""
-    from tandem.prefix_cache import PrefixCache
-
-    cache = target.model.new_cache(1, tokens + 16)
-    cache.lengths[0] = tokens
-    ids = list(range(tokens))
-    times: dict[str, list[float]] = {"first_store_ms": [], "store_ms": [], "load_ms": []}
-    for _ in range(repeats):
-        prefix = PrefixCache(1024, 16)
-        for name, run in (
-            ("first_store_ms", partial(prefix.store, cache, 0, ids[: tokens // 2], None)),
-            ("store_ms", partial(prefix.store, cache, 0, ids, None)),
-            ("load_ms", partial(prefix.load, cache, 0, [*ids, 0])),
-        ):
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {"tokens": tokens, **{k: round(statistics.median(v), 3) for k, v in times.items()}}
-
-
 def generation_speed(target: Target, args: argparse.Namespace, batches: Sequence[int]) -> list[dict]:
-    """Generated tok/s (prefill included, where the cache's copies happen) with the cache off and
+    """Generated tok/s (prefill included, where the cache's lookups happen) with the cache off and
     on, alternating, on distinct prompts: the median of ``args.repeats``."""
     prompts = [p.ids for p in load_prompts(target, ["humaneval", "mt-bench"], 8)]
     drafter_name = default_drafter(args.model)
@@ -195,8 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = load_target(args.model, args.dtype)
     pairs = long_prompts(target, args.rounds, args.prompt_tokens, args.tail)
     speed = generation_speed(target, args, [int(b) for b in args.batches.split(",")])
-    copies = copy_cost(target, 264)
-    print(json.dumps({"copies": copies}), file=sys.stderr)
     resumed = resume(target, pairs[0][0], generated=200)
     print(json.dumps({"resume": resumed}), file=sys.stderr)
     api = api_rounds(target, args, pairs)
@@ -209,7 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "openai_api": api,
         "resume": resumed,
         "generation_speed": speed,
-        "copy_cost": copies,
     }
     write_json(args.out, results)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -94,8 +94,9 @@ def _target_spec(config: ClusterConfig, feature_layers: tuple[int, ...]) -> Targ
         threads=pool.threads,
         device=pool.torch_device,
         exact=pool.exact,
-        prefix_cache_blocks=pool.prefix_cache_blocks,
+        kv_blocks=pool.kv_blocks or 16 * -(-config.max_model_len // pool.block_size),
         block_size=pool.block_size,
+        prefix_caching=pool.prefix_caching,
     )
     wait_s = pool.batch_wait_ms / 1000
     return TargetSpec(

@@ -61,7 +61,7 @@ class PoolConfig:
     num_cpus: float = 0.5  # per replica (target: per TP rank); torch gets this many threads, at least 1
     num_gpus: float = 0.0  # per replica (target: per TP rank: 0 or 1, one GPU per NCCL rank)
     device: str = "auto"  # where its tensors live: auto (cuda when num_gpus > 0), cpu or cuda
-    max_ongoing_requests: int = 16  # live sessions per replica (target: its KV cache rows)
+    max_ongoing_requests: int = 16  # live sessions per replica (the target pool sets its own)
     max_queued_requests: int = -1  # sessions waiting for a replica before RESOURCE_EXHAUSTED; -1: no cap
     batch_wait_ms: float = 2.0  # continuous batching window
     num_replicas: int = 1  # without autoscaling_config
@@ -133,13 +133,20 @@ class TargetConfig(PoolConfig):
     exact: bool | None = None
     # prompt tokens per prefill pass; running sessions' rounds go between the parts (null: whole)
     prefill_chunk: int | None = 512
-    # prefix caching: blocks of block_size tokens (prompts, and whole sequences once they end) kept
-    # per replica (LRU), so a prompt that starts like an earlier one (a system prompt, a chat's
-    # earlier turns, a resumed session) copies them instead of prefilling them; 0: off. Each block holds
-    # block_size * layers * 2 * kv_heads * head_dim values in the model's dtype (plus the drafter's
-    # target features), allocated at the first store: 1024 blocks are 0.4 GB for SmolLM2-135M bf16
-    prefix_cache_blocks: int = 1024
+    # live sessions per replica: each takes KV-cache blocks as it grows, not a whole context
+    max_ongoing_requests: int = 64
+    # the paged KV cache per rank: blocks of block_size tokens, each block_size * layers * 2 *
+    # kv_heads * head_dim values in the model's dtype; null: the memory 16 sessions of
+    # max_model_len take (16 * max_model_len / block_size blocks: 0.75 GB for SmolLM2-135M bf16
+    # at 2,048 tokens). A session is admitted when its prompt's blocks are free; one that cannot
+    # grow is preempted (ABORTED), and its router resumes it when blocks are free again
+    kv_blocks: int | None = None
     block_size: int = 16
+    # prefix caching: full blocks stay indexed after their sessions (prompts, and whole sequences
+    # once they end) until a session needs the room (LRU), so a prompt that starts like an earlier
+    # one (a system prompt, a chat's earlier turns, a resumed session) shares them instead of
+    # prefilling them again
+    prefix_caching: bool = True
     # torch threads per rank; null: its CPU share (num_cpus), or, for a pool of one replica per node
     # (num_replicas 1 without autoscaling, or max_replicas_per_node 1), every core of the node / tp:
     # the pools take turns, so the target may use the whole machine while it verifies
@@ -149,10 +156,10 @@ class TargetConfig(PoolConfig):
         super().__post_init__()
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"target.prefill_chunk must be >= 1 or null, got {self.prefill_chunk}")
-        if self.prefix_cache_blocks < 0 or self.block_size < 1:
+        if (self.kv_blocks is not None and self.kv_blocks < 1) or self.block_size < 1:
             raise ConfigError(
-                f"target.prefix_cache_blocks must be >= 0 and target.block_size >= 1, "
-                f"got {self.prefix_cache_blocks} and {self.block_size}"
+                f"target.kv_blocks must be >= 1 or null and target.block_size >= 1, "
+                f"got {self.kv_blocks} and {self.block_size}"
             )
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"target.torch_threads must be >= 1 or null, got {self.torch_threads}")

@@ -79,6 +79,10 @@ class Metrics:
         self.running = gauge("tandem:num_sessions_running", "Sessions placed on a pool", ["pool"])
         self.waiting = gauge("tandem:num_sessions_waiting", "Sessions waiting for a replica of a pool", ["pool"])
         self.kv_rows = gauge("tandem:kv_rows_in_use", "Target KV cache rows held by live sessions")
+        self.kv_blocks = gauge(
+            "tandem:kv_blocks_in_use",
+            "Target KV cache blocks held by live sessions (a block shared by n sessions counts 1/n each)",
+        )
         for pool in POOLS:  # present from the first scrape, at 0
             self.running.labels(pool)
             self.waiting.labels(pool)

@@ -140,6 +140,7 @@ class Session:
         self._aborted = False
         self._closed = False
         self._holds_row = False
+        self._kv_blocks = 0.0  # its row's share of the replica's blocks, as the last verdict said
 
     def abort(self) -> None:
         """Stop after the round in flight; the stream ends with finish reason "abort"."""
@@ -153,6 +154,7 @@ class Session:
         if self._holds_row:
             self._holds_row = False
             self.pools.metrics.kv_rows.dec()
+        self._hold_blocks(0.0)
         for link in (self._target, self._draft_link):
             if link is not None:
                 link.close()
@@ -164,6 +166,7 @@ class Session:
             reply = await self._connect_target()
             self._holds_row = True
             pools.metrics.kv_rows.inc()
+            self._hold_blocks(reply.kv_blocks)
             state = self.state = SequenceState.start(
                 0, self.prompt_ids, self.params, pools.eos_token_ids, reply.capacity, pools.decode, self.continued
             )
@@ -187,6 +190,7 @@ class Session:
                     tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
                 asked = time.perf_counter()
                 reply = await self._verify(tree, draft_s)
+                self._hold_blocks(reply.kv_blocks)
                 verified = time.perf_counter()
                 state.record_round(len(tree) - 1, reply.accepted)
                 # Router time: the consumer's since the last verdict, plus this round's own work.
@@ -196,6 +200,10 @@ class Session:
                 yield state.advance(step_from_proto(reply)), state.finish_reason
         finally:
             self.close()
+
+    def _hold_blocks(self, blocks: float) -> None:
+        self.pools.metrics.kv_blocks.inc(blocks - self._kv_blocks)
+        self._kv_blocks = blocks
 
     async def _verify(self, tree: TokenTree, draft_s: float | None) -> worker_pb2.VerifyOut:
         """The target's verdict on ``tree`` (``draft_s``: what drafting it took, for the replica's

@@ -66,9 +66,10 @@ class Engine:
         block_size: int = 16,
     ) -> None:
         """``prefill_chunk``: prompt tokens per prefill pass (None: whole prompts), which bounds
-        a pass's attention mask and activations whatever the prompt's length.
-        ``prefix_cache_blocks``: blocks of ``block_size`` prompt tokens kept across calls, so a
-        prompt that starts like an earlier one skips that part of its prefill (0: none)."""
+        a pass's activations whatever the prompt's length. Each call's sequences take the KV-cache
+        blocks they can fill. ``prefix_cache_blocks``: blocks of ``block_size`` tokens kept across
+        calls beyond that, so a prompt that starts like an earlier one (or an earlier reply)
+        skips that part of its prefill (0: no prefix caching)."""
         self.model = model
         self.drafter = drafter
         self.eos_token_ids = tuple(eos_token_ids)
@@ -76,8 +77,9 @@ class Engine:
         self.max_draft_nodes = max_draft_nodes
         self.prefill_chunk = prefill_chunk
         self.feature_layers = tuple(drafter.feature_layers) if drafter else ()
-        blocks = prefix_cache_blocks
-        self.prefix_cache = PrefixCache(blocks, block_size, self.feature_layers) if blocks else None
+        self.prefix_cache_blocks = prefix_cache_blocks
+        self.block_size = block_size
+        self.prefix_cache: PrefixCache | None = None  # with its pool, made by the first call
         self.target_passes = 0
         self._seq_ids = itertools.count()
 
@@ -101,9 +103,7 @@ class Engine:
             raise InvalidRequest("no requests")
         if self.decode is None and any(r.params.stop for r in requests):
             raise InvalidRequest("stop strings need a tokenizer")
-        room = self.max_draft_nodes + 1 if self.drafter else 1
-        capacity = min(self.context_length, max(len(r.prompt_ids) + r.params.max_tokens + room for r in requests))
-        verifier = Verifier(self.model, len(requests), capacity, self.feature_layers, prefix_cache=self.prefix_cache)
+        verifier = self._verifier(requests)
         for r in requests:  # all or nothing: check every prompt before any work
             verifier.check_prompt(r.prompt_ids)
         seqs = [self._new_sequence(i, r, verifier) for i, r in enumerate(requests)]
@@ -123,6 +123,25 @@ class Engine:
                 for seq in seqs:
                     if seq.state.finish_reason is None:
                         self.drafter.release(seq.state.seq_id)
+
+    def _verifier(self, requests: Sequence[Request]) -> Verifier:
+        """A verifier whose cache has a row and, for every request, the blocks it can fill: its
+        prompt, its output and a round's tree, or a prefill pass's padding to the longest part."""
+        room = self.max_draft_nodes + 1 if self.drafter else 1
+        wants = [len(r.prompt_ids) + r.params.max_tokens + room for r in requests]
+        capacity = min(self.context_length, max(wants))
+        padded = min(max(len(r.prompt_ids) for r in requests), self.prefill_chunk or capacity)
+        size = self.block_size
+        blocks = sum(-(-min(capacity, max(want, padded)) // size) for want in wants)
+        if not self.prefix_cache_blocks:
+            return Verifier(self.model, len(requests), capacity, self.feature_layers, kv_blocks=blocks, block_size=size)
+        blocks += self.prefix_cache_blocks
+        if self.prefix_cache is None:
+            cache = self.model.new_cache(len(requests), capacity, blocks, size)
+            self.prefix_cache = PrefixCache(cache, self.feature_layers)
+        cache = self.prefix_cache.cache
+        cache.grow(len(requests) + len(cache.taken), blocks + cache.blocks_in_use, capacity)
+        return Verifier(self.model, len(requests), capacity, self.feature_layers, cache=cache)
 
     def _new_sequence(self, index: int, request: Request, verifier: Verifier) -> _Sequence:
         state = SequenceState.start(

@@ -11,3 +11,7 @@ class InvalidRequest(TandemError):
 
 class ModelLoadError(TandemError):
     """A model path that is missing or does not hold a model we can read."""
+
+
+class NoRoom(TandemError):
+    """No row or no KV-cache blocks are free: the caller should retry later or go elsewhere."""

@@ -14,16 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.devices import HOST, host_tensor
-from tandem.errors import InvalidRequest, TandemError
+from tandem.errors import InvalidRequest, NoRoom
 from tandem.models.decoder import Transformer
+from tandem.models.kv_cache import KVCache
 from tandem.prefix_cache import PrefixCache
 from tandem.sampling import SamplingParams, round_seed
 from tandem.tree import TokenTree, ancestor_rows, chain, tree_depths
 from tandem.verify import Verdict, verify_batch
-
-
-class NoRoom(TandemError):
-    """Every row is taken: the caller should retry later or send the session elsewhere."""
 
 
 @dataclass
@@ -33,7 +30,8 @@ class Step:
     tokens: list[int]  # accepted draft tokens, then the bonus token (after prefill: the first token)
     accepted: int  # accepted draft tokens
     features: torch.Tensor | None  # [n, F] on the target's device: features of the n tokens this pass verified
-    cached_tokens: int = 0  # the prefill's answer: prompt tokens copied from the prefix cache, not computed
+    cached_tokens: int = 0  # the prefill's answer: prompt tokens the prefix cache served, not computed
+    kv_blocks: float = 0.0  # KV-cache blocks the row holds after the pass, a block shared by n rows counting 1/n
 
 
 @dataclass
@@ -50,7 +48,9 @@ class _Slot:
 
 
 class Verifier:
-    """``rows`` sequences of up to ``capacity`` tokens each on one target model."""
+    """``rows`` sequences of up to ``capacity`` tokens each on one target model, their keys and
+    values in a paged cache of ``kv_blocks`` blocks of ``block_size`` tokens (None: enough for
+    every row to fill its capacity)."""
 
     def __init__(
         self,
@@ -59,25 +59,33 @@ class Verifier:
         capacity: int,
         feature_layers: Sequence[int] = (),
         agree: Callable[[list[Verdict]], list[Verdict]] | None = None,
-        prefix_cache: PrefixCache | None = None,
+        kv_blocks: int | None = None,
+        block_size: int = 16,
+        prefix_caching: bool = False,
+        cache: KVCache | None = None,
     ) -> None:
         """``agree``: what a tensor-parallel group commits, given this rank's verdicts
         (:func:`tandem.models.tp.rank0_verdicts`); alone, a verifier commits its own.
-        ``prefix_cache``: prompts start from their longest cached prefix and leave their full
-        blocks there (it may outlive this verifier: the engine keeps one across calls)."""
+        ``prefix_caching``: prompts start from their longest cached prefix and leave their full
+        blocks there. ``cache``: an existing pool to work in instead (with its prefix cache, if
+        it has one: the engine keeps one across calls)."""
         layers = model.config.num_layers
         if any(not 0 <= i < layers for i in feature_layers):
             raise ValueError(f"feature layers {list(feature_layers)} outside the target's {layers} layers")
-        if prefix_cache is not None and prefix_cache.feature_layers != tuple(feature_layers):
+        if cache is None:
+            cache = model.new_cache(rows, capacity, kv_blocks, block_size)
+            if prefix_caching:
+                PrefixCache(cache, feature_layers)
+        self.cache = cache
+        self.prefix_cache: PrefixCache | None = cache.keeper  # type: ignore[assignment]
+        if self.prefix_cache is not None and self.prefix_cache.feature_layers != tuple(feature_layers):
             raise ValueError(
-                f"the prefix cache keeps features of layers {list(prefix_cache.feature_layers)}, "
+                f"the prefix cache keeps features of layers {list(self.prefix_cache.feature_layers)}, "
                 f"this verifier computes {list(feature_layers)}"
             )
-        self.prefix_cache = prefix_cache
         self.model = model
         self.feature_layers = tuple(feature_layers)
         self.agree = agree
-        self.cache = model.new_cache(rows, capacity)
         self.passes = 0
         self._slots: dict[int, _Slot] = {}
 
@@ -87,7 +95,7 @@ class Verifier:
 
     @property
     def free_rows(self) -> int:
-        return self.cache.num_rows - len(self._slots)
+        return self.cache.num_rows - len(self.cache.taken)
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
         """Raise :class:`InvalidRequest` for a prompt this target cannot take."""
@@ -100,29 +108,34 @@ class Verifier:
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
 
     def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> int:
-        """Take a row for a new sequence; its first token comes from :meth:`prefill`."""
+        """Take a row for a new sequence, with the blocks its prompt needs (:class:`NoRoom` when
+        the cache has neither a free row nor, after any cached prefix, the blocks); its first
+        token comes from :meth:`prefill`."""
         self.check_prompt(prompt_ids)
-        if not self.free_rows:
-            raise NoRoom(f"all {self.cache.num_rows} sequences are in use")
-        row = min(set(range(self.cache.num_rows)) - self._slots.keys())
-        self.cache.reset(row)
+        row = self.cache.take_row()
         slot = _Slot(params, seed, torch.Generator(device=HOST), list(prompt_ids))
         if self.prefix_cache is not None:
-            hit = self.prefix_cache.load(self.cache, row, prompt_ids)
+            hit = self.prefix_cache.load(row, prompt_ids)
             slot.cached_tokens = hit.tokens
             if hit.features is not None:
                 slot.features.append(hit.features)
+        try:
+            self.cache.reserve({row: len(prompt_ids)})
+        except NoRoom:
+            self.cache.release(row)
+            raise
         self._slots[row] = slot
         return row
 
     def close(self, row: int) -> None:
-        """Give the row back; with a prefix cache, its sequence's full blocks stay there (a chat's
-        next turn starts with this one's prompt and reply)."""
+        """Give the row and its blocks back; with a prefix cache, its sequence's full blocks stay
+        there (a chat's next turn starts with this one's prompt and reply)."""
         slot = self._slots.pop(row, None)
-        if self.prefix_cache is None or slot is None or self.cache.lengths[row] < len(slot.prompt_ids):
-            return  # closed before its prompt was whole: the prompt's blocks were never stored
-        features = torch.cat(slot.features) if slot.features else None
-        self.prefix_cache.store(self.cache, row, slot.prompt_ids + slot.committed, features)
+        if self.prefix_cache is not None and slot is not None and self.cache.lengths[row] >= len(slot.prompt_ids):
+            features = torch.cat(slot.features) if slot.features else None
+            self.prefix_cache.store(row, slot.prompt_ids + slot.committed, features)
+        if slot is not None:
+            self.cache.release(row)
 
     def room(self, row: int) -> int:
         """Draft nodes that still fit below the anchor in ``row``."""
@@ -150,9 +163,14 @@ class Verifier:
         parts = [p[s : s + chunk if chunk else None] for p, s in zip(prompts, starts)]
         longest = max(len(part) for part in parts)
         fits = [s + longest <= self.capacity for s in starts]
+        wants = {row: s + longest for row, s in zip(rows, starts)}
+        if self.cache.shortfall(wants):  # padding needs blocks the cache lacks: rows that would take
+            # new ones go alone (each has its prompt's since open)
+            tables = self.cache.tables
+            fits = [ok and self.cache.blocks_for(wants[row]) <= len(tables[row]) for ok, row in zip(fits, rows)]
         if not all(fits) and len(rows) > 1:  # padding would run past a row's end: alone, it fits
             together = [i for i, ok in enumerate(fits) if ok]
-            steps = dict(zip(together, self.prefill_part([rows[i] for i in together], chunk)))
+            steps = dict(zip(together, self.prefill_part([rows[i] for i in together], chunk) if together else []))
             steps.update({i: self.prefill_part([rows[i]], chunk)[0] for i, ok in enumerate(fits) if not ok})
             return [steps[i] for i in range(len(rows))]
         device = self.model.device
@@ -178,9 +196,9 @@ class Verifier:
             features = torch.cat(slot.features) if slot.features else None
             slot.features.clear()
             if self.prefix_cache is not None:  # sessions that start alike hit it while this one runs
-                self.prefix_cache.store(self.cache, rows[b], slot.prompt_ids, features)
+                self.prefix_cache.store(rows[b], slot.prompt_ids, features)
                 slot.features += [] if features is None else [features]  # for the store at close
-            steps[b] = Step([verdict.bonus_token], 0, features, slot.cached_tokens)
+            steps[b] = Step([verdict.bonus_token], 0, features, slot.cached_tokens, self.cache.share_of(rows[b]))
         return steps
 
     def verify(self, rows: Sequence[int], trees: Sequence[TokenTree]) -> list[Step]:
@@ -192,7 +210,8 @@ class Verifier:
         fits = [self.cache.lengths[row] + width <= self.capacity for row in rows]
         if not all(fits) and len(rows) > 1:
             together = [i for i, ok in enumerate(fits) if ok]
-            steps = dict(zip(together, self.verify([rows[i] for i in together], [trees[i] for i in together])))
+            tight = [trees[i] for i in together]
+            steps = dict(zip(together, self.verify([rows[i] for i in together], tight) if together else []))
             steps.update({i: self.verify([rows[i]], [trees[i]])[0] for i, ok in enumerate(fits) if not ok})
             return [steps[i] for i in range(len(rows))]
         tokens, depths, mask = [], [], []
@@ -217,7 +236,7 @@ class Verifier:
                 slot = self._slots[row]
                 slot.committed += [tree.tokens[i] for i in verdict.accepted_nodes]
                 slot.features += [] if kept is None else [kept]
-            steps.append(Step(verdict.emitted(tree), verdict.accepted_drafts, kept))
+            steps.append(Step(verdict.emitted(tree), verdict.accepted_drafts, kept, 0, self.cache.share_of(row)))
         return steps
 
     def _verdicts(

@@ -72,10 +72,20 @@ def test_linear_does_not_depend_on_the_thread_count():
     assert torch.equal(one, two)
 
 
-def _cache(
-    rows: int, kv_heads: int, cap: int, dim: int, seed: int, dtype: torch.dtype = torch.bfloat16
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_rand(rows, kv_heads, cap, dim, seed=seed + i, dtype=dtype) for i in range(2))
+def _paged(
+    rows: int, kv_heads: int, cap: int, dim: int, seed: int, dtype: torch.dtype = torch.bfloat16, block: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random paged cache: keys and values ``[blocks, Hkv, block, D]`` and each row's table
+    ``[rows, cap / block]``, its blocks scattered through the pool out of order."""
+    n = rows * cap // block
+    keys, values = (_rand(n, kv_heads, block, dim, seed=seed + i, dtype=dtype) for i in range(2))
+    tables = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).view(rows, -1)
+    return keys, values, tables
+
+
+def _dense(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The rows' positions in order: ``[rows, Hkv, cap, D]``."""
+    return pool[tables].transpose(1, 2).flatten(2, 3)
 
 
 def _rope(batch: int, steps: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,66 +102,74 @@ def _new_tokens(batch, steps, heads, kv_heads, dim, seed, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_attention_matches_sdpa_with_gqa_and_a_tree_mask(dtype):
-    """RoPE, the cache write and attention in one call, against apply_rotary, slicing and SDPA."""
-    batch, heads, kv_heads, steps, dim, cap, length = 2, 4, 2, 5, 16, 40, 30
-    keys, values = _cache(3, kv_heads, cap, dim, seed=6, dtype=dtype)
-    before_keys, before_values = keys.clone(), values.clone()
+def test_rope_attention_matches_sdpa_with_gqa_a_tree_and_a_window(dtype):
+    """RoPE, the cache write into scattered blocks and attention in one call, against
+    apply_rotary, a dense copy of the rows and SDPA with the equivalent dense mask."""
+    batch, heads, kv_heads, steps, dim, cap = 2, 4, 2, 5, 16, 40
+    keys, values, tables = _paged(3, kv_heads, cap, dim, seed=6, dtype=dtype)
+    tables = tables[[2, 0]]  # the pass's rows
+    before_keys, before_values = _dense(keys, tables), _dense(values, tables)
     q, k, v = _new_tokens(batch, steps, heads, kv_heads, dim, seed=8, dtype=dtype)
     cos, sin = _rope(batch, steps, dim, seed=9)
-    row_ids, starts = torch.tensor([2, 0]), torch.tensor([20, 25])
+    starts = torch.tensor([20, 25])
     g = torch.Generator().manual_seed(10)
-    mask = torch.rand(batch, steps, length, generator=g) < 0.6
-    mask[:, :, 0] = True  # every query sees at least one key
-    out = KERNELS.rope_attention(q, k, v, (cos, sin), starts, keys, values, row_ids, mask, 0.3)
+    tree = torch.rand(batch, steps, steps, generator=g) < 0.6
+    first = torch.randint(0, 15, (batch, steps), generator=g)  # a sliding window's first visible positions
+    out = KERNELS.rope_attention(q, k, v, (cos, sin), starts, keys, values, tables, tree, first, 0.3)
 
     def rotated(t):
         return apply_rotary(t.float().transpose(1, 2), cos[:, None], sin[:, None]).to(dtype)
 
     ref_keys, ref_values = before_keys.clone(), before_values.clone()
-    for b, (row, start) in enumerate(zip(row_ids.tolist(), starts.tolist())):
-        ref_keys[row, :, start : start + steps] = rotated(k)[b]
-        ref_values[row, :, start : start + steps] = v[b].transpose(0, 1)
+    length = int(starts.max()) + steps
+    mask = torch.zeros(batch, steps, length, dtype=torch.bool)
+    for b, start in enumerate(starts.tolist()):
+        ref_keys[b, :, start : start + steps] = rotated(k)[b]
+        ref_values[b, :, start : start + steps] = v[b].transpose(0, 1)
+        for t in range(steps):
+            mask[b, t, int(first[b, t]) : start] = True
+        mask[b, :, start : start + steps] = tree[b]
     tol = TOLERANCE[dtype]
-    torch.testing.assert_close(keys.float(), ref_keys.float(), atol=tol, rtol=tol)  # written where they belong
-    assert torch.equal(values, ref_values)
+    written_keys, written_values = _dense(keys, tables), _dense(values, tables)
+    torch.testing.assert_close(written_keys.float(), ref_keys.float(), atol=tol, rtol=tol)  # where they belong
+    assert torch.equal(written_values, ref_values)
     ref = F.scaled_dot_product_attention(
         rotated(q).float(),
-        ref_keys[row_ids, :, :length].float(),
-        ref_values[row_ids, :, :length].float(),
+        ref_keys[:, :, :length].float(),
+        ref_values[:, :, :length].float(),
         attn_mask=mask[:, None],
         scale=0.3,
         enable_gqa=True,
     )
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), ref.transpose(1, 2).reshape(batch, steps, heads * dim), atol=tol, rtol=tol)
+    seen = mask.any(-1, keepdim=True)  # a query that sees nothing gives zeros (SDPA: NaN)
+    ref = torch.where(seen[:, :, None], ref.transpose(1, 2), 0).reshape(batch, steps, heads * dim)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_of_a_query_depends_only_on_the_keys_it_sees(dtype):
     """The same query against the same visible keys: inside a wide tree pass with other queries
-    and hidden slots in between, or alone (as verification vs plain decoding)."""
+    and hidden tokens in between, or in a pass of just those tokens (as plain decoding)."""
     heads, kv_heads, dim, cap, prefix = 2, 1, 16, 64, 40
-    keys, values = _cache(1, kv_heads, cap, dim, seed=11, dtype=dtype)
+    keys, values, tables = _paged(1, kv_heads, cap, dim, seed=11, dtype=dtype)
     q, k, v = _new_tokens(1, 6, heads, kv_heads, dim, seed=12, dtype=dtype)
     cos, sin = _rope(1, 6, dim, seed=13)
-    row, start = torch.tensor([0]), torch.tensor([prefix])
-    wide = torch.zeros(1, 6, prefix + 6, dtype=torch.bool)  # new token i sits at slot 40 + i
-    wide[0, :, :prefix] = True
-    wide[0, 3, [41, 43, 44]] = True  # token 3 also sees tokens 1, 3 (itself) and 4; the others the prefix
-    both = KERNELS.rope_attention(q, k, v, (cos, sin), start, keys, values, row, wide, 0.25)
+    start = torch.tensor([prefix])
+    wide = torch.eye(6, dtype=torch.bool)[None].clone()
+    wide[0, 3, [1, 3, 4]] = True  # token 3 sees tokens 1, 3 (itself) and 4
+    both = KERNELS.rope_attention(q, k, v, (cos, sin), start, keys, values, tables, wide, None, 0.25)
 
-    def alone(visible: list[int]) -> torch.Tensor:  # token 3 again, at slot 43, beside the cached tokens
-        mask = torch.zeros(1, 1, 45, dtype=torch.bool)
-        mask[0, 0, :prefix] = True
-        mask[0, 0, visible] = True
-        three = (slice(None), slice(3, 4))
-        return KERNELS.rope_attention(
-            q[three], k[three], v[three], (cos[three], sin[three]), start + 3, keys, values, row, mask, 0.25
-        )[:, 0]
+    def alone(tokens: list[int]) -> torch.Tensor:  # token 3 again, with only ``tokens`` new after the prefix
+        pick = (slice(None), tokens)
+        sees = torch.ones(1, len(tokens), len(tokens), dtype=torch.bool)
+        out = KERNELS.rope_attention(
+            q[pick], k[pick], v[pick], (cos[pick], sin[pick]), start, keys, values, tables, sees, None, 0.25
+        )
+        return out[:, tokens.index(3)]
 
-    assert torch.equal(alone([41, 43, 44]), both[:, 3])
-    assert not torch.equal(alone([41, 43]), both[:, 3])  # the test can fail: other keys, other output
+    assert torch.equal(alone([1, 3, 4]), both[:, 3])
+    assert not torch.equal(alone([1, 3]), both[:, 3])  # the test can fail: other keys, other output
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -230,7 +248,8 @@ def test_all_layers_in_one_call_equal_the_modules_bit_for_bit(tiny_exact):
             for row in (2, 0):
                 cache.commit(row, list(range(prompts.shape[1])))
             second = model.forward_features(prompts[:, :6], *tree, cache, [2, 0], layers)
-            runs.append((*first, *second, cache.k.clone(), cache.v.clone()))
+            written = [t for row in (2, 0) for t in cache.contents(row, cache.lengths[row] + 6)]  # the tree too
+            runs.append((*first, *second, *written))
     finally:
         model.step_plan = plan
     for one_call, modules in zip(*runs):
@@ -254,9 +273,8 @@ def test_a_prompt_prefilled_in_parts_caches_what_one_pass_would(tiny_exact):
     (tokens, features, lengths, whole), (tokens_parts, features_parts, lengths_parts, parts) = runs
     assert tokens == tokens_parts and lengths == lengths_parts == [len(p) for p in prompts]
     assert all(torch.equal(a, b) for a, b in zip(features, features_parts))
-    for row, n in enumerate(lengths):
-        assert torch.equal(whole.k[:, row, :, :n], parts.k[:, row, :, :n])
-        assert torch.equal(whole.v[:, row, :, :n], parts.v[:, row, :, :n])
+    for row in rows:
+        assert all(torch.equal(a, b) for a, b in zip(whole.contents(row), parts.contents(row)))
 
 
 def test_exact_mode_is_refused_where_it_cannot_run(tmp_path):

@@ -130,6 +130,7 @@ def test_metrics_add_up_to_the_requests(config: ClusterConfig, channel: grpc.Cha
     assert value("time_to_first_token_seconds_bucket", le="+Inf") == requests
     for pool in ("draft", "target"):
         assert value("num_sessions_running", pool=pool) == value("num_sessions_waiting", pool=pool) == 0
+    assert value("kv_blocks_in_use") == 0
 
 
 def test_refusals_are_counted(config: ClusterConfig, channel: grpc.Channel) -> None:
@@ -148,6 +149,7 @@ def test_live_sessions_show_in_the_gauges(config: ClusterConfig, channel: grpc.C
     assert next(responses).HasField("delta")
     _, samples = _scrape(config)
     assert samples[("tandem:kv_rows_in_use", ())] == 1
+    assert samples[("tandem:kv_blocks_in_use", ())] >= 1  # the prompt's block at least, held alone
     assert samples[("tandem:num_sessions_running", (("pool", "target"),))] == 1
     assert samples[("tandem:num_sessions_running", (("pool", "draft"),))] == 1
     responses.cancel()

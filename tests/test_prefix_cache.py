@@ -1,6 +1,7 @@
-"""Prefix caching (tandem/prefix_cache.py): which blocks a prompt finds, LRU eviction, the copies'
-numbers, and output with prefix hits equal to cold output (greedy and sampled, batch 1 and
-batched, with drafters, on the exact kernels where hits are the same bits by construction)."""
+"""The paged KV cache's admission and prefix caching (tandem/prefix_cache.py): which blocks a
+prompt finds, sharing without copies, LRU eviction of unused blocks, admission by free blocks, and
+output with prefix hits equal to cold output (greedy and sampled, batch 1 and batched, with
+drafters, on the exact kernels where hits are the same bits by construction)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from tandem.drafters import NgramDrafter, make_drafter
 from tandem.engine import Engine, Request
+from tandem.errors import NoRoom
 from tandem.kernels.cpu import KernelUnavailable, exact_kernels
 from tandem.models.catalog import DEFAULT_MODEL
 from tandem.models.exact import apply_exact
@@ -25,76 +27,104 @@ from tests.tiny_models import build_tiny
 VOCAB = 64
 
 
-def _random_cache(rows: int = 2, capacity: int = 64) -> KVCache:
-    cache = KVCache(2, rows, 2, capacity, 8, torch.float32, torch.device("cpu"))
-    cache.k.normal_(generator=torch.Generator().manual_seed(0))
-    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+def _pool(blocks: int = 16, rows: int = 3) -> KVCache:
+    """A float32 pool of 4-token blocks with a prefix cache over it."""
+    cache = KVCache(2, rows, 2, 64, 8, torch.float32, torch.device("cpu"), blocks=blocks, block_size=4)
+    PrefixCache(cache)
     return cache
 
 
-def _stored(prefix: PrefixCache, prompt: list[int], row: int = 0, cache: KVCache | None = None) -> KVCache:
-    cache = cache or _random_cache()
-    cache.lengths[row] = len(prompt)
-    prefix.store(cache, row, prompt, None)
-    return cache
+def _finished(cache: KVCache, tokens: list[int], features: torch.Tensor | None = None) -> list[int]:
+    """A sequence of ``tokens`` that ends: its row takes blocks, indexes them and lets go; returns
+    its blocks."""
+    row = cache.take_row()
+    cache.reserve({row: len(tokens)})
+    cache.lengths[row] = len(tokens)
+    blocks = list(cache.tables[row])
+    cache.keeper.store(row, tokens, features)
+    cache.release(row)
+    return blocks
 
 
 def test_a_prompt_finds_its_longest_run_of_whole_cached_blocks():
-    prefix = PrefixCache(blocks=16, block_size=4)
+    cache = _pool()
+    prefix = cache.keeper
     prompt = list(range(20))
-    _stored(prefix, prompt)
-    assert prefix.blocks_in_use == 5
+    _finished(cache, prompt)
+    assert prefix.blocks_cached == 5 and cache.blocks_in_use == 0 and cache.free_blocks == 16
     assert len(prefix.match(prompt + [50, 51])) == 5
     assert len(prefix.match(prompt)) == 4, "the last prompt token is always computed (it gives the first token)"
     assert len(prefix.match(prompt[:9])) == 2
     assert len(prefix.match(prompt[:6] + [60] + prompt[7:])) == 1, "a changed token ends the run at its block"
     assert prefix.match([60] + prompt[1:]) == [], "later blocks are found only after the same earlier ones"
-    _stored(prefix, prompt)
-    assert prefix.blocks_in_use == 5, "storing the same prompt again adds nothing"
+    _finished(cache, prompt)
+    assert prefix.blocks_cached == 5, "the same tokens again add nothing: the second copy is freed"
 
 
-def test_least_recently_used_blocks_go_first_and_their_descendants_become_unreachable():
-    prefix = PrefixCache(blocks=3, block_size=4)
-    first, second = list(range(12)), list(range(30, 38))
-    _stored(prefix, first)
-    assert len(prefix.match(first + [0])) == 3
-    _stored(prefix, second)  # two new blocks: the two oldest (first's blocks 0 and 1) go
-    assert prefix.blocks_in_use == 3
-    assert prefix.match(first + [0]) == []
-    assert len(prefix.match(second + [0])) == 2
-    # first's block 0 comes back in a freed slot with a new identity: its old child (block 2,
-    # still stored) is not taken for the child of the new one, nor is anything else
-    _stored(prefix, first[:4])
-    assert len(prefix.match(first + [0])) == 1
-    # a hit makes blocks recent: second's stay while first[:4] is evicted by the next store
-    prefix.match(second + [0])
-    load_cache = _random_cache()
-    prefix.load(load_cache, 1, second + [0])
-    _stored(prefix, list(range(40, 44)))
-    assert len(prefix.match(second + [0])) == 2
-    assert prefix.match(first + [0]) == []
-
-
-def test_a_hit_copies_the_stored_numbers_into_the_row():
-    prefix = PrefixCache(blocks=8, block_size=4)
+def test_a_hit_shares_the_blocks_without_copying_and_they_outlive_both_rows():
+    cache = _pool()
+    prefix = cache.keeper
     prompt = list(range(14))
     features = torch.randn(len(prompt), 5, generator=torch.Generator().manual_seed(2))
-    source = _random_cache()
-    source.lengths[0] = len(prompt)
-    prefix.store(source, 0, prompt, features)
-    target = KVCache(2, 3, 2, 64, 8, torch.float32, torch.device("cpu"))
-    hit = prefix.load(target, 2, prompt + [99])
-    assert hit.tokens == 12 and target.lengths[2] == 12
-    assert torch.equal(target.k[:, 2, :, :12], source.k[:, 0, :, :12])
-    assert torch.equal(target.v[:, 2, :, :12], source.v[:, 0, :, :12])
+    blocks = _finished(cache, prompt, features)
+    row = cache.take_row()
+    hit = prefix.load(row, prompt + [99])
+    assert hit.tokens == 12 and cache.lengths[row] == 12 and cache.tables[row] == blocks[:3]
     assert torch.equal(hit.features, features[:12])
-    assert not target.k[:, :2].any(), "other rows untouched"
     assert (prefix.queried_tokens, prefix.hit_tokens) == (15, 12)
+    other = cache.take_row()
+    prefix.load(other, prompt[:9])
+    assert cache.tables[other] == blocks[:2] and [cache.refs[b] for b in blocks[:3]] == [2, 2, 1]
+    assert cache.blocks_in_use == 3
+    cache.release(row)
+    cache.release(other)
+    assert cache.blocks_in_use == 0 and len(prefix.match(prompt + [0])) == 3, "kept after both rows let go"
+
+
+def test_a_row_that_needs_room_evicts_the_least_recently_used_unused_block():
+    cache = _pool(blocks=4)
+    prefix = cache.keeper
+    first, second = list(range(12)), list(range(30, 38))
+    _finished(cache, first)
+    _finished(cache, second)  # 5 blocks asked of 4: first's oldest went for second's last
+    assert prefix.match(first + [0]) == [], "its descendants cannot be reached without it"
+    assert len(prefix.match(second + [0])) == 2
+    # blocks a row uses are never evicted, however old
+    row = cache.take_row()
+    prefix.load(row, second + [0])
+    with pytest.raises(NoRoom, match="3 more blocks"):
+        cache.reserve({cache.take_row(): 20})  # 5 blocks: 2 in use, 2 unused kept ones are free space
+    assert len(prefix.match(second + [0])) == 2 and prefix.blocks_cached == 4, "a refused reservation takes nothing"
+    # first's block 0 comes back with a new identity: its old child (block 1, still kept) is not
+    # taken for the child of the new one
+    _finished(cache, first[:4])
+    assert len(prefix.match(first + [0])) == 1
+    cache.release(row)
 
 
 def test_a_verifier_refuses_a_cache_of_other_feature_layers(tiny):
+    cache = tiny.new_cache(1, 64)
+    PrefixCache(cache, (1,))
     with pytest.raises(ValueError, match="prefix cache keeps features"):
-        Verifier(tiny, 1, 64, feature_layers=(0, 1), prefix_cache=PrefixCache(4, 4, (1,)))
+        Verifier(tiny, 1, 64, feature_layers=(0, 1), cache=cache)
+
+
+def test_admission_is_by_free_blocks_and_a_full_cache_says_so(tiny):
+    """More rows than blocks for their contexts: sessions get in while their prompts' blocks are
+    free, a refused one leaves nothing taken, and a closed one's blocks let the next in."""
+    verifier = Verifier(tiny, 8, 64, kv_blocks=6, block_size=4)
+    params = SamplingParams(max_tokens=4)
+    rows = [verifier.open(list(range(1, 11)), params, 0) for _ in range(2)]  # 3 blocks each
+    assert verifier.cache.blocks_in_use == 6 and verifier.free_rows == 6
+    with pytest.raises(NoRoom, match="more blocks"):
+        verifier.open([1, 2, 3], params, 0)
+    assert verifier.cache.blocks_in_use == 6 and verifier.free_rows == 6
+    verifier.close(rows[0])
+    row = verifier.open([1, 2, 3], params, 0)
+    assert verifier.prefill([row, rows[1]])[0].tokens  # the padding pass did not fit: each row alone
+    with pytest.raises(NoRoom):  # a round that needs a block the cache lacks fails before any work
+        verifier.verify([rows[1]], [chain(5, [6, 7])])
+    assert verifier.cache.lengths[rows[1]] == 10
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +151,7 @@ def test_prefill_after_a_hit_gives_the_cold_prefills_token_features_and_cache(ti
     layers = (0, 1)
     system, (warm, prompt) = _shared_prompts(2, seed=3)
     cold = Verifier(tiny, 1, 64, layers)
-    hot = Verifier(tiny, 2, 64, layers, prefix_cache=PrefixCache(16, 4, layers))
+    hot = Verifier(tiny, 2, 64, layers, block_size=4, prefix_caching=True)
     params = SamplingParams(temperature=1.0, max_tokens=8)
     row = hot.open(warm, params, 7)
     hot.prefill([row])
@@ -131,9 +161,7 @@ def test_prefill_after_a_hit_gives_the_cold_prefills_token_features_and_cache(ti
     assert hot_step.cached_tokens == 20 and cold_step.cached_tokens == 0
     assert hot_step.tokens == cold_step.tokens
     assert torch.equal(hot_step.features, cold_step.features)
-    n = len(prompt)
-    assert torch.equal(hot.cache.k[:, hot_row, :, :n], cold.cache.k[:, cold_row, :, :n])
-    assert torch.equal(hot.cache.v[:, hot_row, :, :n], cold.cache.v[:, cold_row, :, :n])
+    assert all(torch.equal(a, b) for a, b in zip(hot.cache.contents(hot_row), cold.cache.contents(cold_row)))
     tree = chain(cold_step.tokens[-1], [5, 9, 11])
     cold_next, hot_next = cold.verify([cold_row], [tree])[0], hot.verify([hot_row], [tree])[0]
     assert (hot_next.tokens, hot_next.accepted) == (cold_next.tokens, cold_next.accepted)
@@ -153,7 +181,7 @@ def test_a_finished_sequence_leaves_its_reply_cached_with_the_numbers_a_prefill_
     while len(greedy) < 30:  # the target's greedy continuation, one token a pass
         greedy += cold.verify([row], [chain(greedy[-1], [])])[0].tokens
     cold.close(row)
-    hot = Verifier(tiny, 1, 96, layers, prefix_cache=PrefixCache(32, 4, layers))
+    hot = Verifier(tiny, 1, 96, layers, block_size=4, prefix_caching=True)
     row = hot.open(prompt, params, 0)
     out = hot.prefill([row])[0].tokens
     while len(out) < 24:  # chains of 3 right drafts and a wrong one: accepted nodes of 4-node passes
@@ -167,9 +195,7 @@ def test_a_finished_sequence_leaves_its_reply_cached_with_the_numbers_a_prefill_
     assert hot_step.cached_tokens == (len(prompt) + len(out) - 1) // 4 * 4 > len(prompt)
     assert hot_step.tokens == cold_step.tokens
     assert torch.equal(hot_step.features, cold_step.features)
-    n = len(turn)
-    assert torch.equal(hot.cache.k[:, hot_row, :, :n], cold.cache.k[:, cold_row, :, :n])
-    assert torch.equal(hot.cache.v[:, hot_row, :, :n], cold.cache.v[:, cold_row, :, :n])
+    assert all(torch.equal(a, b) for a, b in zip(hot.cache.contents(hot_row), cold.cache.contents(cold_row)))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])

@@ -85,6 +85,42 @@ async def _two_sessions_then_a_third(worker: TargetWorker) -> None:
     assert len(reopened.tokens) == 1
 
 
+def test_a_session_that_cannot_grow_is_preempted_and_the_others_go_on(tmp_path: Path) -> None:
+    """The paged cache holds 5 blocks of 4 tokens for 4 rows: sessions get in by their prompts'
+    blocks; one whose round needs a block no longer free ends ABORTED (its router resumes it),
+    the other goes on, and the freed blocks admit a new session."""
+    model = str(tiny_target(tmp_path / "tiny"))
+    shard = ShardSpec(
+        model, "float32", rows=4, max_model_len=64, feature_layers=(), threads=1, kv_blocks=5, block_size=4
+    )
+
+    async def round_of(call: grpc.aio.StreamStreamCall, anchor: int) -> worker_pb2.VerifyOut:
+        await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(anchor, [1, 2, 3]))))
+        return await call.read()
+
+    async def scenario() -> None:
+        async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", False)) as worker:
+            first, step0 = await _open_verify(worker.address, 0)  # 10 tokens: 3 blocks
+            second, step1 = await _open_verify(worker.address, 1)  # 3 tokens: 1 block
+            assert (step0.kv_blocks, step1.kv_blocks) == (3.0, 1.0)
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await _open_verify(worker.address, 2)  # 10 tokens: 3 blocks, 1 free
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "more blocks" in full.value.details()
+            step1 = await round_of(second, step1.tokens[-1])  # 3 + 4 tokens: the last free block
+            assert step1.kv_blocks == 2.0
+            with pytest.raises(grpc.aio.AioRpcError) as preempted:
+                await round_of(first, step0.tokens[-1])  # 10 + 4 tokens: a 4th block
+            assert preempted.value.code() == grpc.StatusCode.ABORTED and "preempted" in preempted.value.details()
+            step1 = await round_of(second, step1.tokens[-1])
+            assert len(step1.tokens) >= 1
+            third, step2 = await _open_verify(worker.address, 2)  # the preempted session's blocks came back
+            assert len(step2.tokens) == 1
+            for call in (second, third):
+                call.cancel()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("schedule", [False, True])
 def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatch, schedule: bool) -> None:
     """The target's own greedy continuation, drafted with low predicted survival, on a machine

@@ -1,7 +1,9 @@
 """The target pool's replica: a tensor-parallel group verifying the token trees of many sessions.
 
-Each session takes a row of the verifier's KV cache when its stream opens (RESOURCE_EXHAUSTED when
-every row is taken) and gives it back when the stream ends, however it ends. Prefills and
+Each session takes a row of the verifier's paged KV cache, with its prompt's blocks, when its
+stream opens (RESOURCE_EXHAUSTED when no row or too few blocks are free) and gives them back when
+the stream ends, however it ends. A session whose round needs a block the cache no longer has is
+preempted (ABORTED): its router resumes it, from the prefix cache where its blocks are still there. Prefills and
 verifications that arrive together run as one batched forward pass each (continuous batching),
 through two batchers: a pass that fails is retried call by call, and a prefill never shares a
 failure with a verification.
@@ -18,10 +20,10 @@ from functools import partial
 import grpc
 
 from tandem.calibration import SurvivalCalibration
-from tandem.errors import InvalidRequest
+from tandem.errors import InvalidRequest, NoRoom
 from tandem.scheduler import DraftGate, PassCost, schedule
 from tandem.tree import TokenTree
-from tandem.verifier import NoRoom, Step
+from tandem.verifier import Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher, BusyClock
 from workers.server import WorkerServer
@@ -151,6 +153,9 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                     job = (row, tree_from_proto(message.tree), params.greedy, waited)
                     step, room, draft = await self.verifies.submit(job, opening.group)
                     features, skip_draft = opening.want_features, not draft
+            except NoRoom as exc:  # preempted: its blocks go back (its full ones stay cached), and
+                # the router resumes it (ABORTED is a lost replica to it) once blocks are free
+                await context.abort(grpc.StatusCode.ABORTED, f"session preempted, the KV cache is full: {exc}")
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:  # also on cancellation: the row must come back

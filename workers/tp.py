@@ -24,7 +24,6 @@ from tandem.models.catalog import resolve_model_path
 from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
 from tandem.models.tp import rank0_verdicts
-from tandem.prefix_cache import PrefixCache
 from tandem.profile import load_or_measure
 from tandem.scheduler import PassCost
 from tandem.target import DTYPES
@@ -46,8 +45,9 @@ class ShardSpec:
     threads: int | None
     device: str = "cpu"  # "cuda" when the pool asks for GPUs: NCCL joins the ranks instead of gloo
     exact: bool | None = None  # batch-invariant kernels (tandem.models.exact; None: where they run)
-    prefix_cache_blocks: int = 0  # tandem.prefix_cache: prompt blocks kept across sessions (0: none)
+    kv_blocks: int | None = None  # the paged KV cache's blocks (None: every row can fill max_model_len)
     block_size: int = 16
+    prefix_caching: bool = False  # tandem.prefix_cache: full blocks stay indexed after their sessions
 
 
 def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> Verifier:
@@ -57,9 +57,9 @@ def build_verifier(spec: ShardSpec, group: dist.ProcessGroup | None = None) -> V
     agree = None if group is None else rank0_verdicts(group)
     apply_exact(model, spec.exact)  # after sharding: it packs this rank's weights
     capacity = min(spec.max_model_len, model.config.max_position)
-    blocks, layers = spec.prefix_cache_blocks, spec.feature_layers
-    prefix = PrefixCache(blocks, spec.block_size, layers) if blocks else None  # every rank: its own KV heads
-    return Verifier(model, spec.rows, capacity, layers, agree, prefix)
+    return Verifier(
+        model, spec.rows, capacity, spec.feature_layers, agree, spec.kv_blocks, spec.block_size, spec.prefix_caching
+    )  # every rank: blocks of its own KV heads
 
 
 def _prefill_part(verifier: Verifier, rows: list[int], chunk: int | None) -> list[tuple[Step, int] | None]:
@@ -93,6 +93,7 @@ OPERATIONS = {
     "close": Verifier.close,
     "capacity": lambda verifier: verifier.capacity,
     "rows_in_use": lambda verifier: verifier.cache.num_rows - verifier.free_rows,
+    "kv_blocks": lambda verifier: (verifier.cache.blocks_in_use, verifier.cache.num_blocks),
     "prefill_part": _prefill_part,
     "verify": _verify,
     "pass_cost": _pass_cost,

@@ -111,8 +111,9 @@ def step_to_proto(step: Step, room: int, capacity: int, with_features: bool) -> 
         room=room,
         capacity=capacity,
         cached_tokens=step.cached_tokens,
+        kv_blocks=step.kv_blocks,
     )
 
 
 def step_from_proto(msg: worker_pb2.VerifyOut) -> Step:
-    return Step(list(msg.tokens), msg.accepted, tensor_from_proto(msg.features), msg.cached_tokens)
+    return Step(list(msg.tokens), msg.accepted, tensor_from_proto(msg.features), msg.cached_tokens, msg.kv_blocks)

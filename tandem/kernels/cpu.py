@@ -68,10 +68,10 @@ def _build() -> tuple[Path, str]:
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "tandem_linear": (_P, _I, _I, _I, _P, _I, _P, _P, _I, _C, _C, _C, _C),
-    "tandem_rope_attention": (_P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, *[_I] * 7, _P, _F, _P, _C, _C),
+    "tandem_rope_attention": (_P, _I, _P, _I, _P, _I, *[_P] * 6, *[_I] * 7, _P, _P, _F, _P, _C, _C),
     "tandem_rms_norm": (_P, _I, _I, _P, _F, _F, _P, _C),
     "tandem_act_mul": (_P, _I, _I, _C, _P, _C),
-    "tandem_layers": (_P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _C),
+    "tandem_layers": (_P, _P, _I, _I, *[_P] * 9, _I, _P, _P, _I, _I, _P, _C),
 }
 DTYPES = (torch.bfloat16, torch.float32)  # the storage types the kernels read and write
 AVX512 = {"avx512f", "avx512bw", "avx512_bf16"}  # the wide linear tiles: 16-lane FMA, bf16 dot products
@@ -130,6 +130,14 @@ def _f32(t: torch.Tensor) -> int:
     if t.dtype not in DTYPES:
         raise TypeError(f"the exact kernels take bf16 or float32 tensors, not {t.dtype}")
     return int(t.dtype == torch.float32)
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    """A contiguous tensor's data pointer for the kernels, or NULL (a copy made here would be freed
+    before the call)."""
+    if t is not None and not t.is_contiguous():
+        raise ValueError("the exact kernels take this argument contiguous")
+    return None if t is None else t.data_ptr()
 
 
 def _isa(asked: str | None) -> str:
@@ -206,24 +214,27 @@ class ExactKernels:
         starts: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        row_ids: torch.Tensor,
-        mask: torch.Tensor,
+        tables: torch.Tensor,
+        tree: torch.Tensor,
+        first: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:
         """One attention layer after its projections: RoPE on ``q`` ``[B, T, H, D]`` and ``k``
         ``[B, T, Hkv, D]`` (float32 ``cos``/``sin`` ``[B, T, D]``), the new keys and ``v`` stored
-        in one layer's cache ``keys``/``values`` ``[rows, Hkv, cap, D]`` at rows ``row_ids`` from
-        slot ``starts`` ``[B]`` on, then attention where ``mask`` ``[B, T, length]`` shows each
-        query its keys. Returns ``[B, T, H * D]``."""
+        in one layer's block pool ``keys``/``values`` ``[blocks, Hkv, block_size, D]`` at
+        positions ``starts`` ``[B]`` on of the rows whose blocks ``tables`` ``[B, n]`` lists,
+        then attention: query ``(b, t)`` sees its row's prefix from ``first[b, t]`` on (None:
+        all of it) and the new tokens ``tree`` ``[B, T, T]`` shows it. Returns ``[B, T, H * D]``."""
         batch, steps, heads, dim = q.shape
         (q, ldq), (k, ldk), (v, ldv) = (_token_rows(t) for t in (q, k, v))
         cos, sin = (t.contiguous() for t in rope)
+        tree = tree.contiguous()
         out = torch.empty(batch, steps, heads * dim, dtype=q.dtype, device=q.device)
         self._lib.tandem_rope_attention(
             q.data_ptr(), ldq, k.data_ptr(), ldk, v.data_ptr(), ldv, cos.data_ptr(), sin.data_ptr(),
-            starts.data_ptr(), keys.data_ptr(), values.data_ptr(), row_ids.data_ptr(), batch, heads,
-            keys.shape[1], steps, dim, keys.shape[2], mask.shape[-1], mask.contiguous().data_ptr(), scale,
-            out.data_ptr(), torch.get_num_threads(), _f32(q),
+            starts.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), tables.shape[1],
+            keys.shape[2], batch, heads, keys.shape[1], steps, dim, _pointer(first), tree.data_ptr(),
+            scale, out.data_ptr(), torch.get_num_threads(), _f32(q),
         )  # fmt: skip
         return out
 
@@ -233,29 +244,31 @@ class ExactKernels:
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         local_rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor,
-        local_mask: torch.Tensor | None,
+        tree: torch.Tensor,
+        local_tree: torch.Tensor | None,
+        local_first: torch.Tensor | None,
         starts: torch.Tensor,
-        row_ids: torch.Tensor,
+        tables: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         keep: Sequence[torch.Tensor | None],
     ) -> None:
         """Every decoder layer of a pass in one call, bit-identical to running the modules on
         these kernels: ``x`` ``[B, T, hidden]`` (contiguous) is updated in place; ``keys``/``values``
-        the whole cache ``[layers, rows, Hkv, cap, D]``; ``keep[i]``: a tensor like ``x`` to copy
-        the hidden states after layer ``i`` into, or None. The rest as :meth:`rope_attention`."""
+        the whole pool ``[layers, blocks, Hkv, block_size, D]``; ``keep[i]``: a tensor like ``x``
+        to copy the hidden states after layer ``i`` into, or None. Sliding-window layers use
+        ``local_rope``, ``local_tree`` and ``local_first``; the rest as :meth:`rope_attention`."""
         batch, steps, _ = x.shape
         cos, sin = (t.contiguous() for t in rope)
         local_cos, local_sin = (cos, sin) if local_rope is None else (t.contiguous() for t in local_rope)
-        mask = mask.contiguous()
-        local_mask = mask if local_mask is None else local_mask.contiguous()
+        tree = tree.contiguous()
+        local_tree = tree if local_tree is None else local_tree.contiguous()
         kept = (ctypes.c_void_p * len(keep))(*(None if t is None else t.data_ptr() for t in keep))
         self._lib.tandem_layers(
             ctypes.byref(plan.struct), x.data_ptr(), batch, steps, cos.data_ptr(), sin.data_ptr(),
-            local_cos.data_ptr(), local_sin.data_ptr(), mask.data_ptr(), local_mask.data_ptr(), mask.shape[-1],
-            starts.data_ptr(), row_ids.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], keys.shape[3],
-            kept, torch.get_num_threads(),
+            local_cos.data_ptr(), local_sin.data_ptr(), tree.data_ptr(), local_tree.data_ptr(), _pointer(local_first),
+            starts.data_ptr(), tables.data_ptr(), tables.shape[1], keys.data_ptr(), values.data_ptr(), keys.shape[1],
+            keys.shape[3], kept, torch.get_num_threads(),
         )  # fmt: skip
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:

@@ -13,8 +13,9 @@
  *    FMA per k, or one bf16 dot product per pair of k, per element), prefetching the next
  *    block; threads split the columns. Reading the weights once serves every row of the pass,
  *    so a pass over a few tokens costs about what one token costs.
- *  - attention: each (sequence, head, query) visits the keys its mask shows in slot order; the
- *    softmax sum and the weighted sum of values run in that order.
+ *  - attention: each (sequence, head, query) visits the keys it sees in position order, wherever
+ *    their blocks lie in the paged cache; the softmax sum and the weighted sum of values run in
+ *    that order.
  *  - rms_norm, act_mul: one row / one element at a time, in a fixed order.
  *
  * Built without -ffast-math on purpose: the compiler must not reassociate these sums.
@@ -218,37 +219,64 @@ void tandem_linear(const void *x, int64_t ldx, int64_t M, int64_t K, const void 
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* attention over a KV cache with a visibility mask                                          */
+/* attention over a paged KV cache                                                           */
 
-/* q: [B, H, T, D] with strides (qb, qh, qt) and unit stride over D; kc/vc: one layer of the
- * cache, [rows, Hkv, cap, D] contiguous; row_ids: [B] cache rows; mask: [B, T, length] uint8;
- * out: [B, T, H, D] contiguous; q, the cache and out in the storage type `f32` says. D is a
- * multiple of 8. */
-INLINE void attention(const void *q, int64_t qb, int64_t qh, int64_t qt, const void *kc, const void *vc,
-                      const int64_t *row_ids, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t cap,
-                      int64_t length, const uint8_t *mask, float scale, void *out, int threads, int f32) {
-    int64_t group = H / Hkv, chunks = D / 8;
+/* Where a pass's rows keep their keys and values: one layer of the block pool, [blocks, Hkv, bs,
+ * D] contiguous (kc, vc); tables: [B, nb] the block number of each row's positions; starts: [B]
+ * each row's cached length, where its new tokens begin. Position p of row b lies at offset
+ * p % bs of block tables[b][p / bs]. */
+typedef struct {
+    void *kc, *vc;
+    const int64_t *tables, *starts;
+    int64_t nb, bs, Hkv;
+} paged_kv;
+
+INLINE int64_t slot_at(const paged_kv *kv, int64_t b, int64_t hk, int64_t pos, int64_t D) {
+    return ((kv->tables[b * kv->nb + pos / kv->bs] * kv->Hkv + hk) * kv->bs + pos % kv->bs) * D;
+}
+
+/* The cache offsets of the keys query (b, t) sees for kv head hk, in position order: the prefix
+ * positions [first[b T + t], starts[b]) (first NULL: from 0; a sliding window starts later),
+ * then the new tokens j where tree[(b T + t) T + j]. Returns how many. Only the tree's own T x T
+ * visibility is stored: the prefix is a range. */
+static int64_t visible_keys(const paged_kv *kv, int64_t b, int64_t t, int64_t T, int64_t hk, int64_t D,
+                            const int64_t *first, const uint8_t *tree, int64_t *at) {
+    int64_t n = 0, start = kv->starts[b], bs = kv->bs;
+    for (int64_t s = first ? first[b * T + t] : 0; s < start;) { /* block by block */
+        int64_t end = (s / bs + 1) * bs < start ? (s / bs + 1) * bs : start;
+        for (int64_t at0 = slot_at(kv, b, hk, s, D); s < end; s++, at0 += D) at[n++] = at0;
+    }
+    const uint8_t *sees = tree + (b * T + t) * T;
+    for (int64_t j = 0; j < T; j++)
+        if (sees[j]) at[n++] = slot_at(kv, b, hk, start + j, D);
+    return n;
+}
+
+/* q: [B, H, T, D] with strides (qb, qh, qt) and unit stride over D; kv: the layer's cache (new
+ * keys already written); first, tree: what each query sees (visible_keys); out: [B, T, H, D]
+ * contiguous; q, the cache and out in the storage type `f32` says. D is a multiple of 8. */
+INLINE void attention(const void *q, int64_t qb, int64_t qh, int64_t qt, const paged_kv *kv, int64_t B, int64_t H,
+                      int64_t T, int64_t D, const int64_t *first, const uint8_t *tree, float scale, void *out,
+                      int threads, int f32) {
+    int64_t group = H / kv->Hkv, chunks = D / 8, longest = 1;
+    for (int64_t b = 0; b < B; b++)
+        if (kv->starts[b] + T > longest) longest = kv->starts[b] + T;
+    const void *kc = kv->kc, *vc = kv->vc;
 #pragma omp parallel num_threads(threads)
     {
-        size_t slots = (size_t)(length > 0 ? length : 1);
-        float *score = (float *)malloc(sizeof(float) * slots);
-        int64_t *seen = (int64_t *)malloc(sizeof(int64_t) * slots);
+        float *score = (float *)malloc(sizeof(float) * (size_t)longest);
+        int64_t *at = (int64_t *)malloc(sizeof(int64_t) * (size_t)longest);
         __m256 *qf = (__m256 *)aligned_alloc(32, sizeof(__m256) * (size_t)chunks);
         __m256 *acc = (__m256 *)aligned_alloc(32, sizeof(__m256) * (size_t)chunks);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * H * T; task++) {
             int64_t b = task / (H * T), h = (task / T) % H, t = task % T;
             int64_t qrow = b * qb + h * qh + t * qt;
-            const uint8_t *visible = mask + (b * T + t) * length;
-            int64_t keys = (row_ids[b] * Hkv + h / group) * cap * D; /* this head's slot 0, in kc and vc */
-            int64_t n = 0;
-            for (int64_t s = 0; s < length; s++)
-                if (visible[s]) seen[n++] = s;
+            int64_t n = visible_keys(kv, b, t, T, h / group, D, first, tree, at);
             for (int64_t c = 0; c < chunks; c++) qf[c] = load8(q, qrow + c * 8, f32);
             int64_t i = 0;
             for (; i + 4 <= n; i += 4) { /* four independent dot products hide the FMA latency */
-                int64_t k0 = keys + seen[i] * D, k1 = keys + seen[i + 1] * D;
-                int64_t k2 = keys + seen[i + 2] * D, k3 = keys + seen[i + 3] * D;
+                int64_t k0 = at[i], k1 = at[i + 1], k2 = at[i + 2], k3 = at[i + 3];
                 __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
                 for (int64_t c = 0; c < chunks; c++) {
                     d0 = _mm256_fmadd_ps(qf[c], load8(kc, k0 + c * 8, f32), d0);
@@ -260,9 +288,8 @@ INLINE void attention(const void *q, int64_t qb, int64_t qh, int64_t qt, const v
                 score[i + 2] = hsum8(d2) * scale, score[i + 3] = hsum8(d3) * scale;
             }
             for (; i < n; i++) { /* the same per-key sequence as above */
-                int64_t key = keys + seen[i] * D;
                 __m256 dot = _mm256_setzero_ps();
-                for (int64_t c = 0; c < chunks; c++) dot = _mm256_fmadd_ps(qf[c], load8(kc, key + c * 8, f32), dot);
+                for (int64_t c = 0; c < chunks; c++) dot = _mm256_fmadd_ps(qf[c], load8(kc, at[i] + c * 8, f32), dot);
                 score[i] = hsum8(dot) * scale;
             }
             float best = -INFINITY;
@@ -275,8 +302,7 @@ INLINE void attention(const void *q, int64_t qb, int64_t qh, int64_t qt, const v
             for (int64_t i = 0; i < n; i++) {
                 total += score[i];
                 __m256 p = _mm256_set1_ps(score[i]);
-                int64_t value = keys + seen[i] * D;
-                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(p, load8(vc, value + c * 8, f32), acc[c]);
+                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(p, load8(vc, at[i] + c * 8, f32), acc[c]);
             }
             int64_t orow = ((b * T + t) * H + h) * D;
             float inv = n > 0 ? 1.0f / total : 0.0f;
@@ -287,12 +313,11 @@ INLINE void attention(const void *q, int64_t qb, int64_t qh, int64_t qt, const v
             }
         }
         free(score);
-        free(seen);
+        free(at);
         free(qf);
         free(acc);
     }
 }
-
 
 /* RoPE (non-interleaved halves) of one head's D values, rounded to the storage type:
  * out[d] = x[d] cos[d] + (d < D/2 ? -x[d + D/2] : x[d - D/2]) sin[d]. */
@@ -306,14 +331,12 @@ INLINE void rotate(const void *x, int64_t at, const float *cos, const float *sin
 }
 
 /* One attention layer of a pass after its projections, in one call: RoPE on the new queries and
- * keys, the new keys and values written into the cache after each row's prefix (slot
- * starts[b] + t), then attention() over the mask. q, k, v: [B, T, heads * D] rows with row
- * strides ldq, ldk, ldv (views into the fused projection); cos, sin: [B, T, D] float32; kc, vc,
- * row_ids, mask, out as in attention(). */
+ * keys, the new keys and values written into the cache after each row's prefix (position
+ * starts[b] + t), then attention(). q, k, v: [B, T, heads * D] rows with row strides ldq, ldk,
+ * ldv (views into the fused projection); cos, sin: [B, T, D] float32; the rest as attention(). */
 INLINE void rope_attention(const void *q, int64_t ldq, const void *k, int64_t ldk, const void *v, int64_t ldv,
-                           const float *cos, const float *sin, const int64_t *starts, void *kc, void *vc,
-                           const int64_t *row_ids, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D,
-                           int64_t cap, int64_t length, const uint8_t *mask, float scale, void *out, int threads,
+                           const float *cos, const float *sin, const paged_kv *kv, int64_t B, int64_t H, int64_t T,
+                           int64_t D, const int64_t *first, const uint8_t *tree, float scale, void *out, int threads,
                            int f32) {
     int64_t size = f32 ? 4 : 2;
     void *qr = malloc((size_t)(B * H * T * D * size)); /* rotated queries, [B, H, T, D] */
@@ -322,27 +345,25 @@ INLINE void rope_attention(const void *q, int64_t ldq, const void *k, int64_t ld
             int64_t token = b * T + t;
             const float *c = cos + token * D, *s = sin + token * D;
             for (int64_t h = 0; h < H; h++) rotate(q, token * ldq + h * D, c, s, D, qr, ((b * H + h) * T + t) * D, f32);
-            for (int64_t h = 0; h < Hkv; h++) {
-                int64_t slot = ((row_ids[b] * Hkv + h) * cap + starts[b] + t) * D;
-                rotate(k, token * ldk + h * D, c, s, D, kc, slot, f32);
-                memcpy((char *)vc + slot * size, (const char *)v + (token * ldv + h * D) * size, (size_t)(D * size));
+            for (int64_t h = 0; h < kv->Hkv; h++) {
+                int64_t slot = slot_at(kv, b, h, kv->starts[b] + t, D);
+                rotate(k, token * ldk + h * D, c, s, D, kv->kc, slot, f32);
+                memcpy((char *)kv->vc + slot * size, (const char *)v + (token * ldv + h * D) * size, (size_t)(D * size));
             }
         }
-    attention(qr, H * T * D, T * D, D, kc, vc, row_ids, B, H, Hkv, T, D, cap, length, mask, scale, out, threads, f32);
+    attention(qr, H * T * D, T * D, D, kv, B, H, T, D, first, tree, scale, out, threads, f32);
     free(qr);
 }
 
+/* kc, vc: one layer of the pool, [blocks, Hkv, bs, D]; tables: [B, nb]; starts: [B]. */
 void tandem_rope_attention(const void *q, int64_t ldq, const void *k, int64_t ldk, const void *v, int64_t ldv,
                            const float *cos, const float *sin, const int64_t *starts, void *kc, void *vc,
-                           const int64_t *row_ids, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D,
-                           int64_t cap, int64_t length, const uint8_t *mask, float scale, void *out, int threads,
+                           const int64_t *tables, int64_t nb, int64_t bs, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                           int64_t D, const int64_t *first, const uint8_t *tree, float scale, void *out, int threads,
                            int f32) {
-    if (f32)
-        rope_attention(q, ldq, k, ldk, v, ldv, cos, sin, starts, kc, vc, row_ids, B, H, Hkv, T, D, cap, length,
-                       mask, scale, out, threads, 1);
-    else
-        rope_attention(q, ldq, k, ldk, v, ldv, cos, sin, starts, kc, vc, row_ids, B, H, Hkv, T, D, cap, length,
-                       mask, scale, out, threads, 0);
+    paged_kv kv = {kc, vc, tables, starts, nb, bs, Hkv};
+    if (f32) rope_attention(q, ldq, k, ldk, v, ldv, cos, sin, &kv, B, H, T, D, first, tree, scale, out, threads, 1);
+    else rope_attention(q, ldq, k, ldk, v, ldv, cos, sin, &kv, B, H, T, D, first, tree, scale, out, threads, 0);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -471,16 +492,16 @@ static void add_into(void *x, const void *h, int64_t n, int f32) {
 
 /* What Block.forward does for every layer, with the same kernels in the same order, so the result
  * is bit-identical to the per-op path; it only saves the Python between the kernels. x: [B*T,
- * hidden], updated in place; cos/sin, mask: as tandem_rope_attention takes them (the local_ ones
- * for sliding layers); kc/vc: the whole cache [layers, rows, Hkv, cap, D]; keep[i]: where to copy
- * x after layer i, or NULL. */
+ * hidden], updated in place; cos/sin, tree: as tandem_rope_attention takes them (the local_ ones,
+ * and the window's first visible positions local_first, for sliding layers); kc/vc: the whole
+ * pool [layers, blocks, Hkv, bs, D]; keep[i]: where to copy x after layer i, or NULL. */
 void tandem_layers(const tandem_model *m, void *x, int64_t B, int64_t T, const float *cos, const float *sin,
-                   const float *local_cos, const float *local_sin, const uint8_t *mask, const uint8_t *local_mask,
-                   int64_t length, const int64_t *starts, const int64_t *row_ids, void *kc, void *vc, int64_t rows,
-                   int64_t cap, void *const *keep, int threads) {
+                   const float *local_cos, const float *local_sin, const uint8_t *tree, const uint8_t *local_tree,
+                   const int64_t *local_first, const int64_t *starts, const int64_t *tables, int64_t nb, void *kc,
+                   void *vc, int64_t blocks, int64_t bs, void *const *keep, int threads) {
     int f32 = m->f32, size = f32 ? 4 : 2;
     int64_t n = B * T, d = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate;
-    int64_t nqkv = (H + 2 * Hkv) * D, layer_slots = rows * Hkv * cap * D;
+    int64_t nqkv = (H + 2 * Hkv) * D, layer_slots = blocks * Hkv * bs * D;
     char *h = malloc((size_t)(n * d * size)), *qkv = malloc((size_t)(n * nqkv * size));
     char *attn = malloc((size_t)(n * H * D * size)), *gu = malloc((size_t)(n * 2 * I * size));
     char *act = malloc((size_t)(n * I * size));
@@ -496,8 +517,9 @@ void tandem_layers(const tandem_model *m, void *x, int64_t B, int64_t T, const f
             }
         tandem_rope_attention(qkv, nqkv, qkv + H * D * size, nqkv, qkv + (H + Hkv) * D * size, nqkv,
                               l->sliding ? local_cos : cos, l->sliding ? local_sin : sin, starts,
-                              (char *)kc + i * layer_slots * size, (char *)vc + i * layer_slots * size, row_ids, B, H,
-                              Hkv, T, D, cap, length, l->sliding ? local_mask : mask, m->scale, attn, threads, f32);
+                              (char *)kc + i * layer_slots * size, (char *)vc + i * layer_slots * size, tables, nb, bs,
+                              B, H, Hkv, T, D, l->sliding ? local_first : NULL, l->sliding ? local_tree : tree,
+                              m->scale, attn, threads, f32);
         tandem_linear(attn, H * D, n, H * D, l->wo, d, NULL, h, d, 0, f32, m->wide, threads);
         if (l->post_attn_norm) tandem_rms_norm(h, n, d, l->post_attn_norm, m->eps, m->offset, h, f32);
         add_into(x, h, n * d, f32);

@@ -92,15 +92,19 @@ class PassContext:
     """What every layer of one forward pass shares: computed once, not per layer."""
 
     cache: KVCache
-    starts: torch.Tensor  # [B] cached lengths: the new tokens' first slot
-    row_ids: torch.Tensor  # [B] cache rows of the pass
-    write_index: tuple[torch.Tensor, ...]
-    read_rows: slice | torch.Tensor
-    length: int  # cache slots attended to
-    mask: torch.Tensor  # [B, T, length]
+    starts: torch.Tensor  # [B] cached lengths: the new tokens' first position
+    tables: torch.Tensor  # [B, n] the rows' blocks, through the longest row's new tokens
+    tree: torch.Tensor  # [B, T, T] new token i sees new token j; every row sees its whole prefix
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [B, 1, T, D] in the model's dtype; [B, T, D] float32 exact
-    local_mask: torch.Tensor | None = None  # sliding-window layers, [B, T, length]
+    local_tree: torch.Tensor | None = None  # sliding-window layers: the tree within the window
+    local_first: torch.Tensor | None = None  # [B, T] sliding-window layers: each query's first visible position
     local_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the stock path only: it gathers the rows' blocks and attends through a dense mask
+    write_index: tuple[torch.Tensor, ...] = ()
+    length: int = 0  # positions gathered
+    mask: torch.Tensor | None = None  # [B, T, length]
+    local_mask: torch.Tensor | None = None
+    fresh: bool = False  # no row has a prefix and the tree is causal: SDPA's causal kernels need no mask
 
 
 class Attention(nn.Module):
@@ -127,25 +131,31 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         rope = ctx.local_rope if sliding and ctx.local_rope is not None else ctx.rope
-        mask = ctx.local_mask if sliding and ctx.local_mask is not None else ctx.mask
         if self.kernels is not None:  # RoPE, the cache write and attention in one call
-            cache, layer = ctx.cache, self.layer
+            tree, first = (
+                (ctx.local_tree, ctx.local_first) if sliding and ctx.local_tree is not None else (ctx.tree, None)
+            )
+            keys, values = ctx.cache.k[self.layer], ctx.cache.v[self.layer]
             out = self.kernels.rope_attention(
-                q, k, v, rope, ctx.starts, cache.k[layer], cache.v[layer], ctx.row_ids, mask, self.scale
+                q, k, v, rope, ctx.starts, keys, values, ctx.tables, tree, first, self.scale
             )
             return self.wo(out)
         cos, sin = rope
-        q, k = apply_rotary(q.transpose(1, 2), cos, sin), apply_rotary(k.transpose(1, 2), cos, sin)
-        ctx.cache.write(self.layer, ctx.write_index, k, v.transpose(1, 2))
-        keys, values = ctx.cache.read(self.layer, ctx.read_rows, ctx.length)
-        out = F.scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            attn_mask=mask.unsqueeze(1),
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+        q, k, v = (
+            apply_rotary(q.transpose(1, 2), cos, sin),
+            apply_rotary(k.transpose(1, 2), cos, sin),
+            v.transpose(1, 2),
         )
+        ctx.cache.write(self.layer, ctx.write_index, k, v)
+        gqa = self.num_heads != self.num_kv_heads
+        if ctx.fresh:  # a prompt's first part: its own keys, causal (flash-eligible on CUDA)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:
+            mask = ctx.local_mask if sliding and ctx.local_mask is not None else ctx.mask
+            keys, values = ctx.cache.read(self.layer, ctx.tables, ctx.length)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask.unsqueeze(1), scale=self.scale, enable_gqa=gqa
+            )
         return self.wo(out.transpose(1, 2).reshape(batch, steps, q_dim))
 
 
@@ -286,10 +296,16 @@ class Transformer(nn.Module):
             cfg.hidden_act != "silu",
         )
 
-    def new_cache(self, rows: int, capacity: int) -> KVCache:
+    def new_cache(self, rows: int, capacity: int, blocks: int | None = None, block_size: int = 16) -> KVCache:
+        """A paged cache of ``rows`` sequences of up to ``capacity`` tokens in ``blocks`` blocks
+        (None: enough for every row to fill its capacity)."""
         cfg = self.config
         capacity = min(capacity, cfg.max_position)
-        return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
+        kv_heads = self.layers[0].attn.num_kv_heads  # this rank's, after any sharding
+        return KVCache(
+            cfg.num_layers, rows, kv_heads, capacity, cfg.head_dim, self.dtype, self.device, blocks, block_size,
+            zeroed=not self.exact,
+        )  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -336,30 +352,27 @@ class Transformer(nn.Module):
         """:meth:`forward`, plus the hidden states after each of ``feature_layers`` (0-based),
         concatenated: ``[B, T, len(feature_layers) * hidden]``, the drafters' view of the target."""
         cfg = self.config
-        length = max(cache.lengths[r] for r in rows) + tokens.shape[1]
-        if length > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} tokens; this pass needs {length}")
+        steps = tokens.shape[1]
+        cache.reserve({r: cache.lengths[r] + steps for r in rows})  # NoRoom, before any work
+        length = max(cache.lengths[r] for r in rows) + steps
         starts = cache.starts(rows)
         positions = starts[:, None] + depths
-        mask, key_positions = _attention_mask(starts, tree_mask, depths, length)
-        write_index = cache.block_index(rows, starts, tokens.shape[1])
-        row_ids = write_index[0].view(-1)
         rope_dtype = torch.float32 if self.exact else self.dtype
         ctx = PassContext(
             cache=cache,
             starts=starts,
-            row_ids=row_ids,
-            write_index=write_index,
-            read_rows=cache.row_selector(rows, row_ids),
-            length=length,
-            mask=mask,
+            tables=cache.block_tables(rows, length),
+            tree=tree_mask,
             rope=self.rotary.tables(positions, rope_dtype, self.exact),
         )
-        if cfg.sliding_window is not None:
-            distance = positions[:, :, None] - key_positions[:, None, :]
-            ctx.local_mask = mask & (distance < cfg.sliding_window)
+        window = cfg.sliding_window
+        if window is not None:
+            ctx.local_tree = tree_mask & ((depths[:, :, None] - depths[:, None, :]) < window)
+            ctx.local_first = (positions - window + 1).clamp(min=0).contiguous()
         if self.local_rotary is not None:
             ctx.local_rope = self.local_rotary.tables(positions, rope_dtype, self.exact)
+        if not self.exact:
+            self._stock_context(ctx, rows, depths, length)
         x = self.embed(tokens)
         if cfg.embedding_scale:
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
@@ -367,8 +380,8 @@ class Transformer(nn.Module):
         if self.step_plan is not None:  # the same kernels, without Python between them
             kept = {i: torch.empty_like(x) for i in feature_layers}
             self.lm_head.kernels.layers(
-                self.step_plan, x, ctx.rope, ctx.local_rope, ctx.mask, ctx.local_mask, starts, row_ids,
-                cache.k, cache.v, [kept.get(i) for i in range(cfg.num_layers)],
+                self.step_plan, x, ctx.rope, ctx.local_rope, ctx.tree, ctx.local_tree, ctx.local_first, starts,
+                ctx.tables, cache.k, cache.v, [kept.get(i) for i in range(cfg.num_layers)],
             )  # fmt: skip
         else:
             for i, layer in enumerate(self.layers):
@@ -379,6 +392,21 @@ class Transformer(nn.Module):
         if logit_index is not None:
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
         return self.logits(x), features
+
+    def _stock_context(self, ctx: PassContext, rows: Sequence[int], depths: torch.Tensor, length: int) -> None:
+        """What the stock path adds: where its new keys go, and the dense mask over the gathered
+        blocks, unless the pass is a prompt's first part (SDPA's own causal mask then)."""
+        cache, steps, window = ctx.cache, depths.shape[1], self.config.sliding_window
+        ctx.write_index = cache.write_index(ctx.tables, ctx.starts, steps)
+        if all(cache.lengths[r] == 0 for r in rows) and (window is None or steps <= window):
+            ctx.fresh = bool(torch.equal(ctx.tree, torch.ones_like(ctx.tree).tril()))
+        if ctx.fresh:
+            return
+        ctx.length = length
+        ctx.mask, key_positions = _attention_mask(ctx.starts, ctx.tree, depths, length)
+        if window is not None:
+            distance = (ctx.starts[:, None] + depths)[:, :, None] - key_positions[:, None, :]
+            ctx.local_mask = ctx.mask & (distance < window)
 
     def logits(self, hidden: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits of last-layer hidden states (final norm, LM head, softcap); ``head``:
