@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.router import Router
@@ -124,6 +125,9 @@ def _target_deployment(config: ClusterConfig) -> serve.Deployment:
             "placement_group_bundles": [{"CPU": RELAY_CPUS}] + [rank] * pool.tp,
             "placement_group_strategy": "STRICT_PACK",
         }
+    if pool.prefix_caching:  # sessions go where their prompt's blocks likely are
+        router = RequestRouterConfig(request_router_class="cluster.prefix_routing:PrefixAwareRouter")
+        options["request_router_config"] = router
     return serve.deployment(TargetWorker, name="Target", **options, **pool.serve_options(config.grace_period_s))
 
 

@@ -145,7 +145,7 @@ class TargetConfig(PoolConfig):
     # prefix caching: full blocks stay indexed after their sessions (prompts, and whole sequences
     # once they end) until a session needs the room (LRU), so a prompt that starts like an earlier
     # one (a system prompt, a chat's earlier turns, a resumed session) shares them instead of
-    # prefilling them again
+    # prefilling them again; sessions are placed where their prompt's blocks were placed before
     prefix_caching: bool = True
     # torch threads per rank; null: its CPU share (num_cpus), or, for a pool of one replica per node
     # (num_replicas 1 without autoscaling, or max_replicas_per_node 1), every core of the node / tp:

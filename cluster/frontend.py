@@ -84,6 +84,7 @@ class Frontend:
             draft_timeout_s=config.router.draft_timeout_s,
             resume_timeout_s=config.router.resume_timeout_s,
             metrics=self.metrics,
+            prefix_block_size=config.target.block_size if config.target.prefix_caching else None,
         )
         self.sessions: dict[tuple[str, str], Session] = {}  # by (caller's owner, request id)
         self._streams: Counter[str] = Counter()  # live sessions per client

@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import grpc
 
 from cluster.metrics import Metrics
+from cluster.prefix_routing import prefix_hashes
 from tandem.drafters.base import DraftRequest
 from tandem.sampling import SamplingParams
 from tandem.sequence import SequenceState
@@ -61,6 +62,7 @@ class Pools:
     draft_timeout_s: float
     resume_timeout_s: float  # how long a session whose target replica was lost looks for another
     metrics: Metrics
+    prefix_block_size: int | None = None  # the target's KV block size, where placement follows prefixes
 
 
 class Link:
@@ -74,11 +76,13 @@ class Link:
         self._call = None
         self._placed = False
 
-    async def place(self, session_id: str) -> None:
-        """Wait for a replica (Serve queues the call while every replica is full), then connect."""
+    async def place(self, session_id: str, prefix: Sequence[int] = ()) -> None:
+        """Wait for a replica (Serve queues the call while every replica is full), then connect;
+        ``prefix``: the prompt's block hashes, for the target's prefix-aware request router."""
         from ray.serve.exceptions import RequestCancelledError
 
-        self._placement = self._handle.options(stream=True).session.remote(session_id)
+        hint = {"prefix": list(prefix)} if prefix else {}
+        self._placement = self._handle.options(stream=True).session.remote(session_id, **hint)
         with self._waiting.track_inprogress():
             try:
                 address = await self._placement.__anext__()
@@ -229,10 +233,11 @@ class Session:
                 self._target.close()
             self._target = Link("target", self.pools.target, worker_pb2_grpc.VerifyStub, self.pools)
             try:
-                await self._target.place(self.session_id)
+                opening, size = self._opening(), self.pools.prefix_block_size
+                await self._target.place(self.session_id, prefix_hashes(opening.prompt_ids, size) if size else ())
                 if self._draft_link is not None and self._placing is None:  # placed while the target prefills
                     self._placing = asyncio.create_task(self._open_draft(self._draft_link))
-                return await self._target.ask(worker_pb2.VerifyIn(open=self._opening()))
+                return await self._target.ask(worker_pb2.VerifyIn(open=opening))
             except Exception as exc:
                 resuming = self.state is not None
                 if self._closed or not _lost(exc, resuming) or time.monotonic() > deadline:

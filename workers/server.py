@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +52,10 @@ class WorkerServer:
             host = ray.util.get_node_ip_address()
         self.address = f"{host}:{port}"
 
-    async def session(self, session_id: str) -> AsyncIterator[str]:
-        """Serve streaming call: this replica's address, then open until the session ends."""
+    async def session(self, session_id: str, prefix: Sequence[int] = ()) -> AsyncIterator[str]:
+        """Serve streaming call: this replica's address, then open until the session ends.
+        ``prefix``: the prompt's block hashes, read by the target's request router
+        (cluster/prefix_routing.py) before the call gets here."""
         placement = self._placements.setdefault(session_id, _Placement())
         try:
             yield self.address
