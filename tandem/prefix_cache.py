@@ -71,7 +71,7 @@ class PrefixCache:
         return len(self._keys)
 
     # the pool's BlockKeeper
-    def keeps(self, block: int) -> bool:
+    def park(self, block: int) -> bool:
         if block not in self._keys:
             return False
         self._unused[block] = None

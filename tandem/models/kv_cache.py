@@ -23,8 +23,9 @@ from tandem.errors import NoRoom
 class BlockKeeper(Protocol):
     """What keeps blocks after the last row lets go of them (the prefix cache), until evicted."""
 
-    def keeps(self, block: int) -> bool:
-        """Whether ``block``, now used by no row, stays cached (else it is free at once)."""
+    def park(self, block: int) -> bool:
+        """``block`` is now used by no row: keep it (cached, evictable, most recently used last)
+        and say True, or say False if it is not cached (then it is free at once)."""
 
     def evictable(self) -> int:
         """Blocks it keeps that no row uses: free space, taken back by :meth:`evict`."""
@@ -148,7 +149,7 @@ class KVCache:
         """Empty the row and give it back; blocks no other row uses are free again, or stay cached."""
         for block in self.tables[row]:
             self.refs[block] -= 1
-            if self.refs[block] == 0 and not (self.keeper is not None and self.keeper.keeps(block)):
+            if self.refs[block] == 0 and not (self.keeper is not None and self.keeper.park(block)):
                 self._free.append(block)
         self.tables[row] = []
         self.lengths[row] = 0
