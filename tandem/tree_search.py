@@ -101,6 +101,8 @@ class Growth:
 # per frontier node the confidence that its best child survives (None: use draft probabilities)
 Confidence = torch.Tensor | None  # [F]
 GreedyExpand = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor, Confidence]]  # log-probs, tokens [F, k]
+# the same for several trees: their frontiers' rows one after another
+GreedyExpandMany = Callable[[list[Growth], list[list[int]]], tuple[torch.Tensor, torch.Tensor, Confidence]]
 SampledExpand = Callable[[Growth, list[int]], tuple[torch.Tensor, Confidence]]  # q over the target vocabulary [F, V]
 
 
@@ -108,20 +110,35 @@ def greedy_tree(root: int, expand: GreedyExpand, shape: TreeShape, max_nodes: in
     """Best-first tree for a greedy target. ``expand`` returns, for each frontier node, its
     ``shape.topk`` best children: their log-probabilities (descending) and token ids.
     ``max_nodes`` caps the budget (cache room, tokens left)."""
-    growth = Growth([root])
-    budget = min(shape.budget, max_nodes)
-    frontier = [0]
-    for _ in range(min(shape.depth, budget)):
-        logp, tokens, confidence = expand(growth, frontier)
+    return greedy_trees([root], lambda growths, frontiers: expand(growths[0], frontiers[0]), shape, [max_nodes])[0]
+
+
+def greedy_trees(
+    roots: Sequence[int], expand: GreedyExpandMany, shape: TreeShape, max_nodes: Sequence[int]
+) -> list[TokenTree]:
+    """:func:`greedy_tree` for several sequences at once: each depth expands the frontiers of
+    all the trees in one call (their nodes' rows in tree order; a tree done growing has an empty
+    frontier) and brings its numbers back in one transfer. Each tree is the one
+    :func:`greedy_tree` grows alone, given an ``expand`` whose rows do not depend on each other."""
+    growths = [Growth([root]) for root in roots]
+    budgets = [min(shape.budget, m) for m in max_nodes]
+    frontiers = [[0] for _ in roots]
+    for depth in range(min(shape.depth, max(budgets))):
+        frontiers = [f if depth < min(shape.depth, b) else [] for f, b in zip(frontiers, budgets)]
+        logp, tokens, confidence = expand(growths, frontiers)
         logp, tokens, *conf = to_host(logp[:, : shape.topk], tokens[:, : shape.topk], *_present(confidence))
-        children = []
-        for row, parent in enumerate(frontier):
-            row_logp = logp[row].tolist()
-            for lp, token in zip(row_logp, tokens[row].tolist()):
-                factor = math.exp(lp) if not conf else float(conf[0][row]) * math.exp(lp - row_logp[0])
-                children.append(growth.add(token, parent, growth.scores[parent] + lp, factor))
-        frontier = growth.best(children, shape.topk)
-    return growth.tree(growth.best(range(1, len(growth.tokens)), budget))
+        row, grown = 0, []
+        for growth, frontier in zip(growths, frontiers):
+            children = []
+            for parent in frontier:
+                row_logp = logp[row].tolist()
+                for lp, token in zip(row_logp, tokens[row].tolist()):
+                    factor = math.exp(lp) if not conf else float(conf[0][row]) * math.exp(lp - row_logp[0])
+                    children.append(growth.add(token, parent, growth.scores[parent] + lp, factor))
+                row += 1
+            grown.append(growth.best(children, shape.topk))
+        frontiers = grown
+    return [growth.tree(growth.best(range(1, len(growth.tokens)), b)) for growth, b in zip(growths, budgets)]
 
 
 def sampled_tree(

@@ -25,6 +25,7 @@ from tandem.drafters import (
     shipped_drafter,
     split_spec,
 )
+from tandem.drafters.backbone import BlockBackbone
 from tandem.drafters.dspark import DSparkDrafter, DSparkModel
 from tandem.drafters.neural import ALGORITHMS, DraftState, cat_kv
 from tandem.engine import Engine, Request
@@ -143,6 +144,66 @@ def test_sequences_drafted_together_get_the_drafts_each_gets_alone(trained, targ
         for a, b in zip(batched, single):
             assert (a.tokens, a.parents, a.survival) == (b.tokens, b.parents, b.survival)
             assert (a.draft_probs is None and b.draft_probs is None) or torch.equal(a.draft_probs, b.draft_probs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("algo", ["dflash", "dspark"])
+def test_the_block_backbone_in_one_call_is_its_modules_bit_for_bit(trained, target, target_folder, algo, dtype):
+    """A block drafter drafts through its layers run as a decoder over a paged cache: on the
+    exact kernels every layer of a round is one native call, with the very bits of running the
+    layers one module at a time on the same kernels; both agree with the training view (the
+    drafter's modules over its whole context) to rounding, and the drafts are the same."""
+    exact = load_model(target_folder, dtype)[0]
+    apply_exact(exact, True)
+    drafter = load_drafter(trained[algo][2], exact)
+    model = drafter.model
+    requests = _requests(target, _prompts(4, seed=43), SamplingParams(), model.config.feature_layers)
+    drafter.propose(requests)  # the contexts absorbed (and a first round drafted)
+    states = [drafter._states[r.seq_id] for r in requests]
+    anchors = [r.token_ids[-1] for r in requests]
+    assert drafter.backbone.decoder.step_plan is not None
+    logits, hidden = drafter.blocks(states, anchors)
+    plan, drafter.backbone.decoder.step_plan = drafter.backbone.decoder.step_plan, None
+    module_logits, module_hidden = drafter.blocks(states, anchors)
+    drafter.backbone.decoder.step_plan = plan
+    assert torch.equal(hidden, module_hidden) and torch.equal(logits, module_logits)
+    for b, request in enumerate(requests):
+        n = len(request.features)
+        fused = model.fuse(request.features[None].to(dtype))
+        context = model.context_kv(fused, torch.arange(n)[None])
+        visible = torch.ones(1, model.config.block_size, n, dtype=torch.bool)
+        view = model.block_hidden(torch.tensor(anchors[b : b + 1]), torch.tensor([n]), context, visible, fused[:, -1])
+        if dtype == torch.float32:  # bf16 rounds RoPE and the softmax at other points
+            torch.testing.assert_close(hidden[b : b + 1], view, atol=1e-4, rtol=1e-4)
+            assert torch.equal(model.draft_logits(view).argmax(-1), logits[b : b + 1].argmax(-1))
+        else:
+            torch.testing.assert_close(hidden[b : b + 1], view, atol=0.1, rtol=0.05)
+
+
+def test_the_block_backbone_cache_grows_and_gives_rows_back(target, store):
+    """The backbone's paged cache starts small and doubles its rows and blocks as sequences come
+    and contexts grow, keeping what it holds; a restarted row starts empty, a closed one is free."""
+    model = _new("dspark", target, store).eval()
+    backbone = BlockBackbone(model.layers, model.config, None)
+    cache = backbone.cache
+    rows, written = [backbone.open() for _ in range(6)], {}
+    assert cache.num_rows >= 6
+    lengths = (200, 150, 40, 200, 200, 200)  # 65 blocks of 16: more than the first 64
+    for row, n in zip(rows, lengths):
+        for part in (range(n // 2), range(n // 2, n)):  # appended in two parts
+            kv = model.context_kv(torch.randn(1, len(part), model.config.hidden_size), torch.tensor([part]))
+            backbone.append(row, kv)
+            written.setdefault(row, []).append(kv[0])
+    assert cache.num_blocks > 64 and sum(cache.blocks_for(n) for n in lengths) == 65
+    for row, parts in written.items():  # layer 0's keys and values, as appended
+        keys, values = cache.contents(row)
+        assert torch.equal(keys[0], torch.cat([k for k, _ in parts], 2)[0])
+        assert torch.equal(values[0], torch.cat([v for _, v in parts], 2)[0])
+    held = cache.free_blocks
+    backbone.restart(rows[0])
+    assert cache.lengths[rows[0]] == 0 and cache.free_blocks == held + cache.blocks_for(200)
+    backbone.close(rows[1])
+    assert backbone.open() == rows[1]
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

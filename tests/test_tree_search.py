@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 from tandem.tree import ancestor_mask, path_to
-from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
+from tandem.tree_search import Growth, TreeShape, greedy_tree, greedy_trees, sampled_tree
 from tandem.verify import verify_sampling
 
 V = 5
@@ -58,6 +58,24 @@ def _grown(shape: TreeShape) -> int:
 def test_max_nodes_caps_the_budget():
     tree = greedy_tree(0, _greedy_expand(_markov(1), 3), TreeShape(3, 5, 20), max_nodes=4)
     assert len(tree) == 5
+
+
+def test_trees_grown_together_are_the_trees_grown_alone():
+    """One expansion a depth for several trees (frontiers' rows one after another, a tree past its
+    budget's depth expanding nothing) grows each tree as it grows alone."""
+    law, shape = _markov(3), TreeShape(3, 5, 12)
+    alone = _greedy_expand(law, shape.topk)
+
+    def together(growths: list[Growth], frontiers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, None]:
+        parts = [alone(g, f)[:2] for g, f in zip(growths, frontiers) if f]
+        return torch.cat([logp for logp, _ in parts]), torch.cat([tokens for _, tokens in parts]), None
+
+    roots, max_nodes = [0, 1, 4, 2], [12, 2, 7, 0]
+    grown = greedy_trees(roots, together, shape, max_nodes)
+    for tree, root, cap in zip(grown, roots, max_nodes):
+        single = greedy_tree(root, alone, shape, cap)
+        assert (tree.tokens, tree.parents, tree.survival) == (single.tokens, single.parents, single.survival)
+    assert [len(tree) - 1 for tree in grown] == [12, 2, 7, 0]
 
 
 def test_kept_nodes_are_the_best_by_cumulative_log_probability():

@@ -8,21 +8,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tandem.drafters.backbone import BlockBackbone
 from tandem.drafters.base import DraftRequest
 from tandem.drafters.neural import (
     KV,
     ChildLogits,
+    ChildLogitsMany,
     DraftConfig,
     DraftLayer,
     DraftModel,
     DraftState,
     NeuralDrafter,
-    cat_kv,
 )
 from tandem.errors import ModelLoadError
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
 from tandem.tree import TokenTree
+from tandem.tree_search import Growth, TreeShape
 
 
 class DFlashModel(DraftModel):
@@ -50,33 +52,35 @@ class DFlashModel(DraftModel):
         rope = self.rope(positions)
         return [layer.kv(fused, rope, self.config.context_norm) for layer in self.layers]
 
+    def block_inputs(self, anchors: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
+        """The inputs ``[B, γ, d]`` of blocks ``[anchor, mask, ...]``. ``before`` ``[B, d]``: the
+        fused features of the position before each anchor (the newest the target has given),
+        added to every slot when the config has ``anchor_features``, so the block need not find
+        them by attention."""
+        x = torch.cat([self.embed(anchors)[:, None], self.mask_slots(len(anchors))], 1)
+        return x + before[:, None] if self.config.anchor_features else x
+
     def block_hidden(
         self,
         anchors: torch.Tensor,
         starts: torch.Tensor,
-        context: list[KV] | list[list[KV]],
-        visible: torch.Tensor | None,
+        context: list[KV],
+        visible: torch.Tensor,
         before: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Hidden states ``[B, drafts, d]`` of the drafting rows of blocks ``[anchor, mask, ...]``
-        at positions ``starts + k`` (every row, or all but the anchor's: ``config.anchor_row``).
+        """Hidden states ``[B, drafts, d]`` of the drafting rows of blocks after ``anchors`` at
+        positions ``starts + k`` (every row, or all but the anchor's: ``config.anchor_row``), run
+        through the modules (training; drafting runs them as :class:`BlockBackbone`).
 
         ``context``: per layer ``[B, kv, S, hd]``, with ``visible`` ``[B, γ, S]``: which context
-        keys each block sees (training: its own prefix); or, with ``visible`` None, per sequence
-        its own per-layer cache, all of it seen (drafting several sequences in one pass).
-        ``before`` ``[B, d]``: the fused features of the position before each anchor (the newest
-        the target has given), added to every slot when the config has ``anchor_features``, so
-        the block need not find them by attention."""
+        keys each block sees (its own prefix)."""
         cfg = self.config
         gamma = cfg.block_size
-        x = torch.cat([self.embed(anchors)[:, None], self.mask_slots(len(anchors))], 1)
-        if cfg.anchor_features:
-            x = x + before[:, None]
+        x = self.block_inputs(anchors, before)
         rope = self.rope(starts[:, None] + torch.arange(gamma, device=starts.device))
-        mask = None if visible is None else torch.cat([visible, visible.new_ones(len(anchors), gamma, gamma)], -1)
+        mask = torch.cat([visible, visible.new_ones(len(anchors), gamma, gamma)], -1)
         for i, layer in enumerate(self.layers):
-            past = [cache[i] for cache in context] if visible is None else context[i]
-            x, _ = layer(x, rope, mask, past)
+            x, _ = layer(x, rope, mask, context[i])
         return x[:, gamma - cfg.drafts :]
 
     def blocks(
@@ -95,26 +99,50 @@ class DFlashModel(DraftModel):
 
 
 class DFlashDrafter(NeuralDrafter):
-    """All γ tokens from one pass; each position's ``q`` is independent of the tokens before it."""
+    """All γ tokens from one pass; each position's ``q`` is independent of the tokens before it.
+    A sequence's context lives in a row of :class:`BlockBackbone`'s paged cache."""
 
     model: DFlashModel
 
+    def __init__(self, model: DFlashModel, tree: TreeShape | None = None) -> None:
+        super().__init__(model, tree)
+        self._backbone: BlockBackbone | None = None
+
+    @property
+    def backbone(self) -> BlockBackbone:
+        """Built on first use, on the kernels the model runs on then."""
+        if self._backbone is None:
+            self._backbone = BlockBackbone(self.model.layers, self.model.config, self.model.kernels)
+        return self._backbone
+
     def extend(self, state: DraftState, token_ids: list[int], features: torch.Tensor) -> None:
+        if "row" not in state.extra:
+            state.extra["row"] = self.backbone.open()
         positions = torch.arange(state.length, state.length + len(features), device=self.device)[None]
         fused = self.model.fuse(features[None])
-        new = self.model.context_kv(fused, positions)
-        state.cache = new if not state.cache else [cat_kv(old, kv) for old, kv in zip(state.cache, new)]
+        self.backbone.append(state.extra["row"], self.model.context_kv(fused, positions))
         state.length += len(features)
         state.extra["before"] = fused[:, -1]  # the position before the next anchor
 
+    def restart(self, state: DraftState, start: int) -> None:
+        super().restart(state, start)
+        if "row" in state.extra:
+            self.backbone.restart(state.extra["row"])
+
+    def release(self, seq_id: int) -> None:
+        state = self._states.get(seq_id)
+        if state is not None and "row" in state.extra:
+            self.backbone.close(state.extra["row"])
+        super().release(seq_id)
+
     def blocks(self, states: list[DraftState], anchors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Base logits ``U`` ``[B, drafts, V_draft]`` and hidden states ``[B, drafts, d]`` of each
-        sequence's block after its anchor, in one backbone pass: the linears run once for all
-        sequences, attention per sequence over its own context (the same numbers as one sequence
-        alone, on batch-invariant kernels)."""
-        starts = self.tokens([state.length for state in states])
+        sequence's block after its anchor, every layer of every sequence in one backbone pass
+        (on batch-invariant kernels, the same numbers as one sequence alone)."""
         before = torch.cat([state.extra["before"] for state in states])
-        hidden = self.model.block_hidden(self.tokens(anchors), starts, [state.cache for state in states], None, before)
+        x = self.model.block_inputs(self.tokens(anchors), before)
+        rows, offsets = [state.extra["row"] for state in states], [state.offset for state in states]
+        hidden = self.backbone.run(x, rows, offsets)[:, self.model.config.block_size - self.model.config.drafts :]
         return self.model.draft_logits(hidden), hidden
 
     def prepare(self, states: list[DraftState], requests: list[DraftRequest]) -> None:
@@ -137,7 +165,30 @@ class DFlashDrafter(NeuralDrafter):
         steps = [self.pick_rows(logits[:, k], params, states, [d > k for d in depths])[0] for k in range(max(depths))]
         return [self.chain_of(a, [step[b] for step in steps[:d]]) for b, (a, d) in enumerate(zip(anchors, depths))]
 
+    def trees(self, states: list[DraftState], requests: list[DraftRequest]) -> list[TokenTree]:
+        """Greedy trees of every sequence grow together, from one backbone pass (sampled ones one
+        sequence at a time: each draws from its own generator)."""
+        if not all(r.params.greedy for r in requests):
+            return super().trees(states, requests)
+        anchors = [r.token_ids[-1] for r in requests]
+        logits_of = self.children_of(*self.blocks(states, anchors))
+        return self.greedy_trees(anchors, logits_of, [r.max_nodes for r in requests])
+
     def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
-        """Position k's logits whatever the parent: top-k per position, combined by the search."""
-        logits, _ = self.block_logits(state, token_ids)
-        return lambda growth, frontier: (logits[growth.depths[frontier[0]]].expand(len(frontier), -1), None)
+        """One sequence's tree, as :meth:`children_of` gives them for several."""
+        logits, hidden = self.block_logits(state, token_ids)
+        together = self.children_of(logits[None], hidden[None])
+        return lambda growth, frontier: together([growth], [frontier])
+
+    def children_of(self, base: torch.Tensor, hidden: torch.Tensor) -> ChildLogitsMany:
+        """Trees of sequences whose blocks gave ``base`` logits ``[B, drafts, V_draft]`` and
+        ``hidden`` states: position k's logits whatever the parent (top-k per position,
+        combined by the search)."""
+        return lambda growths, frontiers: (base[self.frontier_index(growths, frontiers)], None)
+
+    def frontier_index(self, growths: list[Growth], frontiers: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """``(sequence rows, depth)``: where the frontier nodes' block positions are in
+        ``[B, drafts, ...]`` tensors (every tree's frontier is at the same depth)."""
+        rows = [b for b, frontier in enumerate(frontiers) for _ in frontier]
+        first = next(b for b, frontier in enumerate(frontiers) if frontier)
+        return self.tokens(rows), growths[first].depths[frontiers[first][0]]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
-from tandem.drafters.neural import ChildLogits, DraftConfig, DraftState, Pick
+from tandem.drafters.neural import ChildLogitsMany, DraftConfig, DraftState, Pick
 from tandem.models.decoder import Linear, Transformer
 from tandem.sampling import SamplingParams
 from tandem.tree import TokenTree
@@ -93,17 +93,16 @@ class DSparkDrafter(DFlashDrafter):
             for b, (anchor, row, depth) in enumerate(zip(anchors, picks, depths))
         ]
 
-    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
+    def children_of(self, base: torch.Tensor, hidden: torch.Tensor) -> ChildLogitsMany:
         """Depth k's base logits plus each parent's Markov bias: branching costs one rank-r matmul
         per expanded node, no extra backbone pass; the confidence head scores each parent's best
         child from the same transition code."""
-        base, hidden = self.block_logits(state, token_ids)
 
-        def logits(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            k = growth.depths[frontier[0]]
-            code, bias = self.model.transition(self.tokens([growth.tokens[i] for i in frontier]))
-            rows = hidden[k].expand(len(frontier), -1)
-            confidence = self.model.survival(rows, code, k)
-            return (base[k] + bias if self.markov else base[k].expand(len(frontier), -1)), confidence
+        def logits(growths: list[Growth], frontiers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            index = self.frontier_index(growths, frontiers)
+            parents = [growth.tokens[i] for growth, frontier in zip(growths, frontiers) for i in frontier]
+            code, bias = self.model.transition(self.tokens(parents))
+            confidence = self.model.survival(hidden[index], code, index[1])
+            return (base[index] + bias if self.markov else base[index]), confidence
 
         return logits

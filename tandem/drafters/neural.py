@@ -29,7 +29,7 @@ from tandem.models.decoder import Linear, RMSNorm, Rotary, Transformer, apply_ro
 from tandem.models.rope import RopeParams
 from tandem.sampling import SamplingParams, round_seed, target_probs
 from tandem.tree import TokenTree, chain
-from tandem.tree_search import Growth, TreeShape, greedy_tree, sampled_tree
+from tandem.tree_search import Growth, TreeShape, greedy_tree, greedy_trees, sampled_tree
 
 ALGORITHMS = ("eagle3", "dflash", "dspark")
 # How target features become the drafter's hidden size: RMSNorm over them then fc (Tandem's own),
@@ -40,6 +40,8 @@ KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, T, head_di
 # (the growing tree, frontier node ids at one depth) -> draft-vocabulary logits of their children,
 # and per frontier node the confidence that its best child survives (None: no confidence head)
 ChildLogits = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor | None]]
+# the same for several sequences' trees at once: their frontiers' rows one after another
+ChildLogitsMany = Callable[[list[Growth], list[list[int]]], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class Pick(NamedTuple):
@@ -406,11 +408,15 @@ class NeuralDrafter(Drafter):
             depths = [min(self.model.config.drafts, r.max_nodes) for r in drafting]
             built = self.chains(states, [r.token_ids[-1] for r in drafting], depths, [r.params for r in drafting])
         else:
-            self.prepare(states, drafting)
-            built = [self.draft_tree(s, list(r.token_ids), r.max_nodes, r.params) for s, r in zip(states, drafting)]
+            built = self.trees(states, drafting)
         for i, tree in zip(ready, built):
             trees[i] = tree
         return trees
+
+    def trees(self, states: list[DraftState], requests: list[DraftRequest]) -> list[TokenTree]:
+        """Each sequence's tree (:meth:`draft_tree`), after a shared :meth:`prepare`."""
+        self.prepare(states, requests)
+        return [self.draft_tree(s, list(r.token_ids), r.max_nodes, r.params) for s, r in zip(states, requests)]
 
     def prepare(self, states: list[DraftState], requests: list[DraftRequest]) -> None:  # noqa: B027 - optional
         """Before each sequence's tree: work one pass can do for all of them (the block drafters'
@@ -457,8 +463,12 @@ class NeuralDrafter(Drafter):
         )
         if start < state.length:  # the overlap is known already
             return features[state.length - start :]
-        state.cache, state.length, state.offset = [], start, start
+        self.restart(state, start)
         return features
+
+    def restart(self, state: DraftState, start: int) -> None:
+        """Forget the sequence's context: the next one starts at position ``start``."""
+        state.cache, state.length, state.offset = [], start, start
 
     def tokens(self, ids: list[int]) -> torch.Tensor:
         """Host token ids as a long tensor on the drafter's device."""
@@ -471,19 +481,29 @@ class NeuralDrafter(Drafter):
         logits_of = self.children(state, token_ids)
         root = token_ids[-1]
         if params.greedy:
-
-            def best(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-                logits, confidence = logits_of(growth, frontier)
-                logp, ids = torch.log_softmax(logits, -1).topk(self.tree.topk, -1)
-                return logp, self.model.vocab_map[ids], confidence
-
-            return greedy_tree(root, best, self.tree, max_nodes)
+            return greedy_tree(root, lambda g, f: self.best_children(*logits_of(g, f)), self.tree, max_nodes)
 
         def drawn_from(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
             logits, confidence = logits_of(growth, frontier)
             return self.draft_probs(logits, params), confidence
 
         return sampled_tree(root, drawn_from, self.tree, max_nodes, state.generator)
+
+    def greedy_trees(self, anchors: list[int], logits_of: ChildLogitsMany, max_nodes: list[int]) -> list[TokenTree]:
+        """Greedy trees of several sequences grown together (:func:`greedy_trees`: one expansion
+        and one transfer a depth for all of them), each the tree :meth:`draft_tree` grows alone."""
+        assert self.tree is not None
+        return greedy_trees(
+            anchors, lambda growths, frontiers: self.best_children(*logits_of(growths, frontiers)), self.tree, max_nodes
+        )
+
+    def best_children(
+        self, logits: torch.Tensor, confidence: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A greedy tree's expansion from draft logits ``[F, V_draft]``: each row's ``topk`` best
+        children's log-probabilities and target ids, and the confidence passed through."""
+        logp, ids = torch.log_softmax(logits, -1).topk(self.tree.topk, -1)
+        return logp, self.model.vocab_map[ids], confidence
 
     def pick(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Pick:
         """A target token id from draft-vocabulary ``logits`` (see :class:`Pick`), on the device."""

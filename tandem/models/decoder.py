@@ -351,8 +351,30 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward`, plus the hidden states after each of ``feature_layers`` (0-based),
         concatenated: ``[B, T, len(feature_layers) * hidden]``, the drafters' view of the target."""
+        x = self.embed(tokens)
+        if self.config.embedding_scale:
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype, device=x.device)
+        x, features = self.run_layers(x, depths, tree_mask, cache, rows, feature_layers)
+        if logit_index is not None:
+            x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
+        return self.logits(x), features
+
+    @torch.inference_mode()
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        depths: torch.Tensor,
+        tree_mask: torch.Tensor,
+        cache: KVCache,
+        rows: Sequence[int],
+        feature_layers: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inputs ``x`` ``[B, T, hidden]`` through every layer after each row's cached prefix (as
+        :meth:`forward`: new token ``i`` at position ``prefix length + depths[b, i]``, seeing what
+        ``tree_mask`` shows): the last layer's hidden states, before the final norm, and the
+        features of ``feature_layers``. A drafter's backbone runs its blocks through here too."""
         cfg = self.config
-        steps = tokens.shape[1]
+        steps = x.shape[1]
         cache.reserve({r: cache.lengths[r] + steps for r in rows})  # NoRoom, before any work
         length = max(cache.lengths[r] for r in rows) + steps
         starts = cache.starts(rows)
@@ -373,11 +395,9 @@ class Transformer(nn.Module):
             ctx.local_rope = self.local_rotary.tables(positions, rope_dtype, self.exact)
         if not self.exact:
             self._stock_context(ctx, rows, depths, length)
-        x = self.embed(tokens)
-        if cfg.embedding_scale:
-            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
         kept: dict[int, torch.Tensor] = {}
         if self.step_plan is not None:  # the same kernels, without Python between them
+            x = x.contiguous()
             kept = {i: torch.empty_like(x) for i in feature_layers}
             self.lm_head.kernels.layers(
                 self.step_plan, x, ctx.rope, ctx.local_rope, ctx.tree, ctx.local_tree, ctx.local_first, starts,
@@ -388,10 +408,7 @@ class Transformer(nn.Module):
                 x = layer(x, ctx)
                 if i in feature_layers:
                     kept[i] = x
-        features = torch.cat([kept[i] for i in feature_layers], -1) if feature_layers else None
-        if logit_index is not None:
-            x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
-        return self.logits(x), features
+        return x, torch.cat([kept[i] for i in feature_layers], -1) if feature_layers else None
 
     def _stock_context(self, ctx: PassContext, rows: Sequence[int], depths: torch.Tensor, length: int) -> None:
         """What the stock path adds: where its new keys go, and the dense mask over the gathered

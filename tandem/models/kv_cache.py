@@ -145,14 +145,18 @@ class KVCache:
         self.tables[row] = list(blocks)
         self.lengths[row] = len(blocks) * self.block_size
 
-    def release(self, row: int) -> None:
-        """Empty the row and give it back; blocks no other row uses are free again, or stay cached."""
+    def clear(self, row: int) -> None:
+        """Empty the row, which stays held; blocks no other row uses are free again, or stay cached."""
         for block in self.tables[row]:
             self.refs[block] -= 1
             if self.refs[block] == 0 and not (self.keeper is not None and self.keeper.park(block)):
                 self._free.append(block)
         self.tables[row] = []
         self.lengths[row] = 0
+
+    def release(self, row: int) -> None:
+        """Empty the row and give it back."""
+        self.clear(row)
         if row in self.taken:
             self.taken.discard(row)
             heapq.heappush(self._free_rows, row)
