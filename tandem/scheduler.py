@@ -254,7 +254,9 @@ class DraftGate:
             chosen = set(open_) if self._unscored else set(open_[:1])
         else:
             batch = len(keys)
-            widest = 1 + max((room[i] for i in open_), default=0)
+            # No wider than the profile: a target worker's room is its rows' whole free context
+            # (thousands of nodes), and pricing every width up to it took longer than the pass.
+            widest = min(1 + max((room[i] for i in open_), default=0), self.cost.widths[-1])
             pass_seconds = [self.cost(batch, w, context) for w in range(1, widest + 1)]
             draft_seconds = [self.draft_cost(k) for k in range(batch + 1)]
             offers = [self._offers.get(keys[i], self._prior) for i in open_]

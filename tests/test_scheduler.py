@@ -108,6 +108,26 @@ def test_the_gate_learns_from_one_sequence_then_judges_new_ones_by_the_mean_offe
     assert gate.choose(keys, [8] * 16, context=10) == set(keys)
 
 
+def test_the_gate_prices_no_width_past_the_profile():
+    """A target worker's rows have their whole free context as room (thousands of nodes): the
+    gate prices widths up to the profile's widest only, and chooses as it would with that room."""
+
+    class Counted(PassCost):
+        def __call__(self, batch: int, width: int, context: int = 0) -> float:
+            asked.append(width)
+            return super().__call__(batch, width, context)
+
+    base = _linear(0.5, 0.1)
+    keys, asked = [0, 1], []
+    choices = []
+    for room in ([16, 16], [4000, 4000]):
+        gate = DraftGate(Counted(base.batches, base.widths, base.seconds))
+        gate.choose(keys, room, context=10)
+        gate.offered(0, chain(5, [1, 2, 3], survival=[0.9, 0.8, 0.7]), greedy=True)
+        choices.append(gate.choose(keys, room, context=10))
+    assert choices[0] == choices[1] == {0, 1} and max(asked) == base.widths[-1]
+
+
 def test_free_verification_keeps_everything_and_token_priced_keeps_nothing():
     tree = chain(5, [1, 2, 3, 4], survival=[0.9, 0.8, 0.5, 0.1])
     assert len(schedule([tree], [True], _linear(1.0, 0.0))[0]) == 5
