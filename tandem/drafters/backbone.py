@@ -101,7 +101,7 @@ class BlockBackbone:
         index = cache.write_index(tables, cache.starts([row]), steps)
         for layer, (k, v) in enumerate(context):
             cache.write(layer, index, k, v)
-        cache.lengths[row] = start + steps
+        cache.commit(row, range(steps))
 
     def run(self, x: torch.Tensor, rows: Sequence[int], offsets: Sequence[int]) -> torch.Tensor:
         """Blocks ``x`` ``[B, γ, hidden]`` through every layer after each row's context, attention

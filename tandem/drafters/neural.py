@@ -362,7 +362,9 @@ def load_weights(cls: type[DraftModel], cfg: DraftConfig, folder: str | Path, ta
 class DraftState:
     """What a drafter keeps for one sequence between rounds."""
 
-    cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: context keys/values [1, kv, n, hd]
+    # per layer: context keys/values [1, kv, n, hd] (EAGLE-3; the block drafters keep theirs in a
+    # BlockBackbone row, extra['row'])
+    cache: list[tuple[torch.Tensor, torch.Tensor]]
     length: int  # the context's positions are known up to here
     generator: torch.Generator  # on the drafter's device: draft tokens are drawn there
     extra: dict[str, Any] = field(default_factory=dict)

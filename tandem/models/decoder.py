@@ -372,7 +372,8 @@ class Transformer(nn.Module):
         """Inputs ``x`` ``[B, T, hidden]`` through every layer after each row's cached prefix (as
         :meth:`forward`: new token ``i`` at position ``prefix length + depths[b, i]``, seeing what
         ``tree_mask`` shows): the last layer's hidden states, before the final norm, and the
-        features of ``feature_layers``. A drafter's backbone runs its blocks through here too."""
+        features of ``feature_layers``. A drafter's backbone runs its blocks through here too. The
+        one-call path writes the layers' output over ``x`` (a contiguous one): pass a fresh tensor."""
         cfg = self.config
         steps = x.shape[1]
         cache.reserve({r: cache.lengths[r] + steps for r in rows})  # NoRoom, before any work
