@@ -1,7 +1,11 @@
-"""Bytes per round between the router and the two pools, as the cluster's messages encode them:
-the draft call (new tokens and their target features in, the tree out), the verify call (the
-tree in, the verdict and features out). ``q`` is counted both ways on the very same trees: dense
-[nodes, vocabulary] (the encoding before) and over its support (the one on the wire now).
+"""Bytes per round on the cluster's wire, as its messages encode them: the draft call (new tokens
+in, the tree out), the verify call (the tree in, the verdict out) and the target features.
+Counted both ways on the very same rounds:
+
+- features: through the router (out of the target in the verdict, into the drafter with the next
+  step: twice, the encoding before) or straight from the target replica to the draft replica
+  (``Draft.Features``: once, none through the router, the encoding now);
+- ``q``: dense [nodes, vocabulary] (before) or over its support (now).
 
     python bench/wire_bytes.py                       # dspark, eagle3, ngram; greedy and T = 1
     python bench/wire_bytes.py --drafters dspark --prompts 2
@@ -26,6 +30,7 @@ from tandem.sampling import SamplingParams
 from tandem.target import load_target
 from tandem.tree import TokenTree
 from tandem_proto.v1 import worker_pb2
+from workers.features import chunks
 from workers.wire import tensor_to_proto, tree_to_proto
 
 OUT = Path(__file__).parent / "results" / "wire_bytes.json"
@@ -42,18 +47,20 @@ class Measured(Drafter):
         trees = self.inner.propose(requests)
         for request, tree in zip(requests, trees):
             features = tensor_to_proto(request.features)
-            step = worker_pb2.DraftStep(new_token_ids=request.token_ids[-1:], features=features)
+            feature_bytes = features.ByteSize() if features is not None else 0
+            direct = sum(c.ByteSize() for c in chunks("0" * 32, 0, request.features)) if feature_bytes else 0
+            step = worker_pb2.DraftStep(new_token_ids=request.token_ids[-1:], max_nodes=request.max_nodes)
             dense = worker_pb2.Tree(tokens=tree.tokens, parents=tree.parents, survival=tree.survival or [])
             if tree.draft_probs is not None:
                 dense.draft_probs.CopyFrom(tensor_to_proto(tree.draft_probs))
-            sent = tree_to_proto(tree).ByteSize()
-            # draft in + tree out + tree in + verdict out (its features are the next draft call's)
+            # draft in + tree out + tree in + verdict out (about a step's size)
             self.rounds.append(
                 {
-                    "features": 2 * (features.ByteSize() if features is not None else 0),
+                    "features_via_router": 2 * feature_bytes,
+                    "features_direct": direct,
                     "tree_before": 2 * dense.ByteSize(),
-                    "tree_after": 2 * sent,
-                    "other": 2 * step.ByteSize() - 2 * (features.ByteSize() if features is not None else 0),
+                    "tree_after": 2 * tree_to_proto(tree).ByteSize(),
+                    "other": 2 * step.ByteSize(),
                 }
             )
         return trees
@@ -80,17 +87,25 @@ def main(argv: list[str] | None = None) -> int:
             params = [SamplingParams(temperature, max_tokens=args.max_tokens, seed=i) for i in range(len(prompts))]
             engine.generate([Request(p, s) for p, s in zip(prompts, params)])
             per_round = {key: statistics.mean(r[key] for r in measured.rounds) for key in measured.rounds[0]}
-            before = per_round["features"] + per_round["tree_before"] + per_round["other"]
-            after = per_round["features"] + per_round["tree_after"] + per_round["other"]
+            router_before = per_round["features_via_router"] + per_round["tree_before"] + per_round["other"]
+            router_after = per_round["tree_after"] + per_round["other"]
+            before, after = router_before, router_after + per_round["features_direct"]
             results[f"{name} T={temperature:g}"] = {
                 "rounds": len(measured.rounds),
                 "bytes_per_round_before": round(before),
                 "bytes_per_round_after": round(after),
-                "features_bytes_per_round": round(per_round["features"]),
+                "router_bytes_per_round_before": round(router_before),
+                "router_bytes_per_round_after": round(router_after),
+                "features_bytes_per_round_via_router": round(per_round["features_via_router"]),
+                "features_bytes_per_round_direct": round(per_round["features_direct"]),
                 "tree_bytes_per_round_before": round(per_round["tree_before"]),
                 "tree_bytes_per_round_after": round(per_round["tree_after"]),
             }
-            print(f"{name} T={temperature:g}: {before / 1e3:.1f} kB -> {after / 1e3:.1f} kB a round", file=sys.stderr)
+            print(
+                f"{name} T={temperature:g}: {before / 1e3:.1f} kB -> {after / 1e3:.1f} kB a round, "
+                f"through the router {router_before / 1e3:.1f} kB -> {router_after / 1e3:.1f} kB",
+                file=sys.stderr,
+            )
     meta = {**machine_info(torch.get_num_threads(), "bfloat16"), "model": str(args.model), "prompts": len(prompts)}
     record = {"meta": meta, "results": results}
     out = Path(args.out)

@@ -19,6 +19,7 @@ there, so its first round has the anchor and the draws the lost one's next round
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,7 +34,7 @@ from tandem.sampling import SamplingParams
 from tandem.sequence import SequenceState
 from tandem.tree import TokenTree, chain
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
-from workers.wire import params_to_proto, step_from_proto, tensor_to_proto, tree_from_proto, tree_to_proto
+from workers.wire import params_to_proto, step_from_proto, tree_from_proto, tree_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Link:
         self._placement = None
         self._call = None
         self._placed = False
+        self.address: str | None = None  # the replica's, once placed
 
     async def place(self, session_id: str, prefix: Sequence[int] = ()) -> None:
         """Wait for a replica (Serve queues the call while every replica is full), then connect;
@@ -90,6 +92,7 @@ class Link:
                 raise asyncio.CancelledError from None
         self._placed = True
         self._running.inc()
+        self.address = address
         self._call = self._stub(self._channel(address)).Session()
 
     async def send(self, message: object) -> None:
@@ -139,6 +142,7 @@ class Session:
         self._target: Link | None = None
         self._draft_link = Link("draft", pools.draft, worker_pb2_grpc.DraftStub, pools) if use_drafter else None
         self._draft: Link | None = None  # the draft link once it works
+        self._told: tuple[Link, str] | None = None  # the target link last told where the drafter is, and what
         self._draft_sent = 0  # tokens the drafter has seen
         self._placing: asyncio.Task | None = None
         self._aborted = False
@@ -175,7 +179,7 @@ class Session:
                 0, self.prompt_ids, self.params, pools.eos_token_ids, reply.capacity, pools.decode, self.continued
             )
             step = step_from_proto(reply)
-            if self.continued:  # the anchor is the client's last token: of the prefill, keep the features
+            if self.continued:  # the anchor is the client's last token: the prefill's is dropped
                 state.advance(replace(step, tokens=[]))
             else:
                 yield state.advance(step), state.finish_reason
@@ -187,8 +191,10 @@ class Session:
                     state.finish_reason = "abort"
                     yield [], state.finish_reason
                     return
+                await self._tell_target_of_drafter()  # before the drafter waits for its features
                 if reply.skip_draft:  # the target replica's gate: drafting does not pay now
-                    # (the features stay in the state and reach the drafter when it is asked again)
+                    # (the target replica sends the drafter the features meanwhile; it takes them
+                    # all when it is asked again)
                     tree, draft_s = chain(state.token_ids[-1], []), None
                 else:
                     tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
@@ -215,6 +221,7 @@ class Session:
         message = worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=draft_s)
         while True:
             try:
+                await self._tell_target_of_drafter()
                 return await self._target.ask(message)
             except Exception as exc:
                 if self._closed or not _lost(exc):
@@ -244,6 +251,19 @@ class Session:
                     raise
                 log.info("session %s: no target replica yet (%s); retrying", self.session_id, exc)
             await asyncio.sleep(RETRY_S)
+
+    async def _tell_target_of_drafter(self) -> None:
+        """Tell the target replica where the session's drafter is, whenever that changes (placed,
+        lost, or a new target replica): it sends there the features of what it verifies (those
+        of the prefill it holds until then), or drops them once there is no drafter. A replica
+        lost meanwhile shows at the next verification, which resumes and tells the new one."""
+        if self._draft_link is None or (self._placing is not None and not self._placing.done()):
+            return
+        told = (self._target, self._draft.address if self._draft is not None else "")
+        if self._told != told:
+            with contextlib.suppress(ConnectionError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                await self._target.send(worker_pb2.VerifyIn(draft=worker_pb2.DraftLink(address=told[1])))
+                self._told = told
 
     def _opening(self) -> worker_pb2.VerifyOpen:
         state, features = self.state, self._draft_link is not None
@@ -280,11 +300,8 @@ class Session:
         if self._draft is None or request.max_nodes == 0:
             return anchor, None
         started = time.perf_counter()
-        step = worker_pb2.DraftStep(
-            new_token_ids=request.token_ids[self._draft_sent :],
-            features=tensor_to_proto(request.features),
-            max_nodes=request.max_nodes,
-        )
+        # the features of these tokens come to the draft replica from the target replica
+        step = worker_pb2.DraftStep(new_token_ids=request.token_ids[self._draft_sent :], max_nodes=request.max_nodes)
         try:
             reply = await asyncio.wait_for(self._draft.ask(worker_pb2.DraftIn(step=step)), self.pools.draft_timeout_s)
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError) as exc:

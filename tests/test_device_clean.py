@@ -28,6 +28,7 @@ from tandem.tree import chain
 from tandem.tree_search import TreeShape
 from tests.device_check import DeviceError, device_check
 from tests.tiny_models import build_tiny
+from workers.features import chunks
 from workers.tp import OPERATIONS
 from workers.wire import step_to_proto, tree_to_proto
 
@@ -169,7 +170,8 @@ def test_target_worker_ops_are_device_clean(target, monkeypatch):
         trees = [chain(step.tokens[-1], [1, 2, 3]) for step, _ in answers]
         answers = OPERATIONS["verify"](verifier, rows, trees)
         for step, room in answers:
-            step_to_proto(step, room, verifier.capacity, with_features=True)
+            step_to_proto(step, room, verifier.capacity)
+            list(chunks("s", 0, step.features))
         tree_to_proto(trees[0])
     assert transfers == {"tandem.verify": 2, "workers.tp": 2}
 

@@ -14,7 +14,8 @@ import grpc
 import pytest
 import torch
 
-from tandem.drafters import DraftRequest, NgramDrafter
+from tandem.drafters import DraftRequest, NgramDrafter, make_drafter, new_draft_model
+from tandem.drafters.neural import DraftConfig
 from tandem.engine import Engine, Request
 from tandem.models.exact import apply_exact
 from tandem.models.loading import load_model
@@ -22,17 +23,19 @@ from tandem.profile import profile_path
 from tandem.sampling import SamplingParams
 from tandem.scheduler import PassCost
 from tandem.tree import chain
+from tandem.verifier import Verifier
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from tests.cluster_helpers import (
     PROMPTS,
     one_torch_thread,  # noqa: F401 - autouse
     tiny_target,
 )
+from workers import features as features_module
 from workers.batching import Batcher, BusyClock
 from workers.draft_worker import DraftSpec, DraftWorker
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
-from workers.wire import params_to_proto, tree_from_proto, tree_to_proto
+from workers.wire import params_from_proto, params_to_proto, tree_from_proto, tree_to_proto
 
 PARAMS = params_to_proto(SamplingParams(max_tokens=16, seed=0))
 
@@ -222,6 +225,62 @@ async def _one_step(worker: DraftWorker, history: list[int]) -> None:
     [expected] = NgramDrafter(depth=8).propose([DraftRequest(0, history, 4)])
     assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
     call.cancel()
+
+
+def test_features_go_from_the_target_worker_to_the_draft_worker(tmp_path: Path, monkeypatch) -> None:
+    """A session driven as the router drives it, its features never through the "router": the
+    target worker pushes them (the prompt's in chunks of 3 rows) once told where the drafter is,
+    and every tree the draft worker sends equals the tree the same drafter drafts in process
+    from the same features; the draft worker frees the session's inbox when both streams end."""
+    model = str(tiny_target(tmp_path / "tiny"))
+    target = load_model(model, torch.float32)[0]
+    cfg = DraftConfig.for_target("dspark", target, "tiny", draft_vocab=48, block_size=4)
+    torch.manual_seed(0)
+    new_draft_model(cfg, target, torch.arange(48)).save(tmp_path / "dspark")
+    apply_exact(target)  # as the target worker's shard does
+    reference = make_drafter(str(tmp_path / "dspark"), target, model)  # on the same kernels as the draft worker's
+    layers = tuple(cfg.feature_layers)
+    row_bytes = 4 * target.config.hidden_size * len(layers)
+    monkeypatch.setattr(features_module, "CHUNK_BYTES", 3 * row_bytes)
+    shard = ShardSpec(model, "float32", rows=1, max_model_len=128, feature_layers=layers, threads=1)
+    draft_spec = DraftSpec(str(tmp_path / "dspark"), model, "float32", layers, 0.0, 1, "127.0.0.1")
+    prompt = PROMPTS[0] * 4  # features of 40 positions: 14 chunks
+    params = params_from_proto(PARAMS)
+    verifier = Verifier(target, 1, 128, feature_layers=layers)
+
+    async def scenario() -> None:
+        target_spec = TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", False)
+        async with _replica(TargetWorker, target_spec) as worker, _replica(DraftWorker, draft_spec) as drafts:
+            assert drafts.drafter.model.kernels is not None  # its target is only embeddings: it packs its own
+            verify = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(worker.address)).Session()
+            opening = worker_pb2.VerifyOpen(session_id="s", prompt_ids=prompt, params=PARAMS, want_features=True)
+            await verify.write(worker_pb2.VerifyIn(open=opening))
+            step = await verify.read()
+            draft = worker_pb2_grpc.DraftStub(grpc.aio.insecure_channel(drafts.address)).Session()
+            await draft.write(worker_pb2.DraftIn(open=worker_pb2.DraftOpen(session_id="s", params=PARAMS)))
+            await verify.write(worker_pb2.VerifyIn(draft=worker_pb2.DraftLink(address=drafts.address)))
+            row = verifier.open(prompt, params, 0)
+            [local] = verifier.prefill_part([row])
+            tokens = new = prompt + list(step.tokens)  # the first step: everything up to the anchor
+            for _ in range(4):
+                await draft.write(worker_pb2.DraftIn(step=worker_pb2.DraftStep(new_token_ids=new, max_nodes=4)))
+                tree = tree_from_proto((await draft.read()).tree)
+                [expected] = reference.propose([DraftRequest(0, tokens, 4, params, local.features)])
+                assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
+                await verify.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree)))
+                step = await verify.read()
+                [local] = verifier.verify([row], [tree])
+                assert list(step.tokens) == local.tokens
+                tokens, new = tokens + list(step.tokens), list(step.tokens)
+            draft.cancel()
+            verify.cancel()
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if len(drafts.inboxes) == 0:
+                    break
+            assert len(drafts.inboxes) == 0
+
+    asyncio.run(scenario())
 
 
 def test_one_failing_call_does_not_fail_its_batch() -> None:

@@ -1,8 +1,9 @@
 """The draft pool's replica: a drafter with per-session state, drafting for many sessions at once.
 
-Per session the router streams the tokens accepted since the last round (plus the target's
-features of them) and gets back a token tree rooted at the new anchor. Requests that arrive
-together are proposed in one ``Drafter.propose`` call.
+Per session the router streams the tokens accepted since the last round and gets back a token
+tree rooted at the new anchor; the target replica pushes the features of those tokens here itself
+(``Features``, workers/features.py), and a step waits for them. Requests that arrive together are
+proposed in one ``Drafter.propose`` call.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from tandem.models.loading import load_embeddings
 from tandem.tree import TokenTree
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher
+from workers.features import Inboxes
 from workers.server import WorkerServer
 from workers.tls import InternalTls
-from workers.wire import params_from_proto, tensor_from_proto, tree_to_proto
+from workers.wire import params_from_proto, tree_to_proto
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ def build_drafter(spec: DraftSpec) -> Drafter:
         # The drafter reads only the target's embedding and LM-head rows: nothing else is loaded.
         device = resolve_device(spec.device)
         target = load_embeddings(resolve_model_path(spec.model), DTYPES[spec.dtype], device)
-        drafter = make_drafter(spec.drafter, target=target, model_name=spec.model)
+        # Its target runs nothing: the drafter takes the packed kernels itself, where they run.
+        drafter = make_drafter(spec.drafter, target=target, model_name=spec.model, exact=True)
     if drafter is None:
         raise ValueError("the draft pool needs a drafter; 'none' means no draft pool")
     if tuple(drafter.feature_layers) != tuple(spec.feature_layers):
@@ -70,6 +73,8 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self.drafter = await asyncio.get_running_loop().run_in_executor(self._thread, build_drafter, spec)
         self._seq_ids = itertools.count()
+        self.reads_features = bool(self.drafter.feature_layers)
+        self.inboxes = Inboxes()  # per session: the target features not yet handed to the drafter
         # A drafter may have absorbed a request's features before it raised: no call-by-call retry.
         self.batcher: Batcher[DraftRequest, TokenTree] = Batcher(
             self._propose, spec.batch_wait_s, self.live_sessions, isolate=False
@@ -83,6 +88,7 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
             "sessions": self.live_sessions(),
             "batches": batcher.batches,
             "drafter_states": held,
+            "feature_inboxes": len(self.inboxes),
             "busy_s": batcher.busy.seconds,
         }
 
@@ -99,13 +105,22 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         opening = await self.read_open(requests, context)
         params = params_from_proto(opening.params)
         seq_id, token_ids = next(self._seq_ids), []
-        with self.stream_of(opening.session_id, opening.group):
+        with self.stream_of(opening.session_id, opening.group), self.inboxes.hold(opening.session_id) as inbox:
             try:
                 async for message in requests:
                     step = message.step
                     token_ids.extend(step.new_token_ids)
-                    features = tensor_from_proto(step.features)
+                    # every position before the anchor: pushed by the target replica that verified it
+                    features = await inbox.take(len(token_ids) - 1) if self.reads_features else None
                     request = DraftRequest(seq_id, token_ids, step.max_nodes, params, features)
                     yield worker_pb2.DraftOut(tree=tree_to_proto(await self.batcher.submit(request, opening.group)))
             finally:
+                inbox.closed = True
                 self._thread.submit(self.drafter.release, seq_id)
+
+    async def Features(  # noqa: N802 - the gRPC method name
+        self, chunks: AsyncIterator[worker_pb2.FeatureChunk], context: grpc.aio.ServicerContext
+    ) -> worker_pb2.FeaturesDone:
+        """A target replica's features of one session, kept until its draft steps take them."""
+        await self.inboxes.receive(chunks, context)
+        return worker_pb2.FeaturesDone()

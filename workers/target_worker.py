@@ -26,6 +26,7 @@ from tandem.tree import TokenTree
 from tandem.verifier import Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher, BusyClock
+from workers.features import FeaturePush
 from workers.server import WorkerServer
 from workers.tls import InternalTls
 from workers.tp import LocalRanks, Ranks, RanksLost, RayRanks, ShardSpec
@@ -64,6 +65,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         self.gate = DraftGate(self.cost) if self.cost is not None else None  # per cache row: draft at all?
         self._room: dict[int, int] = {}  # per cache row: draft nodes that fit below its anchor
         self.busy = BusyClock()  # prefills and verifications queue for the same passes: counted once
+        self._tls, self._channels = spec.tls, {}  # to the draft replicas its sessions' features go to
         wait_s, live = spec.batch_wait_s, self.live_sessions
         self.prefills: Batcher[int, tuple[Step, int]] = Batcher(self._prefill, wait_s, live, busy=self.busy)
         self.verifies: Batcher[Job, Verdict] = Batcher(self._verify, wait_s, live, busy=self.busy)
@@ -80,6 +82,12 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             "rows": rows,
             "calibrated_rows": self.calibration.held(),
         }
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """One cached channel per draft replica address."""
+        if address not in self._channels:
+            self._channels[address] = self._tls.channel(address)
+        return self._channels[address]
 
     async def check_health(self) -> None:
         """Serve's periodic probe: a tp group that lost a rank fails it, so Serve replaces the
@@ -138,27 +146,37 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target replica is full: {exc}")
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            push = FeaturePush(opening.session_id, self.channel) if opening.want_features else None
             try:
                 step, room = await self.prefills.submit(row, opening.group)
-                # Resuming: the drafter saw these tokens' features on the lost replica already.
-                features, skip_draft = opening.want_features and not opening.resume, False
+                # Resuming: the drafter has these tokens' features from the lost replica already.
+                features, skip_draft = None if opening.resume else step.features, False
+                verified = len(opening.prompt_ids)  # positions the pass added to the row
                 while True:
-                    reply = step_to_proto(step, room, self.capacity, features)
+                    if push is not None:
+                        push.add(features, verified)
+                    reply = step_to_proto(step, room, self.capacity)
                     reply.skip_draft = skip_draft
                     yield reply
                     message = await anext(requests, None)
+                    while message is not None and message.HasField("draft"):  # where the features go
+                        if push is not None:
+                            push.link(message.draft.address)
+                        message = await anext(requests, None)
                     if message is None:
                         break
                     waited = message.draft_seconds if message.HasField("draft_seconds") else None
                     job = (row, tree_from_proto(message.tree), params.greedy, waited)
                     step, room, draft = await self.verifies.submit(job, opening.group)
-                    features, skip_draft = opening.want_features, not draft
+                    features, skip_draft, verified = step.features, not draft, len(step.tokens)
             except NoRoom as exc:  # preempted: its blocks go back (its full ones stay cached), and
                 # the router resumes it (ABORTED is a lost replica to it) once blocks are free
                 await context.abort(grpc.StatusCode.ABORTED, f"session preempted, the KV cache is full: {exc}")
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:  # also on cancellation: the row must come back
+                if push is not None:
+                    push.close()
                 self.calibration.forget(row)
                 self._room.pop(row, None)
                 if self.gate is not None:

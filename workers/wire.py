@@ -11,7 +11,8 @@ from tandem.tree import TokenTree
 from tandem.verifier import Step
 from tandem_proto.v1 import api_pb2, worker_pb2
 
-# Features of a long prompt run to megabytes; gRPC's 4 MiB default is too small between pools.
+# Features of a long prompt run to megabytes (sent in chunks of a sixteenth of this, see
+# workers/features.py) and dense q to more; gRPC's 4 MiB default is too small between pools.
 MAX_MESSAGE_BYTES = 256 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -102,12 +103,11 @@ def params_from_proto(msg: api_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def step_to_proto(step: Step, room: int, capacity: int, with_features: bool) -> worker_pb2.VerifyOut:
-    features = tensor_to_proto(step.features) if with_features else None
+def step_to_proto(step: Step, room: int, capacity: int) -> worker_pb2.VerifyOut:
+    """The verdict for the router; the step's features go to the draft replica (workers/features.py)."""
     return worker_pb2.VerifyOut(
         tokens=step.tokens,
         accepted=step.accepted,
-        features=features,
         room=room,
         capacity=capacity,
         cached_tokens=step.cached_tokens,
@@ -116,4 +116,4 @@ def step_to_proto(step: Step, room: int, capacity: int, with_features: bool) -> 
 
 
 def step_from_proto(msg: worker_pb2.VerifyOut) -> Step:
-    return Step(list(msg.tokens), msg.accepted, tensor_from_proto(msg.features), msg.cached_tokens, msg.kv_blocks)
+    return Step(list(msg.tokens), msg.accepted, None, msg.cached_tokens, msg.kv_blocks)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.dspark import DSparkDrafter, DSparkModel
@@ -23,7 +25,7 @@ from tandem.drafters.neural import (
 from tandem.drafters.ngram import NgramDrafter
 from tandem.drafters.suffix import SuffixDrafter
 from tandem.errors import InvalidRequest
-from tandem.kernels.cpu import exact_kernels
+from tandem.kernels.cpu import KernelUnavailable, exact_kernels
 from tandem.models.decoder import Transformer
 from tandem.tree_search import TreeShape
 
@@ -50,14 +52,30 @@ def load_draft_model(folder: str | Path, target: Transformer) -> DraftModel:
     return load_weights(MODELS[cfg.algo], cfg, folder, target)
 
 
-def load_drafter(folder: str | Path, target: Transformer, tree: TreeShape | None = None) -> NeuralDrafter:
+def load_drafter(
+    folder: str | Path, target: Transformer, tree: TreeShape | None = None, exact: bool | None = None
+) -> NeuralDrafter:
     """A trained drafter from its folder (:func:`load_draft_model`); chains, or trees of
-    ``tree``'s shape."""
+    ``tree``'s shape. ``exact``: its passes on the packed kernels, which draft faster (None: when
+    its target runs on them; True: wherever they run, as a draft replica asks, whose target is
+    only an embedding and an LM head)."""
     model = load_draft_model(folder, target)
-    cfg = model.config
-    if target.exact and model.fc.weight.dtype == target.dtype:  # the target's kernels are there: faster drafts
+    packed = target.exact if exact is None else exact and _kernels_run(model)
+    if packed and model.fc.weight.dtype == target.dtype:
         model.use_exact_kernels(exact_kernels())
-    return ADAPTERS[cfg.algo](model, tree=tree)
+    return ADAPTERS[model.config.algo](model, tree=tree)
+
+
+def _kernels_run(model: DraftModel) -> bool:
+    """Whether the packed kernels run ``model`` here (bf16 or float32 on a CPU that has them)."""
+    weight = model.fc.weight
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    try:
+        exact_kernels()
+    except KernelUnavailable:
+        return False
+    return True
 
 
 def split_spec(spec: str) -> tuple[str, TreeShape | str | None]:
@@ -130,12 +148,15 @@ def trained_folder(spec: str, model_name: str) -> Path | None:
     return folder
 
 
-def make_drafter(spec: str, target: Transformer | None = None, model_name: str = "") -> Drafter | None:
+def make_drafter(
+    spec: str, target: Transformer | None = None, model_name: str = "", exact: bool | None = None
+) -> Drafter | None:
     """A drafter by name or folder; ``none`` means plain decoding. Trained ones (``eagle3``,
     ``dflash``, ``dspark``) are the drafters shipped for ``model_name``, loaded next to ``target``;
     they draft dynamic trees (:class:`TreeShape`'s default shape), of another shape with
     ``NAME:TOPK,DEPTH,BUDGET``, chains with ``NAME:chain``. ``hybrid[:ALGO|FOLDER]`` pairs the
-    suffix drafter with a trained one (shipped ``dspark`` by default; a tree shape is its)."""
+    suffix drafter with a trained one (shipped ``dspark`` by default; a tree shape is its).
+    ``exact``: as :func:`load_drafter`'s."""
     check_drafter_name(spec)
     name, tree = split_spec(spec)
     if name == "none":
@@ -150,7 +171,7 @@ def make_drafter(spec: str, target: Transformer | None = None, model_name: str =
     inner = hybrid_part(name)
     if target is None:
         raise InvalidRequest(f"drafter {name!r} needs its target model")
-    neural = load_drafter(folder, target, None if tree == CHAIN else tree or TreeShape())
+    neural = load_drafter(folder, target, None if tree == CHAIN else tree or TreeShape(), exact)
     return neural if inner is None else HybridDrafter(SuffixDrafter(), neural)
 
 
