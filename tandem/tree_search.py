@@ -104,6 +104,7 @@ GreedyExpand = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor, C
 # the same for several trees: their frontiers' rows one after another
 GreedyExpandMany = Callable[[list[Growth], list[list[int]]], tuple[torch.Tensor, torch.Tensor, Confidence]]
 SampledExpand = Callable[[Growth, list[int]], tuple[torch.Tensor, Confidence]]  # q over the target vocabulary [F, V]
+SampledExpandMany = Callable[[list[Growth], list[list[int]]], tuple[torch.Tensor, Confidence]]
 
 
 def greedy_tree(root: int, expand: GreedyExpand, shape: TreeShape, max_nodes: int) -> TokenTree:
@@ -150,29 +151,62 @@ def sampled_tree(
 
     The draws of a depth happen at once on the device (:func:`draw_without_replacement`); how
     many each frontier node gets depends only on the budget left, never on a token."""
-    growth = Growth([root])
-    budget = min(shape.budget, max_nodes)
-    frontier = [0]
-    while frontier and len(growth.tokens) - 1 < budget and growth.depths[frontier[0]] < shape.depth:
-        q, confidence = expand(growth, frontier)
-        left = budget - (len(growth.tokens) - 1)
-        counts = [max(0, min(shape.topk, left - shape.topk * row)) for row in range(len(frontier))]
-        draws = draw_without_replacement(q.float(), shape.topk, generator)
+    return sampled_trees(
+        [root], lambda growths, frontiers: expand(growths[0], frontiers[0]), shape, [max_nodes], [generator]
+    )[0]
+
+
+def sampled_trees(
+    roots: Sequence[int],
+    expand: SampledExpandMany,
+    shape: TreeShape,
+    max_nodes: Sequence[int],
+    generators: Sequence[torch.Generator],
+) -> list[TokenTree]:
+    """:func:`sampled_tree` for several sequences at once: each depth expands the frontiers of
+    the trees still growing in one call and brings its numbers back in one transfer. Every tree
+    draws its uniforms from its own generator, as many as it draws alone, so it is the tree
+    :func:`sampled_tree` grows alone, given an ``expand`` whose rows do not depend on each other."""
+    growths = [Growth([root]) for root in roots]
+    budgets = [min(shape.budget, m) for m in max_nodes]
+    frontiers = [[0] for _ in roots]
+    while True:
+        frontiers = [
+            f if f and len(g.tokens) - 1 < b and g.depths[f[0]] < shape.depth else []
+            for f, g, b in zip(frontiers, growths, budgets)
+        ]
+        if not any(frontiers):
+            break
+        q, confidence = expand(growths, frontiers)
+        q = q.float()
+        uniform = torch.cat(
+            [
+                torch.rand((len(f), q.shape[-1]), generator=g, device=q.device, dtype=torch.float64)
+                for f, g in zip(frontiers, generators)
+                if f
+            ]
+        )
+        draws = draw_without_replacement(q, shape.topk, uniform)
         tokens, drawn_p, top, *conf = to_host(draws.tokens, draws.token_probs, draws.top, *_present(confidence))
-        children = []
-        for row, parent in enumerate(frontier):
-            row_top = top[row].tolist()
-            mass = 1.0
-            for j, (token, p) in enumerate(zip(tokens[row].tolist()[: counts[row]], drawn_p[row].tolist())):
-                if p <= 0:  # fewer than topk tokens have mass: the rest were never drawable
-                    break
-                # Known before the draw; not renormalised, so a later sibling never outranks an earlier one.
-                factor = row_top[j] if not conf else float(conf[0][row]) * row_top[j] / row_top[0]
-                score = growth.scores[parent] + math.log(p / mass)
-                children.append(growth.add(token, parent, score, factor, draws.drawn_from[row, j]))
-                mass -= p
-        frontier = growth.best(children, shape.topk)
-    return growth.tree()
+        row = 0
+        for b, (growth, frontier) in enumerate(zip(growths, frontiers)):
+            left = budgets[b] - (len(growth.tokens) - 1)
+            children = []
+            for i, parent in enumerate(frontier):
+                count = max(0, min(shape.topk, left - shape.topk * i))
+                row_top = top[row].tolist()
+                mass = 1.0
+                for j, (token, p) in enumerate(zip(tokens[row].tolist()[:count], drawn_p[row].tolist())):
+                    if p <= 0:  # fewer than topk tokens have mass: the rest were never drawable
+                        break
+                    # Known before the draw; not renormalised, so a later sibling never outranks an earlier one.
+                    factor = row_top[j] if not conf else float(conf[0][row]) * row_top[j] / row_top[0]
+                    score = growth.scores[parent] + math.log(p / mass)
+                    children.append(growth.add(token, parent, score, factor, draws.drawn_from[row, j]))
+                    mass -= p
+                row += 1
+            frontiers[b] = growth.best(children, shape.topk) if frontier else []
+    return [growth.tree() for growth in growths]
 
 
 @dataclass(frozen=True)
@@ -185,11 +219,11 @@ class Draws:
     top: torch.Tensor  # [F, k]: the highest probability left before each draw (not renormalised)
 
 
-def draw_without_replacement(q: torch.Tensor, k: int, generator: torch.Generator) -> Draws:
+def draw_without_replacement(q: torch.Tensor, k: int, uniform: torch.Tensor) -> Draws:
     """Gumbel-top-k: the ``k`` largest of ``log q + Gumbel noise`` are, in order, distributed as
-    ``k`` sequential draws, each from what is left of ``q`` renormalised."""
+    ``k`` sequential draws, each from what is left of ``q`` renormalised. ``uniform``: float64
+    uniforms of ``q``'s shape (each row from its own sequence's generator)."""
     k = min(k, q.shape[-1])
-    uniform = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float64)
     keys = q.double().log() - (-uniform.clamp_min(1e-300).log()).log()
     tokens = keys.topk(k, -1).indices
     token_probs = q.gather(-1, tokens)

@@ -147,6 +147,33 @@ def test_sequences_drafted_together_get_the_drafts_each_gets_alone(trained, targ
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("algo", ["dflash", "dspark", "dspark-no-markov"])
+def test_the_native_tree_search_grows_the_python_searchs_trees(trained, target, target_folder, algo, dtype):
+    """The block drafters' greedy trees grown in one native call (tandem/kernels/tree_cpu.c) are
+    the trees Python's best-first search grows from the same blocks: the same tokens and parents,
+    and the same survivals to rounding; with budgets that differ between the sequences."""
+    exact = load_model(target_folder, dtype)[0]
+    apply_exact(exact, True)
+    drafter = load_drafter(trained[algo.removesuffix("-no-markov")][2], exact, TreeShape(3, 4, 10))
+    if algo == "dspark-no-markov":  # the ablation: no transition bias, the confidence still reads the codes
+        drafter.markov = False
+    requests = _requests(target, _prompts(6, seed=47), SamplingParams(), drafter.model.config.feature_layers)
+    max_nodes = [10, 3, 10, 1, 7, 10]
+    with torch.inference_mode():
+        states = [drafter.absorb(r) for r in requests]
+        anchors = [r.token_ids[-1] for r in requests]
+        base, hidden = drafter.blocks(states, anchors)
+        native, python = (drafter.grow_greedy(anchors, base, hidden, max_nodes, n) for n in (True, False))
+    assert [len(tree) - 1 for tree in native] == max_nodes
+    # survivals: the torch path rounds DSpark's confidence logit to the storage type, the native
+    # one keeps it in float32 (a bf16 logit is good to about 4e-3)
+    close = 1e-5 if dtype == torch.float32 else 4e-3
+    for a, b in zip(native, python):
+        assert (a.tokens, a.parents) == (b.tokens, b.parents)
+        assert a.survival == pytest.approx(b.survival, rel=close, abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("algo", ["dflash", "dspark"])
 def test_the_block_backbone_in_one_call_is_its_modules_bit_for_bit(trained, target, target_folder, algo, dtype):
     """A block drafter drafts through its layers run as a decoder over a paged cache: on the

@@ -330,7 +330,7 @@ def test_zlab_dflash_drafts_what_its_own_forward_gives(target, states, tmp_path)
     cfg = drafter.model.config
     assert (cfg.algo, cfg.feature_layers, cfg.drafts, cfg.mask_token_id) == ("dflash", IDS, 3, MASK)
     state = drafter.absorb(_request(target, IDS))
-    logits, _ = drafter.block_logits(state, SEQUENCE)
+    logits, _ = (t[0] for t in drafter.blocks([state], SEQUENCE[-1:]))  # the block after the anchor
     hidden = reference_block(w, states, target.embed.weight.detach(), block=4)
     expected = hidden[1:] @ target.lm_head.weight.detach().T  # the anchor's row is dropped: masks draft
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
@@ -347,7 +347,7 @@ def test_deepspec_drafts_what_its_own_forward_gives(target, states, tmp_path, ra
     assert cfg.algo == ("dspark" if rank else "dflash") and cfg.drafts == 4 and cfg.anchor_row
     drafter = DSparkDrafter(model, min_survival=0.0) if rank else ADAPTERS["dflash"](model)
     state = drafter.absorb(_request(target, IDS))
-    base, _ = drafter.block_logits(state, SEQUENCE)
+    base, _ = (t[0] for t in drafter.blocks([state], SEQUENCE[-1:]))
     hidden = reference_block(w, states, w["embed_tokens.weight"], block=4)
     torch.testing.assert_close(base, hidden @ w["lm_head.weight"].T, rtol=1e-4, atol=1e-4)
     # The Markov head, sequential from the anchor, and the confidence of each row.

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 from tandem.tree import ancestor_mask, path_to
-from tandem.tree_search import Growth, TreeShape, greedy_tree, greedy_trees, sampled_tree
+from tandem.tree_search import Growth, TreeShape, greedy_tree, greedy_trees, sampled_tree, sampled_trees
 from tandem.verify import verify_sampling
 
 V = 5
@@ -76,6 +76,27 @@ def test_trees_grown_together_are_the_trees_grown_alone():
         single = greedy_tree(root, alone, shape, cap)
         assert (tree.tokens, tree.parents, tree.survival) == (single.tokens, single.parents, single.survival)
     assert [len(tree) - 1 for tree in grown] == [12, 2, 7, 0]
+
+
+def test_sampled_trees_grown_together_are_the_trees_grown_alone():
+    """One expansion a depth for several sampled trees, each drawing from its own generator, grows
+    each tree as it grows alone: the same draws, the same q on every node."""
+    law, shape = _markov(5, sharp=1.0), TreeShape(2, 4, 9)
+    alone = _sampled_expand(law, confidence=0.5)
+
+    def together(growths: list[Growth], frontiers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [alone(g, f) for g, f in zip(growths, frontiers) if f]
+        return torch.cat([q for q, _ in parts]), torch.cat([sure for _, sure in parts])
+
+    roots, max_nodes, seeds = [0, 1, 4, 2], [9, 2, 5, 0], [11, 12, 13, 14]
+    grown = sampled_trees(roots, together, shape, max_nodes, [torch.Generator().manual_seed(s) for s in seeds])
+    for tree, root, cap, seed in zip(grown, roots, max_nodes, seeds):
+        single = sampled_tree(root, alone, shape, cap, torch.Generator().manual_seed(seed))
+        assert (tree.tokens, tree.parents, tree.survival) == (single.tokens, single.parents, single.survival)
+        assert (tree.draft_probs is None and single.draft_probs is None) or torch.equal(
+            tree.draft_probs, single.draft_probs
+        )
+    assert [len(tree) - 1 for tree in grown] == [9, 2, 5, 0]
 
 
 def test_kept_nodes_are_the_best_by_cumulative_log_probability():

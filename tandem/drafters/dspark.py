@@ -14,6 +14,7 @@ from torch import nn
 
 from tandem.drafters.dflash import DFlashDrafter, DFlashModel
 from tandem.drafters.neural import ChildLogitsMany, DraftConfig, DraftState, Pick
+from tandem.kernels.cpu import TreeHeads
 from tandem.models.decoder import Linear, Transformer
 from tandem.sampling import SamplingParams
 from tandem.tree import TokenTree
@@ -92,6 +93,25 @@ class DSparkDrafter(DFlashDrafter):
             self.chain_of(anchor, row[:depth], survival[b, :depth], self.min_survival)
             for b, (anchor, row, depth) in enumerate(zip(anchors, picks, depths))
         ]
+
+    def tree_heads(self, hidden: torch.Tensor) -> TreeHeads:
+        """The Markov and confidence heads for the native search: the codes (W1) and packed W2,
+        and the confidence head's weight split in two, the hidden states' part applied here to
+        every block position at once (the same confidences up to rounding: the trees are the
+        same, their survivals agree to rounding)."""
+        model, cfg = self.model, self.model.config
+        heads = {"to_draft": model.to_draft, "codes": model.markov_in.weight.detach().contiguous()}
+        if self.markov:
+            heads["packed_bias"] = model.markov_out.packed
+        if model.confidence is not None:
+            weight, bias = model.confidence.weight[0].float(), model.confidence.bias.float()
+            d = cfg.hidden_size
+            heads["confidence"] = (model.norm(hidden).float() @ weight[:d] + bias).contiguous()
+            if cfg.confidence_with_markov:
+                heads["confidence_code"] = weight[d:].contiguous()
+            if cfg.confidence_temperature:
+                heads["temperatures"] = torch.tensor(cfg.confidence_temperature, dtype=torch.float32)
+        return TreeHeads(**heads)
 
     def children_of(self, base: torch.Tensor, hidden: torch.Tensor) -> ChildLogitsMany:
         """Depth k's base logits plus each parent's Markov bias: branching costs one rank-r matmul

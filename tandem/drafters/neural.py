@@ -394,8 +394,7 @@ class NeuralDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
         """Every request's new features absorbed; then the sequences in step draft together:
-        chains in one batched pass per step (:meth:`chains`), trees each after a shared
-        :meth:`prepare`."""
+        chains in one batched pass per step (:meth:`chains`), trees by :meth:`trees`."""
         trees = [chain(r.token_ids[-1], []) for r in requests]
         ready, states = [], []
         for i, request in enumerate(requests):
@@ -416,13 +415,9 @@ class NeuralDrafter(Drafter):
         return trees
 
     def trees(self, states: list[DraftState], requests: list[DraftRequest]) -> list[TokenTree]:
-        """Each sequence's tree (:meth:`draft_tree`), after a shared :meth:`prepare`."""
-        self.prepare(states, requests)
+        """Each sequence's tree (:meth:`draft_tree`), one after another (the block drafters grow
+        theirs together)."""
         return [self.draft_tree(s, list(r.token_ids), r.max_nodes, r.params) for s, r in zip(states, requests)]
-
-    def prepare(self, states: list[DraftState], requests: list[DraftRequest]) -> None:  # noqa: B027 - optional
-        """Before each sequence's tree: work one pass can do for all of them (the block drafters'
-        backbone); nothing by default."""
 
     def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
         """One sequence's chain of up to ``depth`` tokens after the anchor ``token_ids[-1]``."""

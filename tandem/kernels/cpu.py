@@ -7,6 +7,9 @@ drifts from plain decoding. These kernels compute every row the same way whateve
 (see the C file), and read the weights once for all rows of a pass, prefetching ahead, so a
 one-token pass runs near the memory bandwidth in either dtype and verifying a few tokens costs
 little more (docs/results.md: with the AVX-512 tiles, faster than oneDNN at every width measured).
+
+The same library holds the block drafters' greedy tree search (``tree_cpu.c``), which calls the
+linear kernel for DSpark's Markov head.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +30,7 @@ import torch
 from tandem.cache import cache_root
 from tandem.errors import TandemError
 
-SOURCE = Path(__file__).with_name("exact_cpu.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("exact_cpu.c", "tree_cpu.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 BLOCK = 16  # output columns per packed weight block
 
@@ -52,13 +56,15 @@ def _build() -> tuple[Path, str]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise KernelUnavailable("the exact kernels need a C compiler (cc or gcc, or $CC)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
     library = cache_root() / "kernels" / f"exact_cpu-{key}.so"
     if library.is_file():
         return library, key
     library.parent.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.tmp")
-    built = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
+    built = subprocess.run(
+        [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES), "-lm"], capture_output=True, text=True
+    )
     if built.returncode != 0:
         raise KernelUnavailable(f"building the exact kernels failed: {built.stderr.strip()[-400:]}")
     partial.replace(library)  # atomic: concurrent builders each write their own file
@@ -72,7 +78,11 @@ _SIGNATURES = {
     "tandem_rms_norm": (_P, _I, _I, _P, _F, _F, _P, _C),
     "tandem_act_mul": (_P, _I, _I, _C, _P, _C),
     "tandem_layers": (_P, _P, _I, _I, *[_P] * 9, _I, _P, _P, _I, _I, _P, _C),
+    # base, B, D, V, roots, budgets, topk, depth, vocab_map, to_draft, codes, packed W2, rank, f32,
+    # wide, threads, mode, confidence, its code part, temperatures, their count, cap, the four outputs
+    "tandem_greedy_trees": (_P, _I, _I, _I, _P, _P, _I, _I, *[_P] * 4, _I, *[_C] * 4, *[_P] * 3, _I, _I, *[_P] * 4),
 }
+_RETURNS = {"tandem_greedy_trees": _I}  # the others return nothing
 DTYPES = (torch.bfloat16, torch.float32)  # the storage types the kernels read and write
 AVX512 = {"avx512f", "avx512bw", "avx512_bf16"}  # the wide linear tiles: 16-lane FMA, bf16 dot products
 ISA_VARIABLE = "TANDEM_KERNEL_ISA"  # avx2 or avx512; unset: the widest this CPU has
@@ -162,6 +172,18 @@ def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, t.stride(1)
 
 
+@dataclass(frozen=True)
+class TreeHeads:
+    """DSpark's heads as :meth:`ExactKernels.greedy_trees` reads them, all contiguous on the CPU."""
+
+    to_draft: torch.Tensor | None = None  # [target vocabulary] long: each target id's draft id (V: none)
+    codes: torch.Tensor | None = None  # [V + 1, rank] the Markov head's codes (W1), in the storage type
+    packed_bias: torch.Tensor | None = None  # its W2, packed (None: the codes feed the confidence only)
+    confidence: torch.Tensor | None = None  # [B, D] float32 w_h . norm(h) + b (None: a confidence of 1)
+    confidence_code: torch.Tensor | None = None  # [rank] float32, the codes' part of the confidence weight
+    temperatures: torch.Tensor | None = None  # [n] float32 per block position (None: 1)
+
+
 class ExactKernels:
     """The loaded library; every call takes and returns CPU tensors of one storage type, bf16 or
     float32 (the model's), except that a linear may return float32 from bf16. ``isa``: which
@@ -170,7 +192,7 @@ class ExactKernels:
     def __init__(self, library: ctypes.CDLL, isa: str, key: str) -> None:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(library, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
         self._lib = library
         self.isa = isa
         self.label = f"exact-{isa}-{key}"  # what a pass costs depends on it (cached profiles are keyed by it)
@@ -204,6 +226,43 @@ class ExactKernels:
             _f32(x), self._wide, torch.get_num_threads(),
         )  # fmt: skip
         return out.view(*x.shape[:-1], n)
+
+    def greedy_trees(
+        self,
+        base: torch.Tensor,
+        roots: Sequence[int],
+        budgets: Sequence[int],
+        topk: int,
+        depth: int,
+        vocab_map: torch.Tensor,
+        heads: TreeHeads | None = None,
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy best-first trees for the block drafters (``tree_cpu.c``): ``base`` ``[B, D, V]``
+        float32 draft logits per block position, ``roots`` the anchors, ``budgets`` the draft
+        nodes of each, ``vocab_map`` ``[V]`` the target id of each draft id, ``heads`` DSpark's
+        (None: DFlash). Returns each tree's node count and its tokens, parents and survivals
+        ``[B, budget + 1]`` (root first; a row past its count is unused)."""
+        batch, positions, vocab = base.shape
+        cap = max(budgets, default=0) + 1
+        counts = torch.empty(batch, dtype=torch.long)
+        tokens, parents = (torch.empty(batch, cap, dtype=torch.long) for _ in range(2))
+        survival = torch.empty(batch, cap, dtype=torch.float64)
+        base, vocab_map = base.float().contiguous(), vocab_map.long().contiguous()
+        roots_t, budgets_t = (torch.tensor(list(v), dtype=torch.long) for v in (roots, budgets))
+        h = heads or TreeHeads()
+        mode = 0 if heads is None else 1 if h.confidence is not None else 2
+        rank = 0 if h.codes is None else h.codes.shape[1]
+        temperatures = 0 if h.temperatures is None else len(h.temperatures)
+        failed = self._lib.tandem_greedy_trees(
+            base.data_ptr(), batch, positions, vocab, roots_t.data_ptr(), budgets_t.data_ptr(), topk, depth,
+            vocab_map.data_ptr(), _pointer(h.to_draft), _pointer(h.codes), _pointer(h.packed_bias), rank,
+            0 if h.codes is None else _f32(h.codes), self._wide, torch.get_num_threads(), mode,
+            _pointer(h.confidence), _pointer(h.confidence_code), _pointer(h.temperatures), temperatures, cap,
+            counts.data_ptr(), tokens.data_ptr(), parents.data_ptr(), survival.data_ptr(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("tandem_greedy_trees could not allocate its working memory")
+        return counts.tolist(), tokens, parents, survival
 
     def rope_attention(
         self,

@@ -101,6 +101,28 @@ static void exp_inplace(float *v, int64_t n) {
     }
 }
 
+/* The max of x[0..n) and log(sum exp(x - max)), in one fixed order (8 lanes, then the lanes in
+ * order): a log-softmax is x - max - log_sum (tree_cpu.c's search). */
+void tandem_log_sum_exp(const float *x, int64_t n, float *max_out, float *log_sum_out) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + i));
+    float m8s[8], m = -INFINITY;
+    _mm256_storeu_ps(m8s, m8);
+    for (int j = 0; j < 8; j++) m = m8s[j] > m ? m8s[j] : m;
+    for (int64_t j = i; j < n; j++) m = x[j] > m ? x[j] : m;
+    __m256 shift = _mm256_set1_ps(m), s8 = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) s8 = _mm256_add_ps(s8, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
+    if (i < n) {
+        float tail[8];
+        for (int j = 0; j < 8; j++) tail[j] = i + j < n ? x[i + j] - m : -INFINITY;
+        s8 = _mm256_add_ps(s8, _mm256_and_ps(exp8(_mm256_loadu_ps(tail)),
+                                             _mm256_cmp_ps(_mm256_loadu_ps(tail), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ)));
+    }
+    *max_out = m;
+    *log_sum_out = logf(hsum8(s8));
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* linear: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])                                  */
 
