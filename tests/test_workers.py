@@ -231,7 +231,8 @@ def test_features_go_from_the_target_worker_to_the_draft_worker(tmp_path: Path, 
     """A session driven as the router drives it, its features never through the "router": the
     target worker pushes them (the prompt's in chunks of 3 rows) once told where the drafter is,
     and every tree the draft worker sends equals the tree the same drafter drafts in process
-    from the same features; the draft worker frees the session's inbox when both streams end."""
+    from the same features, also after the session resumes on a new target stream (its prefix
+    sent again); the draft worker frees the session's inbox when all the streams end."""
     model = str(tiny_target(tmp_path / "tiny"))
     target = load_model(model, torch.float32)[0]
     cfg = DraftConfig.for_target("dspark", target, "tiny", draft_vocab=48, block_size=4)
@@ -272,6 +273,20 @@ def test_features_go_from_the_target_worker_to_the_draft_worker(tmp_path: Path, 
                 [local] = verifier.verify([row], [tree])
                 assert list(step.tokens) == local.tokens
                 tokens, new = tokens + list(step.tokens), list(step.tokens)
+            # The target replica lost (as if just after its last verdict): the session resumes with
+            # its tokens up to the anchor, and the drafter's next tree is still the same.
+            verify.cancel()
+            verify = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(worker.address)).Session()
+            opening = worker_pb2.VerifyOpen(
+                session_id="s", prompt_ids=tokens[:-1], params=PARAMS, want_features=True, resume=True
+            )
+            await verify.write(worker_pb2.VerifyIn(open=opening))
+            await verify.read()
+            await verify.write(worker_pb2.VerifyIn(draft=worker_pb2.DraftLink(address=drafts.address)))
+            await draft.write(worker_pb2.DraftIn(step=worker_pb2.DraftStep(new_token_ids=new, max_nodes=4)))
+            tree = tree_from_proto((await draft.read()).tree)
+            [expected] = reference.propose([DraftRequest(0, tokens, 4, params, local.features)])
+            assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
             draft.cancel()
             verify.cancel()
             for _ in range(100):

@@ -149,8 +149,9 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             push = FeaturePush(opening.session_id, self.channel) if opening.want_features else None
             try:
                 step, room = await self.prefills.submit(row, opening.group)
-                # Resuming: the drafter has these tokens' features from the lost replica already.
-                features, skip_draft = None if opening.resume else step.features, False
+                # Resuming too: the draft replica keeps what it has not taken yet (the lost replica
+                # may have died before it sent the last round's) and drops the rest.
+                features, skip_draft = step.features, False
                 verified = len(opening.prompt_ids)  # positions the pass added to the row
                 while True:
                     if push is not None:
