@@ -15,6 +15,14 @@ A method is a drafter behind the draft scheduler and its gate (``tandem generate
 the gate). Fixed batch-size thresholds (vLLM's ``disable_by_batch_size``: draft every sequence
 while the batch is smaller than N, none from N on) give, at each batch size, either the
 ``:always`` figure or the plain one, so the best such threshold is read off those two.
+
+``--cluster`` runs the same through a local cluster (router, draft pool, target pool on Ray,
+bench/serve.py's layout: the target replica gets the engine's threads): a batch of N is N
+concurrent gRPC streams. Each drafter gets its own cluster, in which plain decoding (requests
+with ``drafter: none``) and the drafter take turns per chunk; its ratios are to that plain. Decode
+tok/s there counts the tokens that arrived after every stream of the chunk had its first.
+
+    python bench/load.py --cluster --methods plain default dspark eagle3 hybrid --out bench/results/load-cluster
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import torch
 from decode import load_prompts, machine_info
 from tqdm import tqdm
@@ -62,6 +72,8 @@ def run(args: argparse.Namespace) -> dict:
     prompts = sorted(prompts, key=lambda p: BENCHMARKS.index(p.benchmark))
     prompts = [p for i in range(per_benchmark) for p in prompts[i::per_benchmark]][: args.prompts]  # interleaved
     params = SamplingParams(max_tokens=args.max_tokens)
+    if args.cluster:
+        return _run_clusters(args, target, prompts, params)
     results: dict[str, dict] = {}
     for batch in args.batch:
         chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
@@ -86,16 +98,91 @@ def _run(args: argparse.Namespace, target: Target, chunks: list, params: Samplin
                 out[delta.index].extend(delta.token_ids)
                 first = first or time.perf_counter()  # the first delta comes after the batch's prefill
             end = time.perf_counter()
-            t, tokens = totals[m], sum(len(o) for o in out)
-            t["tokens"] += tokens
-            t["seconds"] += end - start
-            t["decode_tokens"] += tokens - len(chunk)
-            t["decode_seconds"] += end - first
-            if len(chunk) == 1:
-                t[f"{chunk[0].benchmark}:tokens"] += tokens - 1
-                t[f"{chunk[0].benchmark}:seconds"] += end - first
+            _count(totals[m], chunk, out, start, first, end, sum(len(o) - 1 for o in out))
             outputs[m] += out
     return _summary(totals, outputs, drafters)
+
+
+def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, params: SamplingParams) -> dict:
+    """Every batch size through one cluster per drafter, plain and the drafter taking turns; the
+    plain row is the first cluster's (each drafter's ratios are to its own cluster's plain)."""
+    from ray import serve
+    from serve import local_config
+
+    from cluster.app import start
+
+    runs: dict[str, list[dict]] = defaultdict(lambda: [{} for _ in range(args.repeats)])
+    for method in args.methods[1:]:
+        config = local_config(argparse.Namespace(**{**vars(args), "drafter": method}), max(args.batch))
+        print(f"starting a cluster with {method} ...", file=sys.stderr)
+        start(config)
+        try:
+            with grpc.insecure_channel(config.address) as channel:
+                for drafter in ("none", method):  # warm both paths up
+                    _cluster_chunk(channel, prompts[:1], params, drafter)
+                for batch in args.batch:
+                    chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+                    for run in runs[str(batch)]:
+                        summary = _cluster_run(channel, chunks, params, method)
+                        run.setdefault("plain", summary["plain"])
+                        run[method] = summary[method]
+        finally:
+            serve.shutdown()
+    return {batch: _median(repeats) for batch, repeats in runs.items()}
+
+
+def _cluster_run(channel: grpc.Channel, chunks: list, params: SamplingParams, method: str) -> dict:
+    """One pass over the chunks by plain decoding and ``method``, taking turns per chunk."""
+    totals = {m: defaultdict(float) for m in ("plain", method)}
+    outputs: dict[str, list[list[int]]] = {"plain": [], method: []}
+    order = ["plain", method]
+    for chunk in tqdm(chunks, desc=f"{method}, {len(chunks[0])} streams", unit="chunk"):
+        order = order[::-1]  # who goes first alternates
+        for m in order:
+            tokens, *times = _cluster_chunk(channel, chunk, params, "none" if m == "plain" else method)
+            _count(totals[m], chunk, tokens, *times)
+            outputs[m] += tokens
+    return _summary(totals, outputs, dict.fromkeys(totals))
+
+
+def _cluster_chunk(
+    channel: grpc.Channel, chunk: list, params: SamplingParams, drafter: str
+) -> tuple[list[list[int]], float, float, float, int]:
+    """``chunk``'s prompts as concurrent streams: their tokens, the start, the moment every
+    stream had its first token, the end, and the tokens that arrived after that moment."""
+    from cluster.client import generate, prompt_request
+    from tandem_proto.v1 import api_pb2
+
+    arrivals: list[list[tuple[float, int]]] = [[] for _ in chunk]
+    wire = api_pb2.SamplingParams(max_tokens=params.max_tokens)
+
+    def one(i: int) -> list[int]:
+        def arrived(delta: api_pb2.Delta) -> None:
+            arrivals[i].append((time.perf_counter(), len(delta.token_ids)))
+
+        request = prompt_request(chunk[i].ids, params=wire, drafter=drafter)
+        return list(generate(channel, request, timeout=1800, on_delta=arrived).token_ids)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(chunk)) as pool:
+        tokens = list(pool.map(one, range(len(chunk))))
+    end = time.perf_counter()
+    first = max(a[0][0] for a in arrivals)
+    return tokens, start, first, end, sum(n for a in arrivals for t, n in a if t > first)
+
+
+def _count(
+    t: defaultdict, chunk: list, tokens: list[list[int]], start: float, first: float, end: float, decoded: int
+) -> None:
+    """Add a chunk's run to a method's totals: ``decoded`` tokens came after ``first``, when every
+    sequence had its first token (the batch's prefill)."""
+    t["tokens"] += sum(len(o) for o in tokens)
+    t["seconds"] += end - start
+    t["decode_tokens"] += decoded
+    t["decode_seconds"] += end - first
+    if len(chunk) == 1:
+        t[f"{chunk[0].benchmark}:tokens"] += decoded
+        t[f"{chunk[0].benchmark}:seconds"] += end - first
 
 
 def _median(runs: list[dict]) -> dict:
@@ -165,7 +252,8 @@ def write(results: dict, meta: dict, out: Path) -> str:
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     batches = list(results)
     lines = [
-        f"Greedy, {meta['model']}, {meta['dtype']}, {meta['threads']} threads, {meta['prompts']} prompts, "
+        f"Greedy, {meta['through']}, {meta['model']}, {meta['dtype']}, {meta['threads']} threads, "
+        f"{meta['prompts']} prompts, "
         f"{meta['max_tokens']} tokens, median of {meta['repeats']} runs. Decode tok/s (× plain [range over runs]; "
         "end-to-end × plain), outputs equal to plain.",
         "",
@@ -226,16 +314,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(OUT), help="writes <out>.json, <out>.md, <out>.png")
+    parser.add_argument("--cluster", action="store_true", help="through a local cluster: N concurrent streams")
+    parser.add_argument("--threads", type=int, default=2, help="with --cluster: torch threads of the target replica")
     args = parser.parse_args(argv)
     if "plain" not in args.methods:
         args.methods.insert(0, "plain")
+    args.methods = ["plain", *(m for m in args.methods if m != "plain")]
+    if args.cluster and any(m.endswith(":always") for m in args.methods):
+        parser.error("--cluster runs each drafter behind its gate: NAME:always is in process only")
+    if args.cluster:
+        args.drafter = None  # set per cluster
     results = run(args)
     meta = {
-        **machine_info(torch.get_num_threads(), args.dtype),
+        **machine_info(args.threads if args.cluster else torch.get_num_threads(), args.dtype),
         "model": str(args.model),
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
+        "through": "cluster: N concurrent gRPC streams" if args.cluster else "in process: a batch of N",
         "command": " ".join(["python", "bench/load.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     print(write(results, meta, Path(args.out)))

@@ -1,9 +1,11 @@
 """Prefill: its throughput against this machine's compute bound, and what a long prompt does to the
 streams already running on a target replica, with chunked prefill and without.
 
-1. Throughput: a batch of chat prompts prefilled in one go (the engine's first pass), tokens/s,
-   against the bound: the dot-product rate the exact kernels reach on the model's own weights
-   at a prefill's width, over the FLOPs a prompt token needs (2 per weight, plus attention).
+1. Throughput: a batch of chat prompts prefilled together (the engine's prefill: rows of similar
+   length share a pass, :func:`tandem.verifier.prefill_groups`), prompt tokens/s and the tokens
+   the passes compute (padding included) per second, against the bound: the dot-product rate
+   the exact kernels reach on the model's own weights at a prefill's width, over the FLOPs a
+   prompt token needs (2 per weight, plus attention).
 2. Gap: ``--streams`` sessions decode on a real target replica (its gRPC Verify service, as the
    router drives it, no Ray) when a ``--prompt-tokens`` prompt arrives; the longest gap between
    two tokens of a running stream while it is prefilled, for each ``--chunks`` setting (0: the
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -32,6 +35,7 @@ from tandem.models.catalog import DEFAULT_MODEL
 from tandem.sampling import SamplingParams
 from tandem.target import Target, load_target
 from tandem.tree import chain
+from tandem.verifier import PREFILL_PASS_TOKENS, prefill_groups
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.target_worker import TargetSpec, TargetWorker
 from workers.tp import ShardSpec
@@ -50,7 +54,9 @@ def throughput(target: Target, prompts: list[list[int]], repeats: int = 3) -> di
         engine.generate([Request(p, params) for p in prompts])
         seconds.append(time.perf_counter() - start)
     tokens = sum(len(p) for p in prompts)
-    padded = len(prompts) * max(len(p) for p in prompts)
+    pass_tokens = PREFILL_PASS_TOKENS if target.model.exact else math.inf  # the engine's verifier's
+    groups = prefill_groups([len(p) for p in prompts], pass_tokens)
+    padded = sum(len(g) * max(len(prompts[i]) for i in g) for g in groups)  # what the passes compute
     rate = dot_product_rate(target, padded)
     cfg = target.model.config
     weights = sum(p.numel() for n, p in target.model.named_parameters() if not n.startswith(("embed", "lm_head")))
@@ -61,6 +67,7 @@ def throughput(target: Target, prompts: list[list[int]], repeats: int = 3) -> di
     return {
         "prompts": len(prompts),
         "prompt_tokens": tokens,
+        "passes": len(groups),
         "padded_tokens": padded,
         "seconds": round(best, 3),
         "tok_s": round(tokens / best, 1),
@@ -69,6 +76,7 @@ def throughput(target: Target, prompts: list[list[int]], repeats: int = 3) -> di
         "dot_product_gflops": round(rate / 1e9, 1),
         "bound_tok_s": round(rate / flops, 1),
         "share_of_bound": round(padded / best / (rate / flops), 3),
+        "prompt_share_of_bound": round(tokens / best / (rate / flops), 3),
     }
 
 

@@ -78,9 +78,14 @@ class PassCost:
 
         Measured values are taken as they are, dips included: on CPUs a wider pass can be
         cheaper (float32 passes of 2-3 tokens measured slower than of 5 on this machine)."""
-        rows = [_interpolate(self.widths, row, width) for row in self.seconds]
         attention = self.per_key * batch * width * max(0, context - self.base_context)
-        return max(_interpolate(self.batches, rows, batch), 1e-9) + attention
+        return max(_interpolate(self.batches, self._at_width(width), batch), 1e-9) + attention
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (a few profiles live as long as their servers)
+    def _at_width(self, width: float) -> tuple[float, ...]:
+        """Each profiled batch size's seconds at ``width``: the gate prices every width each
+        round, and interpolating every row each time took 3-4 % of a batch-1 round."""
+        return tuple(_interpolate(self.widths, row, width) for row in self.seconds)
 
     def to_json(self) -> dict:
         return {

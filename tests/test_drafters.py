@@ -27,7 +27,7 @@ from tandem.drafters import (
 )
 from tandem.drafters.backbone import BlockBackbone
 from tandem.drafters.dspark import DSparkDrafter, DSparkModel
-from tandem.drafters.neural import ALGORITHMS, DraftState, cat_kv
+from tandem.drafters.neural import ALGORITHMS, DraftState, NeuralDrafter, cat_kv
 from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest, ModelLoadError
 from tandem.eval.replay import build_cases, replay
@@ -159,11 +159,11 @@ def test_the_native_tree_search_grows_the_python_searchs_trees(trained, target, 
         drafter.markov = False
     requests = _requests(target, _prompts(6, seed=47), SamplingParams(), drafter.model.config.feature_layers)
     max_nodes = [10, 3, 10, 1, 7, 10]
+    requests = [replace(r, max_nodes=m) for r, m in zip(requests, max_nodes)]
     with torch.inference_mode():
         states = [drafter.absorb(r) for r in requests]
-        anchors = [r.token_ids[-1] for r in requests]
-        base, hidden = drafter.blocks(states, anchors)
-        native, python = (drafter.grow_greedy(anchors, base, hidden, max_nodes, n) for n in (True, False))
+        native = drafter.grow(states, requests, greedy=True)
+        python = NeuralDrafter.grow(drafter, states, requests, greedy=True)  # the search in Python
     assert [len(tree) - 1 for tree in native] == max_nodes
     # survivals: the torch path rounds DSpark's confidence logit to the storage type, the native
     # one keeps it in float32 (a bf16 logit is good to about 4e-3)
@@ -313,15 +313,15 @@ def test_trees_branch_on_what_each_path_would_draft(trained, target, algo):
     drafter = ADAPTERS[algo](model, tree=TreeShape(3, gamma, 8))
     for i, tree in enumerate(_drafts(drafter, target, prompts, params)):
         assert len(tree) - 1 <= 8 and max(tree.depths) <= gamma and len(tree.children(0)) == 3
-        state, token_ids = drafter._states[i], prompts[i] + [tree.tokens[0]]
+        state, anchor = drafter._states[i], int(tree.tokens[0])
         for node in range(len(tree)):
             if not tree.children(node):
                 continue
-            alone, logits_of = Growth([int(tree.tokens[0])]), drafter.children(state, token_ids)
+            alone, logits_of = Growth([anchor]), drafter.children([state], [anchor])
             for step in path_to(tree.parents, node)[1:]:
-                logits_of(alone, [len(alone.tokens) - 1])
+                logits_of([alone], [[len(alone.tokens) - 1]])
                 alone.add(int(tree.tokens[step]), len(alone.tokens) - 1, 0.0, 1.0)
-            best = model.vocab_map[logits_of(alone, [len(alone.tokens) - 1])[0][0].argmax()]
+            best = model.vocab_map[logits_of([alone], [[len(alone.tokens) - 1]])[0][0].argmax()]
             assert int(tree.tokens[tree.children(node)[0]]) == int(best)
 
 

@@ -4,6 +4,7 @@ where speculative output equals plain decoding token for token in either dtype."
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -19,7 +20,7 @@ from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
 from tandem.target import load_target
 from tandem.tree import ancestor_mask, tree_depths
-from tandem.verifier import Verifier
+from tandem.verifier import PREFILL_PASS_TOKENS, Verifier, prefill_groups
 from tests.test_engine import OracleDrafter, _benchmark_prompts, _outputs
 from tests.tiny_models import FAMILIES, build_tiny
 
@@ -256,25 +257,48 @@ def test_all_layers_in_one_call_equal_the_modules_bit_for_bit(tiny_exact):
         assert torch.equal(one_call, modules)
 
 
-def test_a_prompt_prefilled_in_parts_caches_what_one_pass_would(tiny_exact):
-    """Chunked prefill on the exact kernels: parts of 5 tokens (rows of different lengths in one
-    batch, so parts and padding differ by row) give the first tokens, the prompt features and
-    the KV cache of one whole pass bit for bit, sampled draws included."""
+@pytest.mark.parametrize(
+    "chunk, pass_tokens, passes",
+    [(5, math.inf, 5), (None, PREFILL_PASS_TOKENS, 2), (None, 0, 3)],
+    ids=["parts", "grouped-by-length", "one-pass-a-row"],
+)
+def test_a_prompt_prefilled_in_parts_caches_what_one_pass_would(tiny_exact, chunk, pass_tokens, passes):
+    """On the exact kernels, prefill in parts of 5 tokens (chunked prefill: rows of different
+    lengths in one batch, so parts and padding differ by row), or with rows of different lengths
+    in passes of their own, gives the first tokens, the prompt features and the KV cache of one
+    whole pass over every row bit for bit, sampled draws included."""
     rng = random.Random(5)
     prompts = [[rng.randrange(64) for _ in range(n)] for n in (23, 4, 11)]
     runs = []
-    for chunk in (None, 5):
-        verifier = Verifier(tiny_exact, 3, 40, feature_layers=(0, tiny_exact.config.num_layers - 1))
+    for split, tokens_a_pass, count in ((None, math.inf, 1), (chunk, pass_tokens, passes)):
+        layers = (0, tiny_exact.config.num_layers - 1)
+        verifier = Verifier(tiny_exact, 3, 40, feature_layers=layers, prefill_pass_tokens=tokens_a_pass)
         rows = [verifier.open(p, SamplingParams(temperature=1.0), seed=i) for i, p in enumerate(prompts)]
-        steps = verifier.prefill(rows, chunk)
+        steps = verifier.prefill(rows, split)
         lengths = [verifier.cache.lengths[row] for row in rows]
         runs.append(([s.tokens for s in steps], [s.features for s in steps], lengths, verifier.cache))
-        assert verifier.passes == (1 if chunk is None else 5)
+        assert verifier.passes == count
     (tokens, features, lengths, whole), (tokens_parts, features_parts, lengths_parts, parts) = runs
     assert tokens == tokens_parts and lengths == lengths_parts == [len(p) for p in prompts]
     assert all(torch.equal(a, b) for a, b in zip(features, features_parts))
     for row in rows:
         assert all(torch.equal(a, b) for a, b in zip(whole.contents(row), parts.contents(row)))
+
+
+def test_prefill_groups_pad_least_for_the_passes_they_take():
+    """Rows sorted by length, cut into runs: the fewest padded tokens plus a pass's fixed cost."""
+    assert prefill_groups([23, 4, 11], 8) == [[1, 2], [0]]  # 8+2*11 + 8+23 = 61: one a row 62, one pass 77
+    assert prefill_groups([23, 4, 11], 0) == [[1], [2], [0]]
+    assert prefill_groups([23, 4, 11], math.inf) == [[0, 1, 2]]
+    assert prefill_groups([100, 98, 5, 6, 7], 8) == [[2, 3, 4], [0, 1]]
+    assert prefill_groups([9], 0) == [[0]]
+    lengths = [random.Random(s).randrange(1, 300) for s in range(12)]
+    for pass_tokens in (0, 8, 64, 1e6):
+        runs = prefill_groups(lengths, pass_tokens)
+        assert sorted(i for run in runs for i in run) == list(range(12))
+        cost = sum(pass_tokens + len(run) * max(lengths[i] for i in run) for run in runs)
+        one = pass_tokens + 12 * max(lengths)
+        assert cost <= one and (pass_tokens < 1e6 or len(runs) == 1)
 
 
 def test_exact_mode_is_refused_where_it_cannot_run(tmp_path):

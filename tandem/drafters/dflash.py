@@ -12,7 +12,6 @@ from tandem.drafters.backbone import BlockBackbone
 from tandem.drafters.base import DraftRequest
 from tandem.drafters.neural import (
     KV,
-    ChildLogits,
     ChildLogitsMany,
     DraftConfig,
     DraftLayer,
@@ -24,8 +23,8 @@ from tandem.errors import ModelLoadError
 from tandem.kernels.cpu import TreeHeads
 from tandem.models.decoder import Transformer
 from tandem.sampling import SamplingParams
-from tandem.tree import TokenTree, chain
-from tandem.tree_search import Growth, TreeShape, sampled_trees
+from tandem.tree import TokenTree
+from tandem.tree_search import Growth, TreeShape
 
 
 class DFlashModel(DraftModel):
@@ -153,59 +152,15 @@ class DFlashDrafter(NeuralDrafter):
         steps = [self.pick_rows(logits[:, k], params, states, [d > k for d in depths])[0] for k in range(max(depths))]
         return [self.chain_of(a, [step[b] for step in steps[:d]]) for b, (a, d) in enumerate(zip(anchors, depths))]
 
-    def trees(self, states: list[DraftState], requests: list[DraftRequest]) -> list[TokenTree]:
-        """Every sequence's tree from one backbone pass; the greedy trees grow together (in one
-        native call on the packed kernels), and so do the sampled ones, each drawing from its
-        own generator: each tree is the one its sequence grows alone."""
+    def grow(self, states: list[DraftState], requests: list[DraftRequest], greedy: bool) -> list[TokenTree]:
+        """Every tree from one backbone pass; on the packed kernels' CPU path the greedy ones grow
+        in one call of ``tree_cpu.c``, which grows the trees :meth:`greedy_trees` grows."""
+        if not (greedy and self.model.kernels is not None and self.device.type == "cpu"):
+            return super().grow(states, requests, greedy)
         anchors = [r.token_ids[-1] for r in requests]
         base, hidden = self.blocks(states, anchors)
-        trees: list[TokenTree] = [chain(anchor, []) for anchor in anchors]
-        for greedy in (True, False):
-            rows = [i for i, r in enumerate(requests) if r.params.greedy == greedy]
-            if not rows:
-                continue
-            index = slice(None) if len(rows) == len(requests) else self.tokens(rows)
-            picked = [anchors[i] for i in rows], base[index], hidden[index], [requests[i].max_nodes for i in rows]
-            if greedy:
-                grown = self.grow_greedy(*picked, self.model.kernels is not None and base.device.type == "cpu")
-            else:
-                grown = self.grow_sampled(*picked, [states[i] for i in rows], [requests[i].params for i in rows])
-            for i, tree in zip(rows, grown):
-                trees[i] = tree
-        return trees
-
-    def grow_sampled(
-        self,
-        anchors: list[int],
-        base: torch.Tensor,
-        hidden: torch.Tensor,
-        max_nodes: list[int],
-        states: list[DraftState],
-        params: list[SamplingParams],
-    ) -> list[TokenTree]:
-        """Sampled trees of blocks that gave ``base`` logits and ``hidden`` states, grown together
-        (:func:`sampled_trees`): each depth's draft logits of every tree at once, warped by each
-        sequence's own sampling parameters."""
-        logits_of = self.children_of(base, hidden)
-
-        def drawn_from(growths: list[Growth], frontiers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            logits, confidence = logits_of(growths, frontiers)
-            growing = [(len(frontier), p) for frontier, p in zip(frontiers, params) if frontier]
-            parts = logits.split([count for count, _ in growing])
-            return torch.cat([self.draft_probs(part, p) for part, (_, p) in zip(parts, growing)]), confidence
-
-        return sampled_trees(anchors, drawn_from, self.tree, max_nodes, [state.generator for state in states])
-
-    def grow_greedy(
-        self, anchors: list[int], base: torch.Tensor, hidden: torch.Tensor, max_nodes: list[int], native: bool
-    ) -> list[TokenTree]:
-        """The greedy trees of blocks that gave ``base`` logits and ``hidden`` states: by
-        :meth:`greedy_trees` over :meth:`children_of`, or (``native``, the packed kernels' CPU
-        path) the same search in one call of ``tree_cpu.c``, which grows the same trees."""
-        if not native:
-            return self.greedy_trees(anchors, self.children_of(base, hidden), max_nodes)
         shape, heads = self.tree, self.tree_heads(hidden)
-        budgets = [min(shape.budget, m) for m in max_nodes]
+        budgets = [min(shape.budget, r.max_nodes) for r in requests]
         found = self.model.kernels.greedy_trees(
             base, anchors, budgets, shape.topk, shape.depth, self.model.vocab_map, heads
         )
@@ -218,10 +173,9 @@ class DFlashDrafter(NeuralDrafter):
         """What the native search needs of the heads beyond the block's logits: nothing here."""
         return None
 
-    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
-        """One sequence's tree, as :meth:`children_of` gives them for several."""
-        together = self.children_of(*self.blocks([state], token_ids[-1:]))
-        return lambda growth, frontier: together([growth], [frontier])
+    def children(self, states: list[DraftState], anchors: list[int]) -> ChildLogitsMany:
+        """The trees' children from one backbone pass (:meth:`children_of`)."""
+        return self.children_of(*self.blocks(states, anchors))
 
     def children_of(self, base: torch.Tensor, hidden: torch.Tensor) -> ChildLogitsMany:
         """Trees of sequences whose blocks gave ``base`` logits ``[B, drafts, V_draft]`` and

@@ -6,12 +6,13 @@ its own outputs so that it learns to read them (see :meth:`Eagle3Model.unroll`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from tandem.devices import host_tensor
 from tandem.drafters.neural import (
     KV,
-    ChildLogits,
+    ChildLogitsMany,
     DraftConfig,
     DraftLayer,
     DraftModel,
@@ -118,48 +119,40 @@ class Eagle3Drafter(NeuralDrafter):
             pasts = [cat_kv(past, (k[b : b + 1], v[b : b + 1])) for b, past in enumerate(pasts)]
         return [self.chain_of(a, row[:d]) for a, row, d in zip(anchors, picks, depths)]
 
-    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
-        """One layer pass per depth over the frontier nodes not run yet (EAGLE-2): node ``c`` at
-        depth ``d`` reads its token and its parent's output at position ``length + d - 1`` and
-        attends to the context and to the steps of its own ancestors (tree attention)."""
-        context = state.cache[0]
-        outputs = {0: state.extra["last"][0, -1]}  # node -> the output that predicts its children
-        steps: list[int] = []  # nodes run so far, in the order of their keys/values below
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
+    def children(self, states: list[DraftState], anchors: list[int]) -> ChildLogitsMany:
+        """One layer pass per depth over the new frontier nodes of every tree (EAGLE-2): node ``c``
+        at depth ``d`` reads its token and its parent's output at position ``length + d - 1`` and
+        attends to its sequence's context, the steps of its own ancestors and itself. The linears
+        run once for all nodes, attention node by node, so a node's output is the same whichever
+        trees grow beside it."""
+        outputs = [{0: state.extra["last"][0, -1]} for state in states]  # node -> what predicts its children
+        steps: list[dict[int, KV]] = [{} for _ in states]  # node -> its own key and value
 
-        def logits(growth: Growth, frontier: list[int]) -> torch.Tensor:
-            new = [node for node in frontier if node not in outputs]
+        def logits(growths: list[Growth], frontiers: list[list[int]]) -> tuple[torch.Tensor, None]:
+            new = [(b, node) for b, frontier in enumerate(frontiers) for node in frontier if node not in outputs[b]]
             if new:
-                count, depth = len(new), growth.depths[new[0]]
-                past = [context[0].expand(count, -1, -1, -1), context[1].expand(count, -1, -1, -1)]
-                if steps:
-                    past[0] = torch.cat([past[0], torch.cat(keys, 2).expand(count, -1, -1, -1)], 2)
-                    past[1] = torch.cat([past[1], torch.cat(values, 2).expand(count, -1, -1, -1)], 2)
-                seen = []  # host metadata: the context, the steps of its ancestors, itself
-                for node in new:
-                    ancestors = set(_ancestors(growth.parents, node))
-                    seen.append([[True] * context[0].shape[2] + [step in ancestors for step in steps] + [True]])
-                mask = host_tensor(seen, torch.bool, self.device)
-                tokens = self.tokens([growth.tokens[node] for node in new])[:, None]
-                hidden = torch.stack([outputs[growth.parents[node]] for node in new])[:, None]
-                positions = torch.full((count, 1), state.length + depth - 1, device=self.device)
-                out, (k, v) = self.model.step(tokens, hidden, positions, mask, (past[0], past[1]))
-                for row, node in enumerate(new):
-                    outputs[node] = out[row, -1]
-                    steps.append(node)
-                    keys.append(k[row : row + 1])
-                    values.append(v[row : row + 1])
-            return self.model.draft_logits(torch.stack([outputs[node] for node in frontier])), None
+                pasts = [  # the context, then the ancestors' steps from the top down
+                    functools.reduce(cat_kv, (steps[b][a] for a in _ancestors(growths[b], node)), states[b].cache[0])
+                    for b, node in new
+                ]
+                tokens = self.tokens([growths[b].tokens[node] for b, node in new])[:, None]
+                hidden = torch.stack([outputs[b][growths[b].parents[node]] for b, node in new])[:, None]
+                positions = self.tokens([states[b].length + growths[b].depths[node] - 1 for b, node in new])[:, None]
+                out, (k, v) = self.model.step(tokens, hidden, positions, None, pasts)
+                for row, (b, node) in enumerate(new):
+                    outputs[b][node] = out[row, -1]
+                    steps[b][node] = (k[row : row + 1], v[row : row + 1])
+            rows = [outputs[b][node] for b, frontier in enumerate(frontiers) for node in frontier]
+            return self.model.draft_logits(torch.stack(rows)), None
 
         return logits
 
 
-def _ancestors(parents: list[int], node: int) -> list[int]:
-    """Strict ancestors of ``node`` below the root."""
+def _ancestors(growth: Growth, node: int) -> list[int]:
+    """Strict ancestors of ``node`` below the root, from the top down."""
     found = []
-    node = parents[node]
+    node = growth.parents[node]
     while node > 0:
         found.append(node)
-        node = parents[node]
-    return found
+        node = growth.parents[node]
+    return found[::-1]

@@ -29,7 +29,7 @@ from tandem.models.decoder import Linear, RMSNorm, Rotary, Transformer, apply_ro
 from tandem.models.rope import RopeParams
 from tandem.sampling import SamplingParams, round_seed, target_probs
 from tandem.tree import TokenTree, chain
-from tandem.tree_search import Growth, TreeShape, greedy_tree, greedy_trees, sampled_tree
+from tandem.tree_search import Growth, TreeShape, greedy_trees, sampled_trees
 
 ALGORITHMS = ("eagle3", "dflash", "dspark")
 # How target features become the drafter's hidden size: RMSNorm over them then fc (Tandem's own),
@@ -37,10 +37,9 @@ ALGORITHMS = ("eagle3", "dflash", "dspark")
 FUSIONS = ("norm_fc", "fc_norm", "fc")
 log = logging.getLogger(__name__)
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, T, head_dim]
-# (the growing tree, frontier node ids at one depth) -> draft-vocabulary logits of their children,
-# and per frontier node the confidence that its best child survives (None: no confidence head)
-ChildLogits = Callable[[Growth, list[int]], tuple[torch.Tensor, torch.Tensor | None]]
-# the same for several sequences' trees at once: their frontiers' rows one after another
+# (several sequences' growing trees, each one's frontier node ids at one depth) -> draft-vocabulary
+# logits of their children, the frontiers' rows one after another, and per frontier node the
+# confidence that its best child survives (None: no confidence head)
 ChildLogitsMany = Callable[[list[Growth], list[list[int]]], tuple[torch.Tensor, torch.Tensor | None]]
 
 
@@ -415,9 +414,26 @@ class NeuralDrafter(Drafter):
         return trees
 
     def trees(self, states: list[DraftState], requests: list[DraftRequest]) -> list[TokenTree]:
-        """Each sequence's tree (:meth:`draft_tree`), one after another (the block drafters grow
-        theirs together)."""
-        return [self.draft_tree(s, list(r.token_ids), r.max_nodes, r.params) for s, r in zip(states, requests)]
+        """Every sequence's tree of ``self.tree``'s shape: the greedy ones grown together, and so
+        the sampled ones (:meth:`grow`). Each tree is the one its sequence grows alone."""
+        trees: list[TokenTree] = [chain(r.token_ids[-1], []) for r in requests]
+        for greedy in (True, False):
+            rows = [i for i, r in enumerate(requests) if r.params.greedy == greedy]
+            if rows:
+                picked = [states[i] for i in rows], [requests[i] for i in rows]
+                for i, tree in zip(rows, self.grow(*picked, greedy)):
+                    trees[i] = tree
+        return trees
+
+    def grow(self, states: list[DraftState], requests: list[DraftRequest], greedy: bool) -> list[TokenTree]:
+        """Trees of sequences with greedy (or else sampling) targets, grown together over
+        :meth:`children`: best-first top-k children for greedy targets, children drawn without
+        replacement (each with its own ``q``) for sampling ones."""
+        anchors, max_nodes = [r.token_ids[-1] for r in requests], [r.max_nodes for r in requests]
+        logits_of = self.children(states, anchors)
+        if greedy:
+            return self.greedy_trees(anchors, logits_of, max_nodes)
+        return self.sampled_trees(anchors, max_nodes, logits_of, states, [r.params for r in requests])
 
     def draft(self, state: DraftState, token_ids: list[int], depth: int, params: SamplingParams) -> TokenTree:
         """One sequence's chain of up to ``depth`` tokens after the anchor ``token_ids[-1]``."""
@@ -471,28 +487,34 @@ class NeuralDrafter(Drafter):
         """Host token ids as a long tensor on the drafter's device."""
         return host_tensor(ids, torch.long, self.device)
 
-    def draft_tree(self, state: DraftState, token_ids: list[int], max_nodes: int, params: SamplingParams) -> TokenTree:
-        """A tree of ``self.tree``'s shape: best-first top-k children for a greedy target, children
-        drawn without replacement (each with its own ``q``) for a sampling one."""
-        assert self.tree is not None
-        logits_of = self.children(state, token_ids)
-        root = token_ids[-1]
-        if params.greedy:
-            return greedy_tree(root, lambda g, f: self.best_children(*logits_of(g, f)), self.tree, max_nodes)
-
-        def drawn_from(growth: Growth, frontier: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            logits, confidence = logits_of(growth, frontier)
-            return self.draft_probs(logits, params), confidence
-
-        return sampled_tree(root, drawn_from, self.tree, max_nodes, state.generator)
-
     def greedy_trees(self, anchors: list[int], logits_of: ChildLogitsMany, max_nodes: list[int]) -> list[TokenTree]:
         """Greedy trees of several sequences grown together (:func:`greedy_trees`: one expansion
-        and one transfer a depth for all of them), each the tree :meth:`draft_tree` grows alone."""
+        and one transfer a depth for all of them)."""
         assert self.tree is not None
         return greedy_trees(
             anchors, lambda growths, frontiers: self.best_children(*logits_of(growths, frontiers)), self.tree, max_nodes
         )
+
+    def sampled_trees(
+        self,
+        anchors: list[int],
+        max_nodes: list[int],
+        logits_of: ChildLogitsMany,
+        states: list[DraftState],
+        params: list[SamplingParams],
+    ) -> list[TokenTree]:
+        """Sampled trees of several sequences grown together (:func:`sampled_trees`): each depth's
+        draft logits of every tree at once, warped by each sequence's own sampling parameters,
+        each tree drawing from its own generator."""
+        assert self.tree is not None
+
+        def drawn_from(growths: list[Growth], frontiers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            logits, confidence = logits_of(growths, frontiers)
+            growing = [(len(frontier), p) for frontier, p in zip(frontiers, params) if frontier]
+            parts = logits.split([count for count, _ in growing])
+            return torch.cat([self.draft_probs(part, p) for part, (_, p) in zip(parts, growing)]), confidence
+
+        return sampled_trees(anchors, drawn_from, self.tree, max_nodes, [state.generator for state in states])
 
     def best_children(
         self, logits: torch.Tensor, confidence: torch.Tensor | None
@@ -569,6 +591,7 @@ class NeuralDrafter(Drafter):
         (:meth:`chain_of`), drafted together."""
 
     @abstractmethod
-    def children(self, state: DraftState, token_ids: list[int]) -> ChildLogits:
-        """For a tree rooted at the anchor ``token_ids[-1]``: what gives the draft logits of the
-        children of frontier nodes (all at one depth)."""
+    def children(self, states: list[DraftState], anchors: list[int]) -> ChildLogitsMany:
+        """For trees rooted at ``anchors`` (one per sequence of ``states``): what gives the draft
+        logits of the children of their frontier nodes (all at one depth), the rows of each
+        independent of the others'."""

@@ -31,6 +31,7 @@ from tandem.cache import cache_root
 from tandem.errors import TandemError
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("exact_cpu.c", "tree_cpu.c"))
+HEADERS = (Path(__file__).with_name("storage.h"),)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 BLOCK = 16  # output columns per packed weight block
 
@@ -56,7 +57,8 @@ def _build() -> tuple[Path, str]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise KernelUnavailable("the exact kernels need a C compiler (cc or gcc, or $CC)")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    text = b"".join(s.read_bytes() for s in (*SOURCES, *HEADERS)) + " ".join(FLAGS).encode()
+    key = hashlib.sha256(text).hexdigest()[:16]
     library = cache_root() / "kernels" / f"exact_cpu-{key}.so"
     if library.is_file():
         return library, key

@@ -26,35 +26,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "storage.h"
 
 static inline __m256 load8_bf16(const uint16_t *p) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-/* Element i of a bf16 or float32 array, as float32 (8 of them, 1, or one stored). Always inlined
- * with a constant `f32`, so each caller compiles to one straight code path per storage type. */
-#define INLINE static inline __attribute__((always_inline))
+/* Elements i..i+7 of a bf16 or float32 array as float32 (load1 in storage.h: one; store1: one stored). */
 INLINE __m256 load8(const void *p, int64_t i, int f32) {
     return f32 ? _mm256_loadu_ps((const float *)p + i) : load8_bf16((const uint16_t *)p + i);
-}
-INLINE float load1(const void *p, int64_t i, int f32) {
-    return f32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
 }
 INLINE void store1(void *p, int64_t i, float v, int f32) {
     if (f32) ((float *)p)[i] = v;

@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "storage.h"
+
 /* from exact_cpu.c */
 void tandem_linear(const void *x, int64_t ldx, int64_t M, int64_t K, const void *packed, int64_t N,
                    const void *bias, void *out, int64_t ldo, int out_f32, int f32, int wide, int threads);
@@ -49,14 +51,6 @@ static int64_t best_of(const tree_node *nodes, int64_t *ids, int64_t n, int64_t 
         ids[j] = id;
     }
     return k;
-}
-
-static inline float load_as_f32(const void *p, int64_t i, int f32) {
-    if (f32) return ((const float *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
 }
 
 /* The `topk` largest of x[0..V) (ties: lower index first), descending, into idx. */
@@ -133,7 +127,7 @@ int64_t tandem_greedy_trees(const float *base, int64_t B, int64_t D, int64_t V, 
                     if (f32)
                         for (int64_t i = 0; i < V; i++) logits[i] = u[i] + ((const float *)bias)[row * V + i];
                     else
-                        for (int64_t i = 0; i < V; i++) logits[i] = u[i] + load_as_f32(bias, row * V + i, 0);
+                        for (int64_t i = 0; i < V; i++) logits[i] = u[i] + load1(bias, row * V + i, 0);
                     x = logits;
                 }
                 if (markov_packed || f == 0) { /* without a bias every parent's children are the same */
@@ -144,7 +138,7 @@ int64_t tandem_greedy_trees(const float *base, int64_t B, int64_t D, int64_t V, 
                 if (conf_mode == 1) {
                     float z = conf_hidden[b * D + d];
                     if (conf_code)
-                        for (int64_t r = 0; r < rank; r++) z += conf_code[r] * load_as_f32(codes, row * rank + r, f32);
+                        for (int64_t r = 0; r < rank; r++) z += conf_code[r] * load1(codes, row * rank + r, f32);
                     float t = n_temps ? temps[d < n_temps ? d : n_temps - 1] : 1.0f;
                     confidence = (double)(1.0f / (1.0f + expf(-(z / t))));
                 }
