@@ -160,7 +160,7 @@ def test_a_training_step_is_device_clean(target, drafts, algo, tmp_path, monkeyp
 
 def test_target_worker_ops_are_device_clean(target, monkeypatch):
     """The ops a target replica (or each tp rank) runs, and the wire conversions of their answers."""
-    from tandem.verifier import Verifier
+    from tandem.verifier import Verifier, prefill_groups
 
     verifier = Verifier(target, 2, 64, feature_layers=(0, 1))
     prompts = _prompts(3)
@@ -173,7 +173,8 @@ def test_target_worker_ops_are_device_clean(target, monkeypatch):
             step_to_proto(step, room, verifier.capacity)
             list(chunks("s", 0, step.features))
         tree_to_proto(trees[0])
-    assert transfers == {"tandem.verify": 2, "workers.tp": 2}
+    passes = len(prefill_groups([len(p) for p in prompts], verifier.prefill_pass_tokens))
+    assert transfers == {"tandem.verify": passes + 1, "workers.tp": 2}  # one read per pass, none per token
 
 
 def test_devices_are_resolved_or_refused_clearly():
