@@ -113,19 +113,20 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
 
     runs: dict[str, list[dict]] = defaultdict(lambda: [{} for _ in range(args.repeats)])
     for method in args.methods[1:]:
-        config = local_config(argparse.Namespace(**{**vars(args), "drafter": method}), max(args.batch))
+        served = default_drafter(args.model) if method == "default" else method  # the name a request asks for
+        config = local_config(argparse.Namespace(**{**vars(args), "drafter": served}), max(args.batch))
         print(f"starting a cluster with {method} ...", file=sys.stderr)
         start(config)
         try:
             with grpc.insecure_channel(config.address) as channel:
-                for drafter in ("none", method):  # warm both paths up
+                for drafter in ("none", served):  # warm both paths up
                     _cluster_chunk(channel, prompts[:1], params, drafter)
                 for batch in args.batch:
                     chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
                     for run in runs[str(batch)]:
-                        summary = _cluster_run(channel, chunks, params, method)
+                        summary = _cluster_run(channel, chunks, params, served)
                         run.setdefault("plain", summary["plain"])
-                        run[method] = summary[method]
+                        run[method] = summary[served]
         finally:
             serve.shutdown()
     return {batch: _median(repeats) for batch, repeats in runs.items()}
