@@ -56,11 +56,16 @@ DEFAULT_METHODS = ("plain", "default", "default:always", "dspark", "eagle3", "hy
 OUT = Path(__file__).parent / "results" / "load"
 
 
+def drafter_name(name: str, model_name: str) -> str:
+    """The drafter ``name`` means: ``default`` is the model's default, by the name a cluster serves it."""
+    return default_drafter(model_name) if name == "default" else name
+
+
 def build(method: str, target: Target, model_name: str) -> ScheduledDrafter | None:
     if method == "plain":
         return None
     name, _, how = method.partition(":")
-    name = default_drafter(model_name) if name == "default" else name
+    name = drafter_name(name, model_name)
     cost = load_or_measure(target.model, model_name, progress=lambda line: print(line, file=sys.stderr))
     return ScheduledDrafter(make_drafter(name, target.model, model_name), cost, gate=how != "always")
 
@@ -113,7 +118,7 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
 
     runs: dict[str, list[dict]] = defaultdict(lambda: [{} for _ in range(args.repeats)])
     for method in args.methods[1:]:
-        served = default_drafter(args.model) if method == "default" else method  # the name a request asks for
+        served = drafter_name(method, args.model)
         config = local_config(argparse.Namespace(**{**vars(args), "drafter": served}), max(args.batch))
         print(f"starting a cluster with {method} ...", file=sys.stderr)
         start(config)
