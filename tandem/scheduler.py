@@ -259,16 +259,10 @@ class DraftGate:
             chosen = set(open_) if self._unscored else set(open_[:1])
         else:
             batch = len(keys)
-            # No wider than the profile: a target worker's room is its rows' whole free context
-            # (thousands of nodes), and pricing every width up to it took longer than the pass.
-            widest = min(1 + max((room[i] for i in open_), default=0), self.cost.widths[-1])
-            pass_seconds = [self.cost(batch, w, context) for w in range(1, widest + 1)]
-            draft_seconds = [self.draft_cost(k) for k in range(batch + 1)]
-            offers = [self._offers.get(keys[i], self._prior) for i in open_]
-            chosen = {open_[m] for m in choose_drafted(offers, pass_seconds, draft_seconds)}
+            chosen = self._paying(keys, room, context)
             # Probes cost at most PROBE_BUDGET of a plain pass per round: each sequence is probed
             # every `interval` rounds, a share of the batch at a time (longest idle first).
-            interval = draft_seconds[1] * batch / (PROBE_BUDGET * pass_seconds[0])
+            interval = self.draft_cost(1) * batch / (PROBE_BUDGET * self.cost(batch, 1, context))
             interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)))
             due = sorted((-self._idle.get(keys[i], 0), i) for i in open_ if i not in chosen)
             due = [i for idle, i in due if 1 - idle >= interval][: math.ceil(len(open_) / interval)]
@@ -276,6 +270,27 @@ class DraftGate:
         for i, key in enumerate(keys):
             self._idle[key] = 0 if i in chosen else self._idle.get(key, 0) + 1
         return chosen
+
+    def first_round(self, key: Hashable, keys: Sequence[Hashable], room: Sequence[int], context: int) -> bool:
+        """Whether a sequence just prefilled (``key``, one of the batch ``keys`` it joins) is worth
+        drafting in its first round: judged by the running mean of all offers, as :meth:`choose`
+        judges every sequence without an offer of its own; yes while no offer is known (drafting
+        is how to learn). A sequence left out waits for its turn to probe, as in :meth:`choose`."""
+        if self._prior is None:
+            return True
+        return keys.index(key) in self._paying(keys, room, context)
+
+    def _paying(self, keys: Sequence[Hashable], room: Sequence[int], context: int) -> set[int]:
+        """The indices of the sequences whose offers (their own, else the running mean) pay."""
+        open_ = [i for i, nodes in enumerate(room) if nodes > 0]
+        batch = len(keys)
+        # No wider than the profile: a target worker's room is its rows' whole free context
+        # (thousands of nodes), and pricing every width up to it took longer than the pass.
+        widest = min(1 + max((room[i] for i in open_), default=0), self.cost.widths[-1])
+        pass_seconds = [self.cost(batch, w, context) for w in range(1, widest + 1)]
+        draft_seconds = [self.draft_cost(k) for k in range(batch + 1)]
+        offers = [self._offers.get(keys[i], self._prior) for i in open_]
+        return {open_[m] for m in choose_drafted(offers, pass_seconds, draft_seconds)}
 
     def offered(self, key: Hashable, tree: TokenTree, greedy: bool) -> None:
         """Record a drafted sequence's (calibrated, uncut) tree as its offer for later rounds."""

@@ -103,9 +103,26 @@ def test_the_gate_learns_from_one_sequence_then_judges_new_ones_by_the_mean_offe
     gate.draft_cost.observe(1, 0.5)  # probes are then due every 25 rounds (2 % of a plain pass)
     assert gate.choose(keys, [8] * 16, context=10) == set()
     gate = DraftGate(_linear(0.0, 1.0))  # trees without survival (n-gram) give nothing to judge by
+    assert gate.first_round(0, keys, [8] * 16, context=10)  # nothing known yet: draft to learn
     gate.choose(keys, [8] * 16, context=10)
     gate.offered(0, chain(5, [1, 2]), greedy=True)
     assert gate.choose(keys, [8] * 16, context=10) == set(keys)
+
+
+def test_a_new_sequences_first_round_is_gated_like_any_round():
+    """A sequence just prefilled joins the batch without an offer of its own: it drafts its
+    first round only if the running mean of offers pays at the batch's size, and it asks
+    nothing of the gate's probe counts."""
+    keys = list(range(4))
+    free = DraftGate(_linear(1.0, 0.0))  # verification is free: the mean offer pays
+    dear = DraftGate(_linear(0.0, 1.0))  # every token costs a pass: it pays nothing
+    for gate in (free, dear):
+        gate.choose(keys[:3], [8] * 3, context=10)
+        gate.offered(0, chain(5, [1, 2], survival=[0.9, 0.8]), greedy=True)
+    assert free.first_round(3, keys, [8] * 4, context=10)
+    assert not dear.first_round(3, keys, [8] * 4, context=10)
+    assert not free.first_round(3, keys, [8, 8, 8, 0], context=10)  # no room for drafts
+    assert 3 not in dear._idle  # noqa: SLF001 - its probe turn counts from its first choose
 
 
 def test_the_gate_prices_no_width_past_the_profile():

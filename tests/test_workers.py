@@ -137,7 +137,7 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"pass_seconds": PassCost((1,), (1, 4), ((1.0, 4.0),)).to_json()}))
     greedy = Engine(target).generate([Request(PROMPTS[0], SamplingParams(max_tokens=4))])[0].token_ids
-    shard = ShardSpec(model, "float32", rows=1, max_model_len=64, feature_layers=(), threads=1)
+    shard = ShardSpec(model, "float32", rows=2, max_model_len=64, feature_layers=(), threads=1)
 
     async def scenario() -> list[int]:
         async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", schedule)) as worker:
@@ -149,7 +149,11 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
             reply = await call.read()
             # The gate: that offer, drafted in half a pass, never pays for itself here.
             assert reply.skip_draft == schedule
-            call.cancel()
+            # A session opened now is judged by that offer from its first round on.
+            second, step = await _open_verify(worker.address, 1)
+            assert step.skip_draft == schedule
+            for c in (call, second):
+                c.cancel()
             return list(reply.tokens)
 
     assert asyncio.run(scenario()) == (greedy[1:2] if schedule else greedy[1:4])

@@ -132,6 +132,17 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         chosen = self.gate.choose(rows, [room for _, room in results], context)
         return [(step, room, i in chosen) for i, (step, room) in enumerate(results)]
 
+    def _drafts_first(self, row: int) -> bool:
+        """Whether a session just prefilled into ``row`` should draft its first round: the gate's
+        verdict for a sequence without an offer of its own, in a batch of every live row (the
+        pipeline groups' rows too: the pass it joins is at most that wide)."""
+        if self.gate is None:
+            return True
+        rows = list(self._room)  # the prefill gave this row its room too
+        rooms = [self._room[r] for r in rows]
+        context = max(self.capacity - room - 1 for room in rooms)
+        return self.gate.first_round(row, rows, rooms, context)
+
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.VerifyOut]:
@@ -151,7 +162,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                 step, room = await self.prefills.submit(row, opening.group)
                 # Resuming too: the draft replica keeps what it has not taken yet (the lost replica
                 # may have died before it sent the last round's) and drops the rest.
-                features, skip_draft = step.features, False
+                features, skip_draft = step.features, not self._drafts_first(row)
                 verified = len(opening.prompt_ids)  # positions the pass added to the row
                 while True:
                     if push is not None:
