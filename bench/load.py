@@ -18,8 +18,9 @@ while the batch is smaller than N, none from N on) give, at each batch size, eit
 
 ``--cluster`` runs the same through a local cluster (router, draft pool, target pool on Ray,
 bench/serve.py's layout: the target replica gets the engine's threads): a batch of N is N
-concurrent gRPC streams. Each drafter gets its own cluster, in which plain decoding (requests
-with ``drafter: none``) and the drafter take turns per chunk; its ratios are to that plain. Decode
+concurrent gRPC streams. Each drafter gets its own cluster, fresh for every pass over the
+prompts, in which plain decoding (requests with ``drafter: none``) and the drafter take turns per
+chunk; its ratios are to that plain. Decode
 tok/s there counts the tokens that arrived after every stream of the chunk had its first.
 
     python bench/load.py --cluster --methods plain default dspark eagle3 hybrid --out bench/results/load-cluster
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from decode import load_prompts, machine_info
+from decode import Prompt, load_prompts, machine_info
 from tqdm import tqdm
 
 from tandem.drafters import default_drafter, make_drafter
@@ -51,6 +52,7 @@ from tandem.scheduler import ScheduledDrafter
 from tandem.target import Target, load_target
 
 BENCHMARKS = ("humaneval", "mbpp", "mt-bench")
+WARMUP = "Name three colours."  # the clusters' warm-up request, unlike any measured prompt
 CODE = ("humaneval", "mbpp")
 DEFAULT_METHODS = ("plain", "default", "default:always", "dspark", "eagle3", "hybrid")
 OUT = Path(__file__).parent / "results" / "load"
@@ -109,31 +111,35 @@ def _run(args: argparse.Namespace, target: Target, chunks: list, params: Samplin
 
 
 def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, params: SamplingParams) -> dict:
-    """Every batch size through one cluster per drafter, plain and the drafter taking turns; the
-    plain row is the first cluster's (each drafter's ratios are to its own cluster's plain)."""
+    """Every batch size through a cluster per drafter, plain and the drafter taking turns; the
+    plain row is the first cluster's (each drafter's ratios are to its own cluster's plain). Each
+    pass over the prompts gets a fresh cluster, as the in-process passes get fresh engines: a
+    draft replica remembers what it served (the suffix drafter's shared trie), and a second pass
+    over the same prompts would draft from the first pass's outputs."""
     from ray import serve
     from serve import local_config
 
     from cluster.app import start
 
+    warmup = Prompt("warmup", WARMUP, target.tokenizer.encode(WARMUP, chat=True))  # no measured prompt
     runs: dict[str, list[dict]] = defaultdict(lambda: [{} for _ in range(args.repeats)])
     for method in args.methods[1:]:
         served = drafter_name(method, args.model)
         config = local_config(argparse.Namespace(**{**vars(args), "drafter": served}), max(args.batch))
-        print(f"starting a cluster with {method} ...", file=sys.stderr)
-        start(config)
-        try:
-            with grpc.insecure_channel(config.address) as channel:
-                for drafter in ("none", served):  # warm both paths up
-                    _cluster_chunk(channel, prompts[:1], params, drafter)
-                for batch in args.batch:
-                    chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-                    for run in runs[str(batch)]:
+        for batch in args.batch:
+            chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+            for run in runs[str(batch)]:
+                print(f"starting a cluster with {method} ...", file=sys.stderr)
+                start(config)
+                try:
+                    with grpc.insecure_channel(config.address) as channel:
+                        for drafter in ("none", served):  # warm both paths up
+                            _cluster_chunk(channel, [warmup], params, drafter)
                         summary = _cluster_run(channel, chunks, params, served)
-                        run.setdefault("plain", summary["plain"])
-                        run[method] = summary[served]
-        finally:
-            serve.shutdown()
+                finally:
+                    serve.shutdown()
+                run.setdefault("plain", summary["plain"])
+                run[method] = summary[served]
     return {batch: _median(repeats) for batch, repeats in runs.items()}
 
 
