@@ -49,11 +49,8 @@ class FeaturePush:
     ``add`` queues the rows of each pass (the whole prompt after a prefill, the anchor and the
     accepted drafts after a round) and returns at once; a task writes them to a ``Features``
     stream. Rows that come before the first :meth:`link` wait for it; after ``link("")`` (the
-    session has no drafter now) they are dropped. Rows added with ``send=False`` (the gate left
-    the session's next round undrafted: nothing reads them yet) wait for the next rows sent and
-    go with them, so a session the gate keeps plain costs one message when it is drafted again,
-    not one a round. A failed stream (the draft replica died, or its session ended) drops what
-    follows too: the router goes on without that drafter."""
+    session has no drafter now) they are dropped. A failed stream (the draft replica died, or
+    its session ended) drops what follows too: the router goes on without that drafter."""
 
     _writing: ClassVar[set[asyncio.Task]] = set()  # the streams still being written, out of the GC's reach
 
@@ -63,19 +60,19 @@ class FeaturePush:
         self.session_id = session_id
         self.position = 0  # the position of the next row
         self._channel, self._chunk_bytes = channel, chunk_bytes or CHUNK_BYTES
-        self._waiting: list[tuple[int, torch.Tensor]] = []  # rows not queued yet: (first position, rows)
-        self._linked = False  # told where the drafter is, at least once
+        self._held: list[tuple[int, torch.Tensor]] | None = []  # until the first link
         self._queue: asyncio.Queue[worker_pb2.FeatureChunk | None] | None = None
         self._address: str | None = None
 
-    def add(self, rows: torch.Tensor | None, count: int, send: bool = True) -> None:
-        """The features of the next ``count`` positions (``None``: the target computes none);
-        ``send=False``: keep them for the next rows sent."""
-        if rows is not None and len(rows) and (self._queue is not None or not self._linked):
-            self._waiting.append((self.position, rows))
+    def add(self, rows: torch.Tensor | None, count: int) -> None:
+        """The features of the next ``count`` positions (``None``: the target computes none)."""
+        if rows is not None and len(rows):
+            if self._held is not None:
+                self._held.append((self.position, rows))
+            elif self._queue is not None:
+                for chunk in chunks(self.session_id, self.position, rows, self._chunk_bytes):
+                    self._queue.put_nowait(chunk)
         self.position += count
-        if send:
-            self._send()
 
     def link(self, address: str) -> None:
         """Send to the draft replica at ``address`` from now on, what was held first; ``""``:
@@ -83,30 +80,17 @@ class FeaturePush:
         if address == self._address:
             return
         self.close()
-        self._address, self._linked = address, True
+        self._address = address
+        held, self._held = self._held or [], None
         if not address:
-            self._waiting = []
             return
         queue = self._queue = asyncio.Queue()
         task = asyncio.create_task(self._write(address, queue))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
-        self._send()
-
-    def _send(self) -> None:
-        """Queue the waiting rows: each run of consecutive positions joined, in chunks under the cap."""
-        if self._queue is None or not self._waiting:
-            return
-        runs: list[tuple[int, list[torch.Tensor]]] = []
-        for start, rows in self._waiting:
-            if runs and runs[-1][0] + sum(map(len, runs[-1][1])) == start:
-                runs[-1][1].append(rows)
-            else:
-                runs.append((start, [rows]))
-        self._waiting = []
-        for start, parts in runs:
-            for chunk in chunks(self.session_id, start, torch.cat(parts), self._chunk_bytes):
-                self._queue.put_nowait(chunk)
+        for start, rows in held:
+            for chunk in chunks(self.session_id, start, rows, self._chunk_bytes):
+                queue.put_nowait(chunk)
 
     def close(self) -> None:
         """End the stream once what is queued is written (idempotent)."""
