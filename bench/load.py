@@ -20,8 +20,8 @@ while the batch is smaller than N, none from N on) give, at each batch size, eit
 bench/serve.py's layout: the target replica gets the engine's threads): a batch of N is N
 concurrent gRPC streams. Each drafter gets its own cluster, fresh for every pass over the
 prompts, in which plain decoding (requests with ``drafter: none``) and the drafter take turns per
-chunk; its ratios are to that plain. Decode
-tok/s there counts the tokens that arrived after every stream of the chunk had its first.
+chunk; its ratios are to that plain. Decode tok/s there counts the tokens that arrived after
+every stream of the chunk had its first.
 
     python bench/load.py --cluster --methods plain default dspark eagle3 hybrid --out bench/results/load-cluster
 """
@@ -121,7 +121,7 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
 
     from cluster.app import start
 
-    warmup = Prompt("warmup", WARMUP, target.tokenizer.encode(WARMUP, chat=True))  # no measured prompt
+    warmup = Prompt("warmup", WARMUP, target.tokenizer.encode(WARMUP, chat=True))
     runs: dict[str, list[dict]] = defaultdict(lambda: [{} for _ in range(args.repeats)])
     for method in args.methods[1:]:
         served = drafter_name(method, args.model)

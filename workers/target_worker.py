@@ -122,7 +122,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         for row, tree, g, seconds in zip(rows, trees, greedy, (s for *_, s in jobs)):
             if seconds is not None:
                 self.gate.offered(row, tree, g)
-        context = max(self.capacity - self._room.get(row, 0) - 1 for row in rows)  # the longest cached prefix
+        context = self._longest_prefix(rows)
         # drafting ran elsewhere: only the pass's own cost counts
         trees = schedule(trees, greedy, self.cost, context=context)
         results = await self.ranks.call("verify", rows, trees)
@@ -139,9 +139,11 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         if self.gate is None:
             return True
         rows = list(self._room)  # the prefill gave this row its room too
-        rooms = [self._room[r] for r in rows]
-        context = max(self.capacity - room - 1 for room in rooms)
-        return self.gate.first_round(row, rows, rooms, context)
+        return self.gate.first_round(row, rows, [self._room[r] for r in rows], self._longest_prefix(rows))
+
+    def _longest_prefix(self, rows: list[int]) -> int:
+        """The longest cached prefix among ``rows``: the context a pass over them prices."""
+        return max(self.capacity - self._room.get(row, 0) - 1 for row in rows)
 
     async def Session(  # noqa: N802 - the gRPC method name
         self, requests: AsyncIterator[worker_pb2.VerifyIn], context: grpc.aio.ServicerContext
