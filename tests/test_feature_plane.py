@@ -21,6 +21,10 @@ def test_a_long_prompts_features_go_in_chunks_under_the_cap() -> None:
     assert all(len(c.features.data) <= 1000 for c in sent)
     assert torch.equal(torch.cat([tensor_from_proto(c.features) for c in sent]), rows)
     assert len(list(chunks("s", 0, rows, max_bytes=10))) == 100  # a row wider than the cap goes alone
+    parts = [torch.randn(n, 8).to(torch.bfloat16) for n in (2, 1, 4)]  # a run of passes, joined as bytes
+    joined = list(chunks("s", 3, parts, max_bytes=48))  # 16 bytes a row: 3 rows a chunk
+    assert [(c.start, c.features.shape[0]) for c in joined] == [(3, 3), (6, 3), (9, 1)]
+    assert torch.equal(torch.cat([tensor_from_proto(c.features) for c in joined]), torch.cat(parts))
 
 
 def test_the_inbox_hands_over_each_position_once_the_latest_sent() -> None:
@@ -107,13 +111,40 @@ def test_pushed_features_arrive_in_order_held_until_the_link(receiver_scenario) 
     receiver_scenario(scenario)
 
 
+def test_features_of_undrafted_rounds_wait_and_go_as_one_message(receiver_scenario) -> None:
+    """Rows added with ``send=False`` (the gate left the next round undrafted) stay on the target
+    replica and go with the next rows sent, joined into one chunk per run of positions."""
+    prompt, rounds = torch.randn(6, 4), [torch.randn(n, 4) for n in (1, 2, 1)]
+
+    async def scenario(receiver: Receiver, address: str, channel) -> None:
+        with receiver.inboxes.hold("s") as inbox:
+            push = FeaturePush("s", channel)
+            push.link(address)
+            push.add(prompt, 6, send=False)
+            push.add(rounds[0], 1, send=False)
+            assert push._queue.empty() and len(push._waiting) == 2  # nothing written yet
+            push.add(None, 3, send=False)  # a gap: the run restarts after it
+            push.add(rounds[1], 2, send=False)
+            push.add(rounds[2], 1)  # the session is drafted next round: all of it goes now
+            queued = [push._queue.get_nowait() for _ in range(push._queue.qsize())]
+            assert [(c.start, c.features.shape[0]) for c in queued] == [(0, 7), (10, 3)]
+            for chunk in queued:
+                push._queue.put_nowait(chunk)
+            assert torch.equal(await asyncio.wait_for(inbox.take(7), 10), torch.cat([prompt, rounds[0]]))
+            assert torch.equal(await asyncio.wait_for(inbox.take(13), 10), torch.cat(rounds[1:]))
+            push.close()
+            await asyncio.wait_for(asyncio.gather(*FeaturePush._writing), 10)
+
+    receiver_scenario(scenario)
+
+
 def test_a_session_without_drafter_drops_its_features_and_a_closed_inbox_ends_the_stream(receiver_scenario) -> None:
     async def scenario(receiver: Receiver, address: str, channel) -> None:
         dropped = FeaturePush("d", channel)
         dropped.add(torch.randn(5, 4), 5)
         dropped.link("")  # the drafter was lost before it was placed
         dropped.add(torch.randn(2, 4), 2)
-        assert dropped._held is None and dropped._queue is None and dropped.position == 7
+        assert dropped._waiting == [] and dropped._queue is None and dropped.position == 7
 
         with receiver.inboxes.hold("s") as inbox:
             push = FeaturePush("s", channel)

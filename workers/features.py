@@ -21,10 +21,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import ClassVar
 
 import grpc
+import numpy as np
 import torch
 
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
-from workers.wire import MAX_MESSAGE_BYTES, tensor_from_proto, tensor_to_proto
+from workers.wire import MAX_MESSAGE_BYTES, tensor_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,22 @@ CHUNK_BYTES = MAX_MESSAGE_BYTES // 16  # a prompt's features in chunks of at mos
 
 
 def chunks(
-    session_id: str, start: int, rows: torch.Tensor, max_bytes: int = CHUNK_BYTES
+    session_id: str, start: int, parts: torch.Tensor | list[torch.Tensor], max_bytes: int = CHUNK_BYTES
 ) -> Iterator[worker_pb2.FeatureChunk]:
-    """``rows`` (features of positions ``start, start + 1, ...``) as messages of at most
-    ``max_bytes`` of tensor data each (at least one row a message)."""
-    row_bytes = rows[0].numel() * rows.element_size() if len(rows) else 1
-    per_chunk = max(1, max_bytes // row_bytes)
-    for first in range(0, len(rows), per_chunk):
-        part = rows[first : first + per_chunk]
-        yield worker_pb2.FeatureChunk(session_id=session_id, start=start + first, features=tensor_to_proto(part))
+    """The rows of ``parts`` (features of positions ``start, start + 1, ...``, one tensor or a
+    run of them) as messages of at most ``max_bytes`` of tensor data each (at least one row a
+    message). The rows are joined as bytes, with numpy: this runs on the replica's event loop,
+    and a torch kernel on a thread other than the verifier's would start a second OpenMP pool
+    beside the verifier's."""
+    parts = [parts] if isinstance(parts, torch.Tensor) else parts
+    first = parts[0]
+    raw = np.concatenate([p.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(len(p), -1) for p in parts])
+    dtype, width = str(first.dtype).removeprefix("torch."), list(first.shape[1:])
+    per_chunk = max(1, max_bytes // max(1, raw.shape[1]))
+    for row in range(0, len(raw), per_chunk):
+        part = raw[row : row + per_chunk]
+        features = worker_pb2.Tensor(data=part.tobytes(), dtype=dtype, shape=[len(part), *width])
+        yield worker_pb2.FeatureChunk(session_id=session_id, start=start + row, features=features)
 
 
 class FeaturePush:
@@ -49,8 +57,11 @@ class FeaturePush:
     ``add`` queues the rows of each pass (the whole prompt after a prefill, the anchor and the
     accepted drafts after a round) and returns at once; a task writes them to a ``Features``
     stream. Rows that come before the first :meth:`link` wait for it; after ``link("")`` (the
-    session has no drafter now) they are dropped. A failed stream (the draft replica died, or
-    its session ended) drops what follows too: the router goes on without that drafter."""
+    session has no drafter now) they are dropped. Rows added with ``send=False`` (the gate left
+    the session's next round undrafted: nothing reads them yet) wait for the next rows sent and
+    go with them, so a session the gate keeps plain costs one message when it is drafted again,
+    not one a round. A failed stream (the draft replica died, or its session ended) drops what
+    follows too: the router goes on without that drafter."""
 
     _writing: ClassVar[set[asyncio.Task]] = set()  # the streams still being written, out of the GC's reach
 
@@ -60,19 +71,19 @@ class FeaturePush:
         self.session_id = session_id
         self.position = 0  # the position of the next row
         self._channel, self._chunk_bytes = channel, chunk_bytes or CHUNK_BYTES
-        self._held: list[tuple[int, torch.Tensor]] | None = []  # until the first link
+        self._waiting: list[tuple[int, torch.Tensor]] = []  # rows not queued yet: (first position, rows)
+        self._linked = False  # told where the drafter is, at least once
         self._queue: asyncio.Queue[worker_pb2.FeatureChunk | None] | None = None
         self._address: str | None = None
 
-    def add(self, rows: torch.Tensor | None, count: int) -> None:
-        """The features of the next ``count`` positions (``None``: the target computes none)."""
-        if rows is not None and len(rows):
-            if self._held is not None:
-                self._held.append((self.position, rows))
-            elif self._queue is not None:
-                for chunk in chunks(self.session_id, self.position, rows, self._chunk_bytes):
-                    self._queue.put_nowait(chunk)
+    def add(self, rows: torch.Tensor | None, count: int, send: bool = True) -> None:
+        """The features of the next ``count`` positions (``None``: the target computes none);
+        ``send=False``: keep them for the next rows sent."""
+        if rows is not None and len(rows) and (self._queue is not None or not self._linked):
+            self._waiting.append((self.position, rows))
         self.position += count
+        if send:
+            self._send()
 
     def link(self, address: str) -> None:
         """Send to the draft replica at ``address`` from now on, what was held first; ``""``:
@@ -80,17 +91,31 @@ class FeaturePush:
         if address == self._address:
             return
         self.close()
-        self._address = address
-        held, self._held = self._held or [], None
+        self._address, self._linked = address, True
         if not address:
+            self._waiting = []
             return
         queue = self._queue = asyncio.Queue()
         task = asyncio.create_task(self._write(address, queue))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
-        for start, rows in held:
-            for chunk in chunks(self.session_id, start, rows, self._chunk_bytes):
-                queue.put_nowait(chunk)
+        self._send()
+
+    def _send(self) -> None:
+        """Queue the waiting rows: each run of consecutive positions in chunks under the cap."""
+        if self._queue is None or not self._waiting:
+            return
+        runs: list[tuple[int, int, list[torch.Tensor]]] = []  # (first position, end, parts)
+        for start, rows in self._waiting:
+            if runs and runs[-1][1] == start:
+                runs[-1][2].append(rows)
+                runs[-1] = (runs[-1][0], start + len(rows), runs[-1][2])
+            else:
+                runs.append((start, start + len(rows), [rows]))
+        self._waiting = []
+        for start, _, parts in runs:
+            for chunk in chunks(self.session_id, start, parts, self._chunk_bytes):
+                self._queue.put_nowait(chunk)
 
     def close(self) -> None:
         """End the stream once what is queued is written (idempotent)."""

@@ -167,8 +167,8 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                 features, skip_draft = step.features, not self._drafts_first(row)
                 verified = len(opening.prompt_ids)  # positions the pass added to the row
                 while True:
-                    if push is not None:
-                        push.add(features, verified)
+                    if push is not None:  # an undrafted next round reads none: they go with a later round's
+                        push.add(features, verified, send=not skip_draft)
                     reply = step_to_proto(step, room, self.capacity)
                     reply.skip_draft = skip_draft
                     yield reply
