@@ -154,6 +154,13 @@ class HFRunner:
         return Run(out[0, len(prompt_ids) :].tolist(), seconds, passes)
 
 
+def warmup_prompt(target: Target) -> Prompt:
+    """The request that warms a fresh engine or cluster up: unlike any measured prompt, so a
+    drafter that remembers what it served (the suffix drafter's trie) learns nothing measured."""
+    text = "Name three colours."
+    return Prompt("warmup", text, target.tokenizer.encode(text, chat=True))
+
+
 def load_prompts(target: Target, benchmarks: Sequence[str], limit: int) -> list[Prompt]:
     """The first ``limit`` prompts of each benchmark: first turn, through the chat template."""
     prompts = []

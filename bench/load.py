@@ -40,7 +40,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from decode import Prompt, load_prompts, machine_info
+from decode import load_prompts, machine_info, warmup_prompt
 from tqdm import tqdm
 
 from tandem.drafters import default_drafter, make_drafter
@@ -52,7 +52,6 @@ from tandem.scheduler import ScheduledDrafter
 from tandem.target import Target, load_target
 
 BENCHMARKS = ("humaneval", "mbpp", "mt-bench")
-WARMUP = "Name three colours."  # the clusters' warm-up request, unlike any measured prompt
 CODE = ("humaneval", "mbpp")
 DEFAULT_METHODS = ("plain", "default", "default:always", "dspark", "eagle3", "hybrid")
 OUT = Path(__file__).parent / "results" / "load"
@@ -121,7 +120,7 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
 
     from cluster.app import start
 
-    warmup = Prompt("warmup", WARMUP, target.tokenizer.encode(WARMUP, chat=True))
+    warmup = warmup_prompt(target)
     runs: dict[str, list[dict]] = defaultdict(lambda: [{} for _ in range(args.repeats)])
     for method in args.methods[1:]:
         served = drafter_name(method, args.model)

@@ -4,7 +4,11 @@ the in-process engine, in one run, on the same prompts, weights, drafter, kernel
 Fair by construction: the engine and the cluster's target replica get the same torch thread count
 (both share the same cores; the router and draft worker are extra processes on them), the two
 sides alternate which goes first, each side's tokens/s counts its own tokens, and N concurrent
-cluster streams are compared with the engine decoding the same N requests as one batch.
+cluster streams are compared with the engine decoding the same N requests as one batch. Each
+measurement gets a fresh cluster and a fresh engine, warmed up on a prompt outside the measured
+set, and N streams decode N distinct prompts (while the benchmarks have that many): a drafter
+that remembers what it served (the suffix drafter's shared trie) drafts neither from an earlier
+measurement's outputs nor from a twin stream's.
 
 - single stream: tokens/s of each side prompt by prompt, and the router's overhead per target pass;
 - N streams (``--concurrency``): aggregate tokens/s of the cluster vs the engine at batch N, and
@@ -22,20 +26,23 @@ Every figure is measured ``--repeats`` times and reported as min / median / max.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import math
 import platform
 import socket
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 import torch
-from decode import MAX_DRAFT_NODES, Prompt, load_prompts, write_json
+from decode import MAX_DRAFT_NODES, Prompt, load_prompts, warmup_prompt, write_json
 
 from cluster.app import start
 from cluster.client import generate, prompt_request
@@ -45,7 +52,7 @@ from tandem.engine import Engine, Request
 from tandem.models.catalog import DEFAULT_MODEL
 from tandem.profile import scheduled_drafter
 from tandem.sampling import SamplingParams
-from tandem.target import load_target
+from tandem.target import Target, load_target
 from tandem_proto.v1 import api_pb2
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "serve.json"
@@ -81,6 +88,26 @@ def local_config(args: argparse.Namespace, sessions: int) -> ClusterConfig:
         draft={"drafter": args.drafter, "num_cpus": 0.5, "max_draft_nodes": MAX_DRAFT_NODES, **room},
         target={"num_cpus": args.threads, "torch_threads": args.threads, **room},
     )
+
+
+@contextlib.contextmanager
+def fresh(target: Target, config: ClusterConfig, args: argparse.Namespace) -> Iterator[tuple[Engine, grpc.Channel]]:
+    """A new engine (with a new drafter) and a new cluster, both warmed up on a prompt outside
+    the measured set; the cluster is shut down afterwards."""
+    from ray import serve
+
+    drafter = scheduled_drafter(make_drafter(args.drafter, target.model, args.model), target.model, args.model)
+    engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode, MAX_DRAFT_NODES)
+    warmup = warmup_prompt(target)
+    print("starting a cluster ...", file=sys.stderr)
+    start(config)
+    try:
+        with grpc.insecure_channel(config.address) as channel:
+            generate(channel, _cluster_request(warmup, args), timeout=600)
+            engine.generate([Request(warmup.ids, SamplingParams(max_tokens=args.max_tokens))])
+            yield engine, channel
+    finally:
+        serve.shutdown()
 
 
 def _cluster_request(prompt: Prompt, args: argparse.Namespace) -> api_pb2.GenerateRequest:
@@ -138,7 +165,7 @@ def concurrent(
     def engine_run() -> dict:
         start_s = time.perf_counter()
         results = engine.generate([Request(p.ids, params) for p in jobs])
-        return {"seconds": time.perf_counter() - start_s, "tokens": sum(len(r.token_ids) for r in results)}
+        return {"seconds": time.perf_counter() - start_s, "outputs": [r.token_ids for r in results]}
 
     def cluster_run() -> dict:
         busy = pool_busy_seconds(config)
@@ -147,12 +174,12 @@ def concurrent(
             outputs = list(pool.map(lambda p: generate(channel, _cluster_request(p, args), timeout=1800), jobs))
         seconds = time.perf_counter() - start_s
         shares = {f"{name}_busy": (s - busy[name]) / seconds for name, s in pool_busy_seconds(config).items()}
-        return {"seconds": seconds, "tokens": sum(len(o.token_ids) for o in outputs), **shares}
+        return {"seconds": seconds, "outputs": [list(o.token_ids) for o in outputs], **shares}
 
     figures = {}
     for side, run in [("engine", engine_run), ("cluster", cluster_run)][:: 1 if streams % 2 else -1]:
         figures[side] = run()
-        figures[side]["tok_s"] = figures[side]["tokens"] / figures[side]["seconds"]
+        figures[side]["tok_s"] = sum(map(len, figures[side]["outputs"])) / figures[side]["seconds"]
     return {
         "streams": streams,
         "engine_tok_s": figures["engine"]["tok_s"],
@@ -160,6 +187,7 @@ def concurrent(
         "cluster_vs_engine": figures["cluster"]["tok_s"] / figures["engine"]["tok_s"],
         "draft_busy": figures["cluster"].get("draft_busy", 0.0),
         "target_busy": figures["cluster"]["target_busy"],
+        "identical_outputs": sum(a == b for a, b in zip(figures["engine"]["outputs"], figures["cluster"]["outputs"])),
     }
 
 
@@ -244,26 +272,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     target = load_target(args.model, args.dtype)
-    prompts = load_prompts(target, args.benchmarks.split(","), args.limit)
-    drafter = scheduled_drafter(make_drafter(args.drafter, target.model, args.model), target.model, args.model)
-    engine = Engine(target.model, drafter, target.eos_token_ids, target.tokenizer.decode, MAX_DRAFT_NODES)
+    benchmarks = args.benchmarks.split(",")
+    prompts = load_prompts(target, benchmarks, args.limit)
+    per_benchmark = math.ceil(max(concurrency) / len(benchmarks))  # the streams' prompts, taking turns
+    groups = [load_prompts(target, [name], per_benchmark) for name in benchmarks]
+    stream_prompts = [p for group in itertools.zip_longest(*groups) for p in group if p is not None]
     if args.config:
         ports = {"address": f"127.0.0.1:{_free_port()}", "http_address": f"127.0.0.1:{_free_port()}"}
         config = load_config(args.config, **ports)
         args.drafter = config.draft.drafter if config.draft.drafter != "default" else args.drafter
     else:
         config = local_config(args, max(concurrency))
-    print("starting the cluster ...", file=sys.stderr)
-    start(config)
     repeats = []
-    with grpc.insecure_channel(config.address) as channel:
-        generate(channel, _cluster_request(prompts[0], args), timeout=600)  # warm up both paths
-        engine.generate([Request(prompts[0].ids, SamplingParams(max_tokens=args.max_tokens))])
-        for r in range(args.repeats):
+    for r in range(args.repeats):
+        with fresh(target, config, args) as (engine, channel):
             single = single_stream(engine, channel, prompts, args)
-            runs = [concurrent(engine, channel, prompts, n, args, config) for n in concurrency]
-            print(json.dumps({"repeat": r + 1, "single": single, "concurrent": runs}), file=sys.stderr)
-            repeats.append({"single": single, **{f"n{run['streams']}": run for run in runs}})
+        runs = []
+        for n in concurrency:
+            with fresh(target, config, args) as (engine, channel):
+                runs.append(concurrent(engine, channel, stream_prompts, n, args, config))
+        print(json.dumps({"repeat": r + 1, "single": single, "concurrent": runs}), file=sys.stderr)
+        repeats.append({"single": single, **{f"n{run['streams']}": run for run in runs}})
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -273,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "drafter": args.drafter,
         "max_tokens": args.max_tokens,
         "prompts": len(prompts),
+        "stream_prompts": min(len(stream_prompts), max(concurrency)),
         "threads": args.threads,
         "config": str(args.config) if args.config else "bench/serve.py's own: target threads = --threads",
         "repeats": args.repeats,
