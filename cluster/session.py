@@ -103,6 +103,10 @@ class Link:
             await self._call.write(message)
         except asyncio.InvalidStateError as exc:  # the stream had already ended: its replica died or refused
             raise ConnectionError(f"the worker's stream ended ({(await self._call.code()).name})") from exc
+        return await self.next()
+
+    async def next(self) -> object:
+        """The replica's next reply, unasked (it runs the round itself)."""
         reply = await self._call.read()
         if reply is grpc.aio.EOF:
             raise ConnectionError("the worker closed the session's stream")
@@ -192,14 +196,15 @@ class Session:
                     yield [], state.finish_reason
                     return
                 await self._tell_target_of_drafter()  # before the drafter waits for its features
-                if reply.skip_draft:  # the target replica's gate: drafting does not pay now
+                ran = reply.continues  # the target replica runs this round itself: the bare anchor
+                if ran or reply.skip_draft:  # the target replica's gate: drafting does not pay now
                     # (the target replica sends the drafter the features meanwhile; it takes them
                     # all when it is asked again)
                     tree, draft_s = chain(state.token_ids[-1], []), None
                 else:
                     tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
                 asked = time.perf_counter()
-                reply = await self._verify(tree, draft_s)
+                reply = await self._verify(tree, draft_s, ran)
                 self._hold_blocks(reply.kv_blocks)
                 verified = time.perf_counter()
                 state.record_round(len(tree) - 1, reply.accepted)
@@ -215,14 +220,15 @@ class Session:
         self.pools.metrics.kv_blocks.inc(blocks - self._kv_blocks)
         self._kv_blocks = blocks
 
-    async def _verify(self, tree: TokenTree, draft_s: float | None) -> worker_pb2.VerifyOut:
+    async def _verify(self, tree: TokenTree, draft_s: float | None, ran: bool = False) -> worker_pb2.VerifyOut:
         """The target's verdict on ``tree`` (``draft_s``: what drafting it took, for the replica's
-        gate); a lost replica is replaced and the round replayed."""
+        gate; ``ran``: the replica runs this round, the bare anchor, without being sent it); a
+        lost replica is replaced and the round replayed from ``tree``."""
         message = worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=draft_s)
         while True:
             try:
                 await self._tell_target_of_drafter()
-                return await self._target.ask(message)
+                return await (self._target.next() if ran else self._target.ask(message))
             except Exception as exc:
                 if self._closed or not _lost(exc):
                     raise
@@ -230,6 +236,7 @@ class Session:
                 self.pools.metrics.resumes.inc()
                 log.warning("session %s: target replica lost (%s); resuming on another", self.session_id, exc)
                 await self._connect_target()
+                ran = False  # a new replica runs no round before it is sent one
 
     async def _connect_target(self) -> worker_pb2.VerifyOut:
         """Place the session on a target replica and open it there: with its prompt, or (resuming)
@@ -280,6 +287,7 @@ class Session:
             want_features=features,
             resume=resume,
             group=self.group,
+            plain=self._draft_link is None,
         )
 
     async def _open_draft(self, draft: Link) -> None:

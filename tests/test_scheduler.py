@@ -85,6 +85,9 @@ def test_the_gate_drafts_the_sequences_that_pay_and_none_when_none_does():
     assert choose_drafted([good, good, poor], passes, [0.0, 1.0, 2.0, 3.0]) == []
     # verification as dear per token as plain decoding: nothing pays either
     assert choose_drafted([good] * 3, [1.0, 2.0, 3.0, 4.0, 5.0], cheap) == []
+    # a round predicted to beat plain by less than the margin is not drafted: it would lose
+    assert choose_drafted([[0.0, 0.52]], [1.0, 1.5], [0.0, 0.0]) == []  # 1.3 % better
+    assert choose_drafted([[0.0, 0.60]], [1.0, 1.5], [0.0, 0.0]) == [0]  # 6.7 % better
 
 
 def test_the_gate_learns_from_one_sequence_then_judges_new_ones_by_the_mean_offer():

@@ -147,8 +147,12 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
             tree = chain(greedy[0], greedy[1:3], survival=[0.5, 0.25])
             await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=0.5))
             reply = await call.read()
-            # The gate: that offer, drafted in half a pass, never pays for itself here.
-            assert reply.skip_draft == schedule
+            # The gate: that offer, drafted in half a pass, never pays for itself here, so the
+            # replica runs the next round itself (the bare anchor) without waiting for the router.
+            assert reply.skip_draft == reply.continues == schedule
+            if schedule:
+                unasked = await asyncio.wait_for(call.read(), 30)
+                assert list(unasked.tokens) == greedy[2:3] and unasked.accepted == 0
             # A session opened now is judged by that offer from its first round on.
             second, step = await _open_verify(worker.address, 1)
             assert step.skip_draft == schedule
@@ -157,6 +161,41 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
             return list(reply.tokens)
 
     assert asyncio.run(scenario()) == (greedy[1:2] if schedule else greedy[1:4])
+
+
+def test_a_session_without_drafter_runs_its_plain_rounds_on_the_target_replica(tmp_path: Path) -> None:
+    """After the first round (the router's: its anchor need not be the prefill's token), a plain
+    session's rounds run on the replica by themselves, until its max_tokens; the tokens are
+    plain decoding's, and a message the router sends meanwhile waits for the next tree."""
+    model = str(tiny_target(tmp_path / "tiny"))
+    target = load_model(model, torch.float32)[0]
+    apply_exact(target)  # as the worker's shard does
+    greedy = Engine(target).generate([Request(PROMPTS[0], SamplingParams(max_tokens=5))])[0].token_ids
+    shard = ShardSpec(model, "float32", rows=2, max_model_len=64, feature_layers=(), threads=1)
+    params = params_to_proto(SamplingParams(max_tokens=5, seed=0))
+
+    async def scenario() -> None:
+        async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", False)) as worker:
+            call = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(worker.address)).Session()
+            opening = worker_pb2.VerifyOpen(session_id="p", prompt_ids=PROMPTS[0], params=params, plain=True)
+            await call.write(worker_pb2.VerifyIn(open=opening))
+            step = await call.read()
+            assert list(step.tokens) == greedy[:1] and not step.continues
+            await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(greedy[0], []))))
+            tokens = []
+            for _ in range(4):  # one asked, three run by the replica
+                step = await asyncio.wait_for(call.read(), 30)
+                tokens += step.tokens
+                if len(tokens) < 4:
+                    assert step.continues
+            assert tokens == greedy[1:] and not step.continues  # max_tokens: the router's turn again
+            await call.write(worker_pb2.VerifyIn(draft=worker_pb2.DraftLink(address="")))
+            await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(greedy[-1], []))))
+            step = await asyncio.wait_for(call.read(), 30)  # asked past max_tokens: still answered
+            assert len(step.tokens) == 1 and not step.continues
+            call.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_a_long_prefill_in_parts_lets_running_sessions_go_on(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import grpc
 from tandem.calibration import SurvivalCalibration
 from tandem.errors import InvalidRequest, NoRoom
 from tandem.scheduler import DraftGate, PassCost, schedule
-from tandem.tree import TokenTree
+from tandem.tree import TokenTree, chain
 from tandem.verifier import Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher, BusyClock
@@ -64,6 +64,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         self.calibration = SurvivalCalibration()  # per cache row: the scheduler's survival, calibrated
         self.gate = DraftGate(self.cost) if self.cost is not None else None  # per cache row: draft at all?
         self._room: dict[int, int] = {}  # per cache row: draft nodes that fit below its anchor
+        self._plain: set[int] = set()  # cache rows of sessions without a drafter: never drafted
         self.busy = BusyClock()  # prefills and verifications queue for the same passes: counted once
         self._tls, self._channels = spec.tls, {}  # to the draft replicas its sessions' features go to
         wait_s, live = spec.batch_wait_s, self.live_sessions
@@ -129,7 +130,8 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         for row, tree, (step, _) in zip(rows, trees, results):
             self.calibration.observe(row, tree, step.tokens)
         self._room.update((row, room) for row, (_, room) in zip(rows, results))
-        chosen = self.gate.choose(rows, [room for _, room in results], context)
+        rooms = [0 if row in self._plain else room for row, (_, room) in zip(rows, results)]
+        chosen = self.gate.choose(rows, rooms, context)  # a session without drafter is never chosen
         return [(step, room, i in chosen) for i, (step, room) in enumerate(results)]
 
     def _drafts_first(self, row: int) -> bool:
@@ -160,29 +162,42 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             push = FeaturePush(opening.session_id, self.channel) if opening.want_features else None
+            if opening.plain:
+                self._plain.add(row)
             try:
                 step, room = await self.prefills.submit(row, opening.group)
                 # Resuming too: the draft replica keeps what it has not taken yet (the lost replica
                 # may have died before it sent the last round's) and drops the rest.
                 features, skip_draft = step.features, not self._drafts_first(row)
                 verified = len(opening.prompt_ids)  # positions the pass added to the row
+                emitted = len(step.tokens)  # output tokens so far (a continued stream's count from here)
+                # The first round is always the router's: its anchor is not the prefill's token
+                # when the session resumes or continues a stream.
+                continues = False
                 while True:
                     if push is not None:  # an undrafted next round reads none: they go with a later round's
                         push.add(features, verified, send=not skip_draft)
                     reply = step_to_proto(step, room, self.capacity)
-                    reply.skip_draft = skip_draft
+                    reply.skip_draft, reply.continues = skip_draft, continues
                     yield reply
-                    message = await anext(requests, None)
-                    while message is not None and message.HasField("draft"):  # where the features go
-                        if push is not None:
-                            push.link(message.draft.address)
+                    if continues:  # the round the router would send: the bare anchor
+                        job: Job = (row, chain(step.tokens[-1], []), params.greedy, None)
+                    else:
                         message = await anext(requests, None)
-                    if message is None:
-                        break
-                    waited = message.draft_seconds if message.HasField("draft_seconds") else None
-                    job = (row, tree_from_proto(message.tree), params.greedy, waited)
+                        while message is not None and message.HasField("draft"):  # where the features go
+                            if push is not None:
+                                push.link(message.draft.address)
+                            message = await anext(requests, None)
+                        if message is None:
+                            break
+                        waited = message.draft_seconds if message.HasField("draft_seconds") else None
+                        job = (row, tree_from_proto(message.tree), params.greedy, waited)
                     step, room, draft = await self.verifies.submit(job, opening.group)
                     features, skip_draft, verified = step.features, not draft, len(step.tokens)
+                    emitted += verified
+                    # Plain rounds go on here, not through the router, while the sequence has room
+                    # and tokens left (past max_tokens or a stop the router just ends the stream).
+                    continues = (opening.plain or skip_draft) and room > 0 and emitted < params.max_tokens
             except NoRoom as exc:  # preempted: its blocks go back (its full ones stay cached), and
                 # the router resumes it (ABORTED is a lost replica to it) once blocks are free
                 await context.abort(grpc.StatusCode.ABORTED, f"session preempted, the KV cache is full: {exc}")
@@ -193,6 +208,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                     push.close()
                 self.calibration.forget(row)
                 self._room.pop(row, None)
+                self._plain.discard(row)
                 if self.gate is not None:
                     self.gate.forget(row)
                 with contextlib.suppress(RanksLost):
