@@ -198,8 +198,8 @@ class Session:
                 await self._tell_target_of_drafter()  # before the drafter waits for its features
                 ran = reply.continues  # the target replica runs this round itself: the bare anchor
                 if ran or reply.skip_draft:  # the target replica's gate: drafting does not pay now
-                    # (the target replica sends the drafter the features meanwhile; it takes them
-                    # all when it is asked again)
+                    # (the target replica holds the features of these rounds and sends them with
+                    # the next drafted round's; the drafter takes them all when it is asked again)
                     tree, draft_s = chain(state.token_ids[-1], []), None
                 else:
                     tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))

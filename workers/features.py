@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
-from workers.wire import MAX_MESSAGE_BYTES, tensor_from_proto
+from workers.wire import MAX_MESSAGE_BYTES, raw_bytes, tensor_from_proto, tensor_proto
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,11 @@ def chunks(
     beside the verifier's."""
     parts = [parts] if isinstance(parts, torch.Tensor) else parts
     first = parts[0]
-    raw = np.concatenate([p.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(len(p), -1) for p in parts])
-    dtype, width = str(first.dtype).removeprefix("torch."), list(first.shape[1:])
+    raw = np.concatenate([raw_bytes(p).reshape(len(p), -1) for p in parts])
     per_chunk = max(1, max_bytes // max(1, raw.shape[1]))
     for row in range(0, len(raw), per_chunk):
         part = raw[row : row + per_chunk]
-        features = worker_pb2.Tensor(data=part.tobytes(), dtype=dtype, shape=[len(part), *width])
+        features = tensor_proto(part.tobytes(), first.dtype, [len(part), *first.shape[1:]])
         yield worker_pb2.FeatureChunk(session_id=session_id, start=start + row, features=features)
 
 
@@ -105,15 +104,16 @@ class FeaturePush:
         """Queue the waiting rows: each run of consecutive positions in chunks under the cap."""
         if self._queue is None or not self._waiting:
             return
-        runs: list[tuple[int, int, list[torch.Tensor]]] = []  # (first position, end, parts)
+        runs: list[tuple[int, list[torch.Tensor]]] = []  # (first position, parts)
+        end = None  # the position after the last run
         for start, rows in self._waiting:
-            if runs and runs[-1][1] == start:
-                runs[-1][2].append(rows)
-                runs[-1] = (runs[-1][0], start + len(rows), runs[-1][2])
+            if start == end:
+                runs[-1][1].append(rows)
             else:
-                runs.append((start, start + len(rows), [rows]))
+                runs.append((start, [rows]))
+            end = start + len(rows)
         self._waiting = []
-        for start, _, parts in runs:
+        for start, parts in runs:
             for chunk in chunks(self.session_id, start, parts, self._chunk_bytes):
                 self._queue.put_nowait(chunk)
 

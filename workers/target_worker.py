@@ -130,8 +130,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         for row, tree, (step, _) in zip(rows, trees, results):
             self.calibration.observe(row, tree, step.tokens)
         self._room.update((row, room) for row, (_, room) in zip(rows, results))
-        rooms = [0 if row in self._plain else room for row, (_, room) in zip(rows, results)]
-        chosen = self.gate.choose(rows, rooms, context)  # a session without drafter is never chosen
+        chosen = self.gate.choose(rows, self._draft_rooms(rows), context)
         return [(step, room, i in chosen) for i, (step, room) in enumerate(results)]
 
     def _drafts_first(self, row: int) -> bool:
@@ -141,7 +140,12 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         if self.gate is None:
             return True
         rows = list(self._room)  # the prefill gave this row its room too
-        return self.gate.first_round(row, rows, [self._room[r] for r in rows], self._longest_prefix(rows))
+        return self.gate.first_round(row, rows, self._draft_rooms(rows), self._longest_prefix(rows))
+
+    def _draft_rooms(self, rows: list[int]) -> list[int]:
+        """The draft nodes each row may take, as the gate sees them: none for a session without
+        a drafter, which the gate must never choose."""
+        return [0 if row in self._plain else self._room[row] for row in rows]
 
     def _longest_prefix(self, rows: list[int]) -> int:
         """The longest cached prefix among ``rows``: the context a pass over them prices."""

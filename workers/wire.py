@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from tandem.devices import HOST
@@ -21,11 +24,20 @@ CHANNEL_OPTIONS = [
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
 
+def raw_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as uint8, in its shape (the last dimension times the element size): a
+    view of a contiguous host tensor, so no torch kernel runs."""
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+
+
+def tensor_proto(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> worker_pb2.Tensor:
+    return worker_pb2.Tensor(data=data, dtype=str(dtype).removeprefix("torch."), shape=list(shape))
+
+
 def tensor_to_proto(tensor: torch.Tensor | None) -> worker_pb2.Tensor | None:
     if tensor is None:
         return None
-    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-    return worker_pb2.Tensor(data=data, dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape))
+    return tensor_proto(raw_bytes(tensor).tobytes(), tensor.dtype, tensor.shape)
 
 
 def tensor_from_proto(msg: worker_pb2.Tensor) -> torch.Tensor | None:
