@@ -112,7 +112,8 @@ async def gap(args: argparse.Namespace, chunk: int | None, short: list[list[int]
         )
         step = await call.read()
         while not stop.is_set() and step.room > 1:
-            await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(step.tokens[-1], []))))
+            if not step.continues:  # else the replica runs the next round itself
+                await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(step.tokens[-1], []))))
             step = await call.read()
             stamps[i].append(time.perf_counter())
         call.cancel()

@@ -5,7 +5,10 @@ Counted both ways on the very same rounds:
 - features: through the router (out of the target in the verdict, into the drafter with the next
   step: twice, the encoding before) or straight from the target replica to the draft replica
   (``Draft.Features``: once, none through the router, the encoding now);
-- ``q``: dense [nodes, vocabulary] (before) or over its support (now).
+- ``q``: dense [nodes, vocabulary] (before) or over its support (now);
+- the tree: through the router (out of the draft call, into the verify call: twice, before) or
+  straight from the draft replica to the target replica, which asks for it (once, now); the router
+  then reads only the verdicts.
 
     python bench/wire_bytes.py                       # dspark, eagle3, ngram; greedy and T = 1
     python bench/wire_bytes.py --drafters dspark --prompts 2
@@ -53,13 +56,14 @@ class Measured(Drafter):
             dense = worker_pb2.Tree(tokens=tree.tokens, parents=tree.parents, survival=tree.survival or [])
             if tree.draft_probs is not None:
                 dense.draft_probs.CopyFrom(tensor_to_proto(tree.draft_probs))
-            # draft in + tree out + tree in + verdict out (about a step's size)
+            # before: draft in + tree out + tree in + verdict out (a step's size each), all via the
+            # router; now the target replica sends the step and gets the tree, the router the verdict
             self.rounds.append(
                 {
                     "features_via_router": 2 * feature_bytes,
                     "features_direct": direct,
                     "tree_before": 2 * dense.ByteSize(),
-                    "tree_after": 2 * tree_to_proto(tree).ByteSize(),
+                    "tree_after": tree_to_proto(tree).ByteSize(),
                     "other": 2 * step.ByteSize(),
                 }
             )
@@ -88,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             engine.generate([Request(p, s) for p, s in zip(prompts, params)])
             per_round = {key: statistics.mean(r[key] for r in measured.rounds) for key in measured.rounds[0]}
             router_before = per_round["features_via_router"] + per_round["tree_before"] + per_round["other"]
-            router_after = per_round["tree_after"] + per_round["other"]
-            before, after = router_before, router_after + per_round["features_direct"]
+            router_after = per_round["other"] / 2  # the verdict
+            before = router_before
+            after = per_round["tree_after"] + per_round["other"] + per_round["features_direct"]
             results[f"{name} T={temperature:g}"] = {
                 "rounds": len(measured.rounds),
                 "bytes_per_round_before": round(before),

@@ -1,7 +1,9 @@
 """One generation request in the cluster: its places on both pools and its decoding rounds.
 
 Serve places the session (one long-lived streaming handle call per pool); the rounds run over a
-bidirectional gRPC stream to each chosen replica. The per-sequence logic (draft budget, stops) is
+bidirectional gRPC stream to the chosen target replica, which the router tells where the drafter
+is: the replica asks the draft replica for each drafted round's tree itself, and the router sends
+the first round and reads every verdict. The per-sequence logic (stops, lengths) is
 :class:`tandem.sequence.SequenceState`, the very code the in-process engine runs, so both emit the
 same tokens. A drafter that fails or goes silent is dropped and the session goes on target-only:
 the same tokens under greedy decoding, the same distribution under sampling.
@@ -29,12 +31,11 @@ import grpc
 
 from cluster.metrics import Metrics
 from cluster.prefix_routing import prefix_hashes
-from tandem.drafters.base import DraftRequest
 from tandem.sampling import SamplingParams
 from tandem.sequence import SequenceState
-from tandem.tree import TokenTree, chain
+from tandem.tree import chain
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
-from workers.wire import params_to_proto, step_from_proto, tree_from_proto, tree_to_proto
+from workers.wire import params_to_proto, step_from_proto, tree_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ class Pools:
 
 
 class Link:
-    """A session's place on one pool: the Serve call holding it and the gRPC stream to the replica."""
+    """A session's place on one pool: the Serve call holding it and, with a ``stub``, the gRPC
+    stream to the replica (the draft replica's stream is its target replica's to hold)."""
 
-    def __init__(self, pool: str, handle: object, stub: type, pools: Pools) -> None:
+    def __init__(self, pool: str, handle: object, stub: type | None, pools: Pools) -> None:
         self._handle, self._stub, self._channel = handle, stub, pools.channel
         self._running = pools.metrics.running.labels(pool)
         self._waiting = pools.metrics.waiting.labels(pool)
@@ -93,7 +95,8 @@ class Link:
         self._placed = True
         self._running.inc()
         self.address = address
-        self._call = self._stub(self._channel(address)).Session()
+        if self._stub is not None:
+            self._call = self._stub(self._channel(address)).Session()
 
     async def send(self, message: object) -> None:
         await self._call.write(message)
@@ -144,10 +147,9 @@ class Session:
         self.drafter_lost = False
         self.target_resumes = 0
         self._target: Link | None = None
-        self._draft_link = Link("draft", pools.draft, worker_pb2_grpc.DraftStub, pools) if use_drafter else None
-        self._draft: Link | None = None  # the draft link once it works
+        self._draft_link = Link("draft", pools.draft, None, pools) if use_drafter else None
+        self._draft: Link | None = None  # the draft link once placed
         self._told: tuple[Link, str] | None = None  # the target link last told where the drafter is, and what
-        self._draft_sent = 0  # tokens the drafter has seen
         self._placing: asyncio.Task | None = None
         self._aborted = False
         self._closed = False
@@ -195,22 +197,18 @@ class Session:
                     state.finish_reason = "abort"
                     yield [], state.finish_reason
                     return
-                await self._tell_target_of_drafter()  # before the drafter waits for its features
-                ran = reply.continues  # the target replica runs this round itself: the bare anchor
-                if ran or reply.skip_draft:  # the target replica's gate: drafting does not pay now
-                    # (the target replica holds the features of these rounds and sends them with
-                    # the next drafted round's; the drafter takes them all when it is asked again)
-                    tree, draft_s = chain(state.token_ids[-1], []), None
-                else:
-                    tree, draft_s = await self._propose(state.draft_request(pools.max_draft_nodes, reply.room))
                 asked = time.perf_counter()
-                reply = await self._verify(tree, draft_s, ran)
+                # the replica runs the round itself (drafted or not) unless it waits for one
+                reply = await self._verify(ran=reply.continues)
                 self._hold_blocks(reply.kv_blocks)
                 verified = time.perf_counter()
-                state.record_round(len(tree) - 1, reply.accepted)
-                # Router time: the consumer's since the last verdict, plus this round's own work.
-                router_s = asked - last_verdict - (draft_s or 0.0)
-                pools.metrics.record_round(len(tree) - 1, reply.accepted, draft_s, verified - asked, router_s)
+                if reply.drafter_lost:
+                    self._lose_drafter(ConnectionError("the target replica lost it"))
+                draft_s = reply.draft_seconds if reply.HasField("draft_seconds") else None
+                state.record_round(reply.drafted, reply.accepted)
+                # Router time: the consumer's since the last verdict.
+                verify_s = verified - asked - (draft_s or 0.0)
+                pools.metrics.record_round(reply.drafted, reply.accepted, draft_s, verify_s, asked - last_verdict)
                 last_verdict = verified
                 yield state.advance(step_from_proto(reply)), state.finish_reason
         finally:
@@ -220,15 +218,17 @@ class Session:
         self.pools.metrics.kv_blocks.inc(blocks - self._kv_blocks)
         self._kv_blocks = blocks
 
-    async def _verify(self, tree: TokenTree, draft_s: float | None, ran: bool = False) -> worker_pb2.VerifyOut:
-        """The target's verdict on ``tree`` (``draft_s``: what drafting it took, for the replica's
-        gate; ``ran``: the replica runs this round, the bare anchor, without being sent it); a
-        lost replica is replaced and the round replayed from ``tree``."""
-        message = worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=draft_s)
+    async def _verify(self, ran: bool) -> worker_pb2.VerifyOut:
+        """The target's next verdict: of the round it runs itself (``ran``), or of the round sent
+        to it now, the bare anchor, which it drafts as its gate decides. A lost replica is
+        replaced and the round replayed."""
         while True:
             try:
+                if ran:
+                    return await self._target.next()
                 await self._tell_target_of_drafter()
-                return await (self._target.next() if ran else self._target.ask(message))
+                anchor = chain(self.state.token_ids[-1], [])
+                return await self._target.ask(worker_pb2.VerifyIn(tree=tree_to_proto(anchor)))
             except Exception as exc:
                 if self._closed or not _lost(exc):
                     raise
@@ -261,9 +261,10 @@ class Session:
 
     async def _tell_target_of_drafter(self) -> None:
         """Tell the target replica where the session's drafter is, whenever that changes (placed,
-        lost, or a new target replica): it sends there the features of what it verifies (those
-        of the prefill it holds until then), or drops them once there is no drafter. A replica
-        lost meanwhile shows at the next verification, which resumes and tells the new one."""
+        lost, or a new target replica): it asks that replica for its trees and sends it the
+        features of what it verifies (those of the prefill it holds until then), or drafts no
+        more. A replica lost meanwhile shows at the next verification, which resumes and tells
+        the new one."""
         if self._draft_link is None or (self._placing is not None and not self._placing.done()):
             return
         told = (self._target, self._draft.address if self._draft is not None else "")
@@ -276,9 +277,9 @@ class Session:
         state, features = self.state, self._draft_link is not None
         if state is None:  # continuing: all but the client's last token, which anchors the first round
             context = self.prompt_ids + self.continued
-            prompt_ids, resume = context[:-1] if self.continued else context, False
+            prompt_ids, resume, generated = context[:-1] if self.continued else context, False, len(self.continued)
         else:  # everything but the anchor, which heads the round being replayed
-            prompt_ids, resume = state.token_ids[:-1], True
+            prompt_ids, resume, generated = state.token_ids[:-1], True, len(state.output)
         params = params_to_proto(self.params)
         return worker_pb2.VerifyOpen(
             session_id=self.session_id,
@@ -288,35 +289,19 @@ class Session:
             resume=resume,
             group=self.group,
             plain=self._draft_link is None,
+            max_draft_nodes=self.pools.max_draft_nodes,
+            draft_timeout_s=self.pools.draft_timeout_s,
+            generated=generated,
         )
 
     async def _open_draft(self, draft: Link) -> None:
+        """Place the session on a draft replica (its stream is the target replica's to open)."""
         try:
             await asyncio.wait_for(draft.place(self.session_id), self.pools.draft_timeout_s)
-            params = params_to_proto(self.params)
-            opening = worker_pb2.DraftOpen(session_id=self.session_id, params=params, group=self.group)
-            await draft.send(worker_pb2.DraftIn(open=opening))
             self._draft = draft
         except Exception as exc:  # any failure to place: decode without a drafter
             draft.close()
             self._lose_drafter(exc)
-
-    async def _propose(self, request: DraftRequest) -> tuple[TokenTree, float | None]:
-        """The drafter's tree, or the bare anchor (plain decoding) without a drafter or budget;
-        and the seconds the drafter took (None: not asked)."""
-        anchor = chain(request.token_ids[-1], [])
-        if self._draft is None or request.max_nodes == 0:
-            return anchor, None
-        started = time.perf_counter()
-        # the features of these tokens come to the draft replica from the target replica
-        step = worker_pb2.DraftStep(new_token_ids=request.token_ids[self._draft_sent :], max_nodes=request.max_nodes)
-        try:
-            reply = await asyncio.wait_for(self._draft.ask(worker_pb2.DraftIn(step=step)), self.pools.draft_timeout_s)
-        except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError) as exc:
-            self._lose_drafter(exc)
-            return anchor, time.perf_counter() - started
-        self._draft_sent = len(request.token_ids)
-        return tree_from_proto(reply.tree), time.perf_counter() - started
 
     def _lose_drafter(self, exc: BaseException) -> None:
         log.warning("session %s: drafter lost (%s); going on target-only", self.session_id, exc)

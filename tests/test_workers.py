@@ -38,6 +38,9 @@ from workers.tp import ShardSpec
 from workers.wire import params_from_proto, params_to_proto, tree_from_proto, tree_to_proto
 
 PARAMS = params_to_proto(SamplingParams(max_tokens=16, seed=0))
+# Two tokens: the prefill's and one round's, so the replica runs no round of its own and every
+# round after the first is the test's to send.
+SENT_ROUNDS = params_to_proto(SamplingParams(max_tokens=2, seed=0))
 
 
 @contextlib.asynccontextmanager
@@ -50,9 +53,11 @@ async def _replica(cls: type, spec: object) -> AsyncIterator[object]:
         await replica._server.stop(None)
 
 
-async def _open_verify(address: str, index: int) -> tuple[grpc.aio.StreamStreamCall, worker_pb2.VerifyOut]:
+async def _open_verify(
+    address: str, index: int, params: worker_pb2.SamplingParams = SENT_ROUNDS
+) -> tuple[grpc.aio.StreamStreamCall, worker_pb2.VerifyOut]:
     call = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(address)).Session()
-    opening = worker_pb2.VerifyOpen(session_id=f"s{index}", prompt_ids=PROMPTS[index], params=PARAMS)
+    opening = worker_pb2.VerifyOpen(session_id=f"s{index}", prompt_ids=PROMPTS[index], params=params)
     await call.write(worker_pb2.VerifyIn(open=opening))
     return call, await call.read()
 
@@ -128,7 +133,7 @@ def test_a_session_that_cannot_grow_is_preempted_and_the_others_go_on(tmp_path: 
 def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatch, schedule: bool) -> None:
     """The target's own greedy continuation, drafted with low predicted survival, on a machine
     whose profile prices every draft token at a whole pass: the scheduler verifies none of it,
-    and its gate tells the router not to draft the next round."""
+    and its gate leaves the next round undrafted: the replica runs it itself, the bare anchor."""
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
     model = str(tiny_target(tmp_path / "tiny"))
     target = load_model(model, torch.float32)[0]
@@ -138,23 +143,26 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
     path.write_text(json.dumps({"pass_seconds": PassCost((1,), (1, 4), ((1.0, 4.0),)).to_json()}))
     greedy = Engine(target).generate([Request(PROMPTS[0], SamplingParams(max_tokens=4))])[0].token_ids
     shard = ShardSpec(model, "float32", rows=2, max_model_len=64, feature_layers=(), threads=1)
+    params = params_to_proto(SamplingParams(max_tokens=4, seed=0))
 
     async def scenario() -> list[int]:
         async with _replica(TargetWorker, TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", schedule)) as worker:
-            call, step = await _open_verify(worker.address, 0)
+            call, step = await _open_verify(worker.address, 0, params)
             assert list(step.tokens) == greedy[:1]
             assert not step.skip_draft  # nothing known yet: draft
             tree = chain(greedy[0], greedy[1:3], survival=[0.5, 0.25])
             await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=0.5))
             reply = await call.read()
             # The gate: that offer, drafted in half a pass, never pays for itself here, so the
-            # replica runs the next round itself (the bare anchor) without waiting for the router.
+            # replica runs the next round itself, the bare anchor (unscheduled, the whole tree
+            # was verified: max_tokens is reached, and the next round is the router's again).
             assert reply.skip_draft == reply.continues == schedule
+            assert reply.drafted == 2 and reply.draft_seconds == 0.5  # the tree as sent
             if schedule:
                 unasked = await asyncio.wait_for(call.read(), 30)
-                assert list(unasked.tokens) == greedy[2:3] and unasked.accepted == 0
+                assert list(unasked.tokens) == greedy[2:3] and unasked.accepted == unasked.drafted == 0
             # A session opened now is judged by that offer from its first round on.
-            second, step = await _open_verify(worker.address, 1)
+            second, step = await _open_verify(worker.address, 1, params)
             assert step.skip_draft == schedule
             for c in (call, second):
                 c.cancel()
@@ -270,12 +278,14 @@ async def _one_step(worker: DraftWorker, history: list[int]) -> None:
     call.cancel()
 
 
-def test_features_go_from_the_target_worker_to_the_draft_worker(tmp_path: Path, monkeypatch) -> None:
-    """A session driven as the router drives it, its features never through the "router": the
-    target worker pushes them (the prompt's in chunks of 3 rows) once told where the drafter is,
-    and every tree the draft worker sends equals the tree the same drafter drafts in process
-    from the same features, also after the session resumes on a new target stream (its prefix
-    sent again); the draft worker frees the session's inbox when all the streams end."""
+def test_the_target_worker_drafts_from_the_draft_worker_directly(tmp_path: Path, monkeypatch) -> None:
+    """A session driven as the router drives it (the prompt, where the drafter is, the first
+    anchor, then verdicts only): the target worker asks the draft worker for every round's tree
+    and pushes it the features (the prompt's in chunks of 3 rows), never through the "router".
+    Each tree equals the one the same drafter drafts in process from the same features, and each
+    verdict the in-process verification of that tree, also after the session resumes on a new
+    target stream (which opens a new draft stream: the drafter starts again from every feature
+    of the prefix); the draft worker frees the session's inbox when all the streams end."""
     model = str(tiny_target(tmp_path / "tiny"))
     target = load_model(model, torch.float32)[0]
     cfg = DraftConfig.for_target("dspark", target, "tiny", draft_vocab=48, block_size=4)
@@ -289,54 +299,73 @@ def test_features_go_from_the_target_worker_to_the_draft_worker(tmp_path: Path, 
     shard = ShardSpec(model, "float32", rows=1, max_model_len=128, feature_layers=layers, threads=1)
     draft_spec = DraftSpec(str(tmp_path / "dspark"), model, "float32", layers, 0.0, 1, "127.0.0.1")
     prompt = PROMPTS[0] * 4  # features of 40 positions: 14 chunks
-    params = params_from_proto(PARAMS)
-    verifier = Verifier(target, 1, 128, feature_layers=layers)
+    wire_params = params_to_proto(SamplingParams(max_tokens=64, seed=0))
+    params = params_from_proto(wire_params)
+    verifier = Verifier(target, 2, 128, feature_layers=layers)
+
+    def opening(prompt_ids: list[int], **resumed: object) -> worker_pb2.VerifyIn:
+        return worker_pb2.VerifyIn(
+            open=worker_pb2.VerifyOpen(
+                session_id="s",
+                prompt_ids=prompt_ids,
+                params=wire_params,
+                want_features=True,
+                max_draft_nodes=4,
+                **resumed,
+            )
+        )
 
     async def scenario() -> None:
         target_spec = TargetSpec(shard, 1, 1.0, 0.0, 0.0, "127.0.0.1", False)
         async with _replica(TargetWorker, target_spec) as worker, _replica(DraftWorker, draft_spec) as drafts:
             assert drafts.drafter.model.kernels is not None  # its target is only embeddings: it packs its own
+            trees = []  # every tree the draft worker sends, in order
+            propose = drafts.batcher.run
+
+            async def recorded(requests: list[DraftRequest]) -> list:
+                trees.extend(await propose(requests))
+                return trees[-len(requests) :]
+
+            drafts.batcher.run = recorded
             verify = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(worker.address)).Session()
-            opening = worker_pb2.VerifyOpen(session_id="s", prompt_ids=prompt, params=PARAMS, want_features=True)
-            await verify.write(worker_pb2.VerifyIn(open=opening))
+            await verify.write(opening(prompt))
             step = await verify.read()
-            draft = worker_pb2_grpc.DraftStub(grpc.aio.insecure_channel(drafts.address)).Session()
-            await draft.write(worker_pb2.DraftIn(open=worker_pb2.DraftOpen(session_id="s", params=PARAMS)))
             await verify.write(worker_pb2.VerifyIn(draft=worker_pb2.DraftLink(address=drafts.address)))
+            await verify.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(step.tokens[-1], []))))
             row = verifier.open(prompt, params, 0)
             [local] = verifier.prefill_part([row])
-            tokens = new = prompt + list(step.tokens)  # the first step: everything up to the anchor
+            tokens = prompt + list(step.tokens)  # everything up to the anchor
             for _ in range(4):
-                await draft.write(worker_pb2.DraftIn(step=worker_pb2.DraftStep(new_token_ids=new, max_nodes=4)))
-                tree = tree_from_proto((await draft.read()).tree)
+                step = await asyncio.wait_for(verify.read(), 30)
+                tree = trees.pop(0)
                 [expected] = reference.propose([DraftRequest(0, tokens, 4, params, local.features)])
                 assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
-                await verify.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree)))
-                step = await verify.read()
+                assert step.drafted == len(tree) - 1 == 4 and step.continues and step.draft_seconds > 0
                 [local] = verifier.verify([row], [tree])
                 assert list(step.tokens) == local.tokens
-                tokens, new = tokens + list(step.tokens), list(step.tokens)
+                tokens += step.tokens
             # The target replica lost (as if just after its last verdict): the session resumes with
-            # its tokens up to the anchor, and the drafter's next tree is still the same.
+            # its tokens up to the anchor, and the drafter, on a new stream, drafts from all of them.
             verify.cancel()
             verify = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(worker.address)).Session()
-            opening = worker_pb2.VerifyOpen(
-                session_id="s", prompt_ids=tokens[:-1], params=PARAMS, want_features=True, resume=True
-            )
-            await verify.write(worker_pb2.VerifyIn(open=opening))
+            await verify.write(opening(tokens[:-1], resume=True, generated=len(tokens) - len(prompt)))
             await verify.read()
             await verify.write(worker_pb2.VerifyIn(draft=worker_pb2.DraftLink(address=drafts.address)))
-            await draft.write(worker_pb2.DraftIn(step=worker_pb2.DraftStep(new_token_ids=new, max_nodes=4)))
-            tree = tree_from_proto((await draft.read()).tree)
-            [expected] = reference.propose([DraftRequest(0, tokens, 4, params, local.features)])
+            await verify.write(worker_pb2.VerifyIn(tree=tree_to_proto(chain(tokens[-1], []))))
+            step = await asyncio.wait_for(verify.read(), 30)
+            resumed = verifier.open(tokens[:-1], params, 0)
+            [prefilled] = verifier.prefill_part([resumed])
+            [expected] = reference.propose([DraftRequest(1, tokens, 4, params, prefilled.features)])
+            tree = trees[-1]
             assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
-            draft.cancel()
+            [local] = verifier.verify([resumed], [tree])
+            assert list(step.tokens) == local.tokens
             verify.cancel()
             for _ in range(100):
                 await asyncio.sleep(0.02)
-                if len(drafts.inboxes) == 0:
+                if len(drafts.inboxes) == 0 and drafts.live_sessions() == 0:
                     break
-            assert len(drafts.inboxes) == 0
+            assert len(drafts.inboxes) == drafts.live_sessions() == 0
 
     asyncio.run(scenario())
 

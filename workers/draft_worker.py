@@ -1,9 +1,9 @@
 """The draft pool's replica: a drafter with per-session state, drafting for many sessions at once.
 
-Per session the router streams the tokens accepted since the last round and gets back a token
-tree rooted at the new anchor; the target replica pushes the features of those tokens here itself
-(``Features``, workers/features.py), and a step waits for them. Requests that arrive together are
-proposed in one ``Drafter.propose`` call.
+Per session, its target replica streams the tokens accepted since the last drafted round and gets
+back a token tree rooted at the new anchor (workers/draft_stream.py); it pushes the features of
+those tokens here too (``Features``, workers/features.py), and a step waits for them. Requests that
+arrive together are proposed in one ``Drafter.propose`` call.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The features of the tokens a target replica verifies are the bulk of a round's bytes, and the
 drafter is the only reader. So the target replica pushes them to the session's draft replica
-itself, in chunks under the message cap, and the router carries tokens and trees only: it still
-decides placement, order and what happens when a replica is lost.
+itself, in chunks under the message cap, beside the draft stream it holds for the session
+(workers/draft_stream.py); the router still decides placement, order and what happens when a
+replica is lost.
 
 - :class:`FeaturePush` (target side, one per session): rows in position order, queued so that a
   verdict never waits for them; held until the router says where the drafter is
@@ -60,7 +61,7 @@ class FeaturePush:
     the session's next round undrafted: nothing reads them yet) wait for the next rows sent and
     go with them, so a session the gate keeps plain costs one message when it is drafted again,
     not one a round. A failed stream (the draft replica died, or its session ended) drops what
-    follows too: the router goes on without that drafter."""
+    follows too: the session goes on without that drafter."""
 
     _writing: ClassVar[set[asyncio.Task]] = set()  # the streams still being written, out of the GC's reach
 
@@ -193,17 +194,20 @@ class Inboxes:
 
     @contextlib.contextmanager
     def hold(self, session_id: str) -> Iterator[FeatureInbox]:
+        """The session's inbox; a new one where its draft stream has ended (the session goes on
+        from another target replica, which opens a draft stream of its own)."""
         inbox, holders = self._boxes.get(session_id, (None, 0))
-        inbox = inbox or FeatureInbox()
+        if inbox is None or inbox.closed:
+            inbox = FeatureInbox()
         self._boxes[session_id] = (inbox, holders + 1)
         try:
             yield inbox
         finally:
-            inbox, holders = self._boxes[session_id]
+            current, holders = self._boxes[session_id]
             if holders == 1:
                 del self._boxes[session_id]
             else:
-                self._boxes[session_id] = (inbox, holders - 1)
+                self._boxes[session_id] = (current, holders - 1)
 
     def __len__(self) -> int:
         return len(self._boxes)

@@ -3,7 +3,11 @@
 Each session takes a row of the verifier's paged KV cache, with its prompt's blocks, when its
 stream opens (RESOURCE_EXHAUSTED when no row or too few blocks are free) and gives them back when
 the stream ends, however it ends. A session whose round needs a block the cache no longer has is
-preempted (ABORTED): its router resumes it, from the prefix cache where its blocks are still there. Prefills and
+preempted (ABORTED): its router resumes it, from the prefix cache where its blocks are still there.
+
+The replica runs a session's rounds itself once the router sent the first: each round, drafted
+(its tree asked of the session's draft replica directly, workers/draft_stream.py) where the draft
+gate finds it pays, else the bare anchor; the router reads the verdicts. Prefills and
 verifications that arrive together run as one batched forward pass each (continuous batching),
 through two batchers: a pass that fails is retried call by call, and a prefill never shares a
 failure with a verification.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -26,15 +31,17 @@ from tandem.tree import TokenTree, chain
 from tandem.verifier import Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher, BusyClock
+from workers.draft_stream import DraftLost, DraftStream
 from workers.features import FeaturePush
 from workers.server import WorkerServer
 from workers.tls import InternalTls
 from workers.tp import LocalRanks, Ranks, RanksLost, RayRanks, ShardSpec
 from workers.wire import params_from_proto, step_to_proto, tree_from_proto
 
+log = logging.getLogger(__name__)
+
 # A verification: (row, tree, greedy, draft seconds); greedy: the session's target is greedy, which
-# frees the scheduler's ranking; draft seconds: what drafting the tree took the router (None: the
-# router did not ask the drafter).
+# frees the scheduler's ranking; draft seconds: what drafting the tree took (None: not drafted).
 Job = tuple[int, TokenTree, bool, float | None]
 # A verdict: the step, the row's room for drafts, and whether its next round is worth drafting.
 Verdict = tuple[Step, int, bool]
@@ -111,7 +118,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
     async def _verify(self, jobs: list[Job]) -> list[Verdict]:
         """One pass for the batch's trees, cut by the scheduler; each verdict also says whether
         the gate finds the session's next round worth drafting, at this batch's load, from the
-        offers of its earlier trees and what the router reported drafting took."""
+        offers of its earlier trees and what drafting them took."""
         rows, trees = [row for row, *_ in jobs], [tree for _, tree, *_ in jobs]
         if self.cost is None or self.gate is None:
             return [(step, room, True) for step, room in await self.ranks.call("verify", rows, trees)]
@@ -166,6 +173,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             except RanksLost as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             push = FeaturePush(opening.session_id, self.channel) if opening.want_features else None
+            drafts: DraftStream | None = None
             if opening.plain:
                 self._plain.add(row)
             try:
@@ -174,34 +182,44 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                 # may have died before it sent the last round's) and drops the rest.
                 features, skip_draft = step.features, not self._drafts_first(row)
                 verified = len(opening.prompt_ids)  # positions the pass added to the row
-                emitted = len(step.tokens)  # output tokens so far (a continued stream's count from here)
+                tokens = [*opening.prompt_ids, *step.tokens]  # the row's tokens, then the anchor
+                emitted = opening.generated or len(step.tokens)  # the stream's output tokens so far
                 # The first round is always the router's: its anchor is not the prefill's token
                 # when the session resumes or continues a stream.
-                continues = False
+                continues, lost, tree, draft_s = False, False, None, None
                 while True:
                     if push is not None:  # an undrafted next round reads none: they go with a later round's
                         push.add(features, verified, send=not skip_draft)
-                    reply = step_to_proto(step, room, self.capacity)
-                    reply.skip_draft, reply.continues = skip_draft, continues
-                    yield reply
+                    yield _verdict(step, room, self.capacity, skip_draft, continues, tree, draft_s, lost)
+                    lost = False
                     if continues:  # the round the router would send: the bare anchor
-                        job: Job = (row, chain(step.tokens[-1], []), params.greedy, None)
+                        tree, draft_s = chain(tokens[-1], []), None
                     else:
                         message = await anext(requests, None)
-                        while message is not None and message.HasField("draft"):  # where the features go
-                            if push is not None:
-                                push.link(message.draft.address)
+                        while message is not None and message.HasField("draft"):  # where the drafter is
+                            drafts, lost = await self._link(opening, message.draft.address, push, drafts)
                             message = await anext(requests, None)
                         if message is None:
                             break
-                        waited = message.draft_seconds if message.HasField("draft_seconds") else None
-                        job = (row, tree_from_proto(message.tree), params.greedy, waited)
+                        tree = tree_from_proto(message.tree)
+                        draft_s = message.draft_seconds if message.HasField("draft_seconds") else None
+                        tokens[-1] = tree.tokens[0]
+                    budget = min(opening.max_draft_nodes, room, params.max_tokens - emitted - 1)
+                    if drafts is not None and len(tree) == 1 and not skip_draft and budget > 0:
+                        try:
+                            tree, draft_s = await drafts.propose(tokens, budget)
+                        except DraftLost as exc:
+                            log.warning("session %s: drafter lost (%s); going on plain", opening.session_id, exc)
+                            drafts, lost = (await self._link(opening, "", push, drafts))[0], True
+                            self._plain.add(row)
+                    job: Job = (row, tree, params.greedy, draft_s)
                     step, room, draft = await self.verifies.submit(job, opening.group)
                     features, skip_draft, verified = step.features, not draft, len(step.tokens)
+                    tokens += step.tokens
                     emitted += verified
-                    # Plain rounds go on here, not through the router, while the sequence has room
+                    # Every round goes on here, not through the router, while the sequence has room
                     # and tokens left (past max_tokens or a stop the router just ends the stream).
-                    continues = (opening.plain or skip_draft) and room > 0 and emitted < params.max_tokens
+                    continues = room > 0 and emitted < params.max_tokens
             except NoRoom as exc:  # preempted: its blocks go back (its full ones stay cached), and
                 # the router resumes it (ABORTED is a lost replica to it) once blocks are free
                 await context.abort(grpc.StatusCode.ABORTED, f"session preempted, the KV cache is full: {exc}")
@@ -210,6 +228,8 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
             finally:  # also on cancellation: the row must come back
                 if push is not None:
                     push.close()
+                if drafts is not None:
+                    drafts.close()
                 self.calibration.forget(row)
                 self._room.pop(row, None)
                 self._plain.discard(row)
@@ -217,3 +237,43 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                     self.gate.forget(row)
                 with contextlib.suppress(RanksLost):
                     await asyncio.shield(self.ranks.call("close", row))
+
+    async def _link(
+        self, opening: worker_pb2.VerifyOpen, address: str, push: FeaturePush | None, drafts: DraftStream | None
+    ) -> tuple[DraftStream | None, bool]:
+        """The session's drafter from now on: the draft replica at ``address`` (its stream open),
+        or none (``""``); and whether one that was asked for is lost (it could not be opened)."""
+        if drafts is not None:
+            drafts.close()
+        if push is not None:
+            push.link(address)
+        if not address:
+            return None, False
+        opened = worker_pb2.DraftOpen(session_id=opening.session_id, params=opening.params, group=opening.group)
+        drafts = DraftStream(self.channel(address), opened, opening.draft_timeout_s)
+        try:
+            await drafts.open()
+        except DraftLost as exc:
+            log.warning("session %s: drafter at %s lost (%s); going on plain", opening.session_id, address, exc)
+            return (await self._link(opening, "", push, None))[0], True
+        return drafts, False
+
+
+def _verdict(
+    step: Step,
+    room: int,
+    capacity: int,
+    skip_draft: bool,
+    continues: bool,
+    tree: TokenTree | None,
+    draft_s: float | None,
+    lost: bool,
+) -> worker_pb2.VerifyOut:
+    """A round's reply to the router: the step, what the replica does next, how it was drafted."""
+    reply = step_to_proto(step, room, capacity)
+    reply.skip_draft, reply.continues, reply.drafter_lost = skip_draft, continues, lost
+    if tree is not None:
+        reply.drafted = len(tree) - 1
+    if draft_s is not None:
+        reply.draft_seconds = draft_s
+    return reply
