@@ -114,7 +114,9 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
     plain row is the first cluster's (each drafter's ratios are to its own cluster's plain). Each
     pass over the prompts gets a fresh cluster, as the in-process passes get fresh engines: a
     draft replica remembers what it served (the suffix drafter's shared trie), and a second pass
-    over the same prompts would draft from the first pass's outputs."""
+    over the same prompts would draft from the first pass's outputs. The prefix cache is off: of
+    two methods decoding a chunk in turn, the second would find its prompts cached and skip the
+    prefill (which made the methods that went first look slower end to end at 16 and 32 streams)."""
     from ray import serve
     from serve import local_config
 
@@ -124,7 +126,7 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
     runs: dict[str, list[dict]] = defaultdict(lambda: [{} for _ in range(args.repeats)])
     for method in args.methods[1:]:
         served = drafter_name(method, args.model)
-        config = local_config(argparse.Namespace(**{**vars(args), "drafter": served}), max(args.batch))
+        config = local_config(argparse.Namespace(**{**vars(args), "drafter": served}), max(args.batch), False)
         for batch in args.batch:
             chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             for run in runs[str(batch)]:

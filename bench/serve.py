@@ -74,7 +74,7 @@ def add_cluster_args(parser: argparse.ArgumentParser, benchmarks: str, limit: in
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the target replica (and the engine)")
 
 
-def local_config(args: argparse.Namespace, sessions: int) -> ClusterConfig:
+def local_config(args: argparse.Namespace, sessions: int, prefix_caching: bool = True) -> ClusterConfig:
     """A cluster on free loopback ports: the target replica gets ``args.threads`` torch threads,
     each pool room for ``sessions`` live sessions."""
     room = {"max_ongoing_requests": sessions}
@@ -86,7 +86,7 @@ def local_config(args: argparse.Namespace, sessions: int) -> ClusterConfig:
         http_address=f"127.0.0.1:{_free_port()}",
         ray={"num_cpus": args.threads + 1},
         draft={"drafter": args.drafter, "num_cpus": 0.5, "max_draft_nodes": MAX_DRAFT_NODES, **room},
-        target={"num_cpus": args.threads, "torch_threads": args.threads, **room},
+        target={"num_cpus": args.threads, "torch_threads": args.threads, "prefix_caching": prefix_caching, **room},
     )
 
 
