@@ -53,18 +53,25 @@ class Measured(Drafter):
             feature_bytes = features.ByteSize() if features is not None else 0
             direct = sum(c.ByteSize() for c in chunks("0" * 32, 0, request.features)) if feature_bytes else 0
             step = worker_pb2.DraftStep(new_token_ids=request.token_ids[-1:], max_nodes=request.max_nodes)
+            # a verdict as large as a typical one: two tokens (tau about 2) and the round's counts
+            verdict = worker_pb2.VerifyOut(
+                tokens=tree.tokens[:2], accepted=1, room=1024, capacity=2048, kv_blocks=16.0, continues=True,
+                drafted=len(tree) - 1, draft_seconds=0.003,
+            )  # fmt: skip
             dense = worker_pb2.Tree(tokens=tree.tokens, parents=tree.parents, survival=tree.survival or [])
             if tree.draft_probs is not None:
                 dense.draft_probs.CopyFrom(tensor_to_proto(tree.draft_probs))
-            # before: draft in + tree out + tree in + verdict out (a step's size each), all via the
-            # router; now the target replica sends the step and gets the tree, the router the verdict
+            # before, all through the router: the step in and the tree out of the draft call, the
+            # tree in and the verdict out of the verify call; now the target replica sends the step
+            # and gets the tree, and the router reads the verdict
             self.rounds.append(
                 {
                     "features_via_router": 2 * feature_bytes,
                     "features_direct": direct,
                     "tree_before": 2 * dense.ByteSize(),
                     "tree_after": tree_to_proto(tree).ByteSize(),
-                    "other": 2 * step.ByteSize(),
+                    "step": step.ByteSize(),
+                    "verdict": verdict.ByteSize(),
                 }
             )
         return trees
@@ -91,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             params = [SamplingParams(temperature, max_tokens=args.max_tokens, seed=i) for i in range(len(prompts))]
             engine.generate([Request(p, s) for p, s in zip(prompts, params)])
             per_round = {key: statistics.mean(r[key] for r in measured.rounds) for key in measured.rounds[0]}
-            router_before = per_round["features_via_router"] + per_round["tree_before"] + per_round["other"]
-            router_after = per_round["other"] / 2  # the verdict
+            control = per_round["step"] + per_round["verdict"]
+            router_before = per_round["features_via_router"] + per_round["tree_before"] + control
+            router_after = per_round["verdict"]
             before = router_before
-            after = per_round["tree_after"] + per_round["other"] + per_round["features_direct"]
+            after = per_round["tree_after"] + control + per_round["features_direct"]
             results[f"{name} T={temperature:g}"] = {
                 "rounds": len(measured.rounds),
                 "bytes_per_round_before": round(before),
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(
                 f"{name} T={temperature:g}: {before / 1e3:.1f} kB -> {after / 1e3:.1f} kB a round, "
-                f"through the router {router_before / 1e3:.1f} kB -> {router_after / 1e3:.1f} kB",
+                f"through the router {router_before:.0f} B -> {router_after:.0f} B",
                 file=sys.stderr,
             )
     meta = {**machine_info(torch.get_num_threads(), "bfloat16"), "model": str(args.model), "prompts": len(prompts)}
