@@ -38,6 +38,12 @@ def with_seed(params: SamplingParams) -> SamplingParams:
     return params if params.seed is not None else replace(params, seed=random.getrandbits(63))
 
 
+def draft_budget(max_nodes: int, room: int, max_tokens: int, generated: int) -> int:
+    """Draft nodes a round may take: the anchor plus every node must fit in the cache (``room``),
+    and drafting past max_tokens is wasted work (the bonus token always comes on top)."""
+    return max(0, min(max_nodes, room, max_tokens - generated - 1))
+
+
 @dataclass
 class SequenceState:
     seq_id: int  # unique among live sequences of one drafter: it keys the drafter's state
@@ -81,13 +87,8 @@ class SequenceState:
         return self.token_ids[self.prompt_len :]
 
     def draft_request(self, max_nodes: int, room: int) -> DraftRequest:
-        """The next round's request; it hands over (and forgets) the features gathered so far.
-
-        The anchor plus every draft node must fit in the cache (``room``), and drafting past
-        max_tokens is wasted work (the bonus token always comes on top).
-        """
-        left = self.params.max_tokens - len(self.output) - 1
-        budget = max(0, min(max_nodes, room, left))
+        """The next round's request; it hands over (and forgets) the features gathered so far."""
+        budget = draft_budget(max_nodes, room, self.params.max_tokens, len(self.output))
         request = DraftRequest(self.seq_id, self.token_ids, budget, self.params, self.features)
         self.features = None
         return request

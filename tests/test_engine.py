@@ -19,6 +19,7 @@ from tandem.engine import Engine, Request
 from tandem.errors import InvalidRequest
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams, target_probs
+from tandem.sequence import draft_budget
 from tandem.tokenizer import Detokenizer, IncrementalDecoder
 from tandem.tree import TokenTree, chain, from_paths
 from tandem.verifier import Verifier
@@ -394,6 +395,21 @@ def test_a_row_near_its_context_end_does_not_fail_its_batch(tiny_model):
 
     together = steps([0, 1])
     assert [s.tokens for s in together] == [steps([0])[0].tokens, steps([1])[0].tokens]
+
+
+@pytest.mark.parametrize(
+    ("max_nodes", "room", "max_tokens", "generated", "budget"),
+    [
+        (16, 40, 64, 0, 16),  # the drafter's own limit
+        (16, 5, 64, 0, 5),  # the cache row's room
+        (16, 40, 64, 60, 3),  # 4 tokens left: 3 drafts plus the bonus token
+        (16, 40, 64, 63, 0),  # the last token is the bonus: nothing to draft
+        (16, 0, 64, 0, 0),  # a full row
+    ],
+)
+def test_the_draft_budget_never_overruns_the_row_or_the_request(max_nodes, room, max_tokens, generated, budget):
+    """One budget for the engine and the target replica; it never drafts what cannot be kept."""
+    assert draft_budget(max_nodes, room, max_tokens, generated) == budget
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import grpc
 from tandem.calibration import SurvivalCalibration
 from tandem.errors import InvalidRequest, NoRoom
 from tandem.scheduler import DraftGate, PassCost, schedule
+from tandem.sequence import draft_budget
 from tandem.tree import TokenTree, chain
 from tandem.verifier import Step
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
@@ -204,7 +205,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                         tree = tree_from_proto(message.tree)
                         draft_s = message.draft_seconds if message.HasField("draft_seconds") else None
                         tokens[-1] = tree.tokens[0]
-                    budget = min(opening.max_draft_nodes, room, params.max_tokens - emitted - 1)
+                    budget = draft_budget(opening.max_draft_nodes, room, params.max_tokens, emitted)
                     if drafts is not None and len(tree) == 1 and not skip_draft and budget > 0:
                         try:
                             tree, draft_s = await drafts.propose(tokens, budget)
