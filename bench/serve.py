@@ -11,8 +11,10 @@ that remembers what it served (the suffix drafter's shared trie) drafts neither 
 measurement's outputs nor from a twin stream's.
 
 - single stream: tokens/s of each side prompt by prompt, and the router's overhead per target pass;
-- N streams (``--concurrency``): aggregate tokens/s of the cluster vs the engine at batch N, and
-  the share of the cluster run each pool spent running batches (busy: both at once is overlap).
+- N streams (``--concurrency``): aggregate tokens/s of the cluster vs the engine at batch N, the
+  share of the cluster run each pool spent running batches (busy: both at once is overlap), and
+  the cores each process used on average on each side (``cores_target``, ``cores_router``,
+  ``cores_draft``, ``cores_bench``: the clients or the engine, ``cores_other``: Ray's own).
 
 ``--config FILE`` runs the cluster from a config file as it is (ports aside), e.g.
 ``configs/local.yaml``: what a user gets out of the box, against the engine at ``--threads``.
@@ -30,6 +32,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import platform
 import socket
 import statistics
@@ -41,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+import psutil
 import torch
 from decode import MAX_DRAFT_NODES, Prompt, load_prompts, warmup_prompt, write_json
 
@@ -163,18 +167,20 @@ def concurrent(
     params = SamplingParams(max_tokens=args.max_tokens)
 
     def engine_run() -> dict:
-        start_s = time.perf_counter()
+        cpu, start_s = cpu_seconds(), time.perf_counter()
         results = engine.generate([Request(p.ids, params) for p in jobs])
-        return {"seconds": time.perf_counter() - start_s, "outputs": [r.token_ids for r in results]}
+        seconds = time.perf_counter() - start_s
+        return {"seconds": seconds, "outputs": [r.token_ids for r in results], **cores(cpu, seconds)}
 
     def cluster_run() -> dict:
         busy = pool_busy_seconds(config)
-        start_s = time.perf_counter()
+        cpu, start_s = cpu_seconds(), time.perf_counter()
         with ThreadPoolExecutor(streams) as pool:
             outputs = list(pool.map(lambda p: generate(channel, _cluster_request(p, args), timeout=1800), jobs))
         seconds = time.perf_counter() - start_s
+        used = cores(cpu, seconds)
         shares = {f"{name}_busy": (s - busy[name]) / seconds for name, s in pool_busy_seconds(config).items()}
-        return {"seconds": seconds, "outputs": [list(o.token_ids) for o in outputs], **shares}
+        return {"seconds": seconds, "outputs": [list(o.token_ids) for o in outputs], **shares, **used}
 
     figures = {}
     for side, run in [("engine", engine_run), ("cluster", cluster_run)][:: 1 if streams % 2 else -1]:
@@ -187,8 +193,39 @@ def concurrent(
         "cluster_vs_engine": figures["cluster"]["tok_s"] / figures["engine"]["tok_s"],
         "draft_busy": figures["cluster"].get("draft_busy", 0.0),
         "target_busy": figures["cluster"]["target_busy"],
+        **{f"engine_{k}": v for k, v in figures["engine"].items() if k.startswith("cores_")},
+        **{f"cluster_{k}": v for k, v in figures["cluster"].items() if k.startswith("cores_")},
         "identical_outputs": sum(a == b for a, b in zip(figures["engine"]["outputs"], figures["cluster"]["outputs"])),
     }
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's role and CPU seconds so far (user + system, all its threads)."""
+    from cluster.app import APP_NAME
+
+    replica = f"ServeReplica:{APP_NAME}:"
+    used = {}
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        command, times = " ".join(process.info["cmdline"] or []), process.info["cpu_times"]
+        if times is None:
+            continue
+        if process.info["pid"] == os.getpid():
+            role = "bench"  # the engine, or the cluster's clients
+        elif replica in command:
+            role = command.split(replica, 1)[1].split()[0].lower()  # target, draft, router
+        else:
+            role = "other"  # Ray's own processes (raylet, GCS, Serve's controller and proxy), the rest
+        used[process.info["pid"]] = (role, times.user + times.system)
+    return used
+
+
+def cores(before: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
+    """Cores each role used on average since ``before`` (a :func:`cpu_seconds`), over ``seconds``:
+    on one machine, what the router, the clients and Ray take is what the target replica lacks."""
+    totals: dict[str, float] = {}
+    for pid, (role, now) in cpu_seconds().items():
+        totals[role] = totals.get(role, 0.0) + now - before.get(pid, (role, 0.0))[1]
+    return {f"cores_{role}": used / seconds for role, used in sorted(totals.items())}
 
 
 def pool_busy_seconds(config: ClusterConfig) -> dict[str, float]:
