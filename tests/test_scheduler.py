@@ -25,6 +25,7 @@ from tandem.scheduler import (
     schedule,
 )
 from tandem.tree import TokenTree, chain
+from tandem.verifier import Verifier
 from tests.tiny_models import build_tiny
 
 
@@ -232,6 +233,30 @@ def test_profile_is_measured_once_and_cached(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(profile, "measure", no_measuring)
     assert profile.load_or_measure(tiny, "tiny-llama") == first
     assert json.loads(path.read_text())["machine"] == profile.machine_id()
+
+
+def test_a_slow_spell_falls_on_every_cell_of_the_profile_alike(tiny, monkeypatch):
+    """A shared machine slows down for a while: passes in the spell take 3x. The profile's cells
+    are measured in sweeps, a pass of each per sweep, so a spell no longer than a sweep slows at
+    most two of a cell's five passes, and the medians keep the true ratios between widths (here a
+    pass costs batch x width ms). Measured cell by cell, it would triple one or two cells."""
+    clock, passes = [0.0], [0]
+    verify = Verifier.verify
+
+    def timed_verify(self, rows, trees):
+        passes[0] += 1
+        spell = 3.0 if 9 <= passes[0] < 15 else 1.0  # 6 passes in a row, one sweep's worth
+        clock[0] += spell * len(rows) * max(len(t) for t in trees) * 1e-3
+        return verify(self, rows, trees)
+
+    monkeypatch.setattr(Verifier, "verify", timed_verify)
+    monkeypatch.setattr(profile, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    cost = profile.measure(tiny, batches=(1, 2), widths=(1, 3, 9), repeats=5, long_cells=())
+    assert passes[0] == 6 * (1 + 5)  # a warm-up pass and five measured ones per cell
+    assert [list(row) for row in cost.seconds] == [
+        pytest.approx([1e-3, 3e-3, 9e-3]),
+        pytest.approx([2e-3, 6e-3, 18e-3]),
+    ]
 
 
 class _Overconfident(Drafter):
