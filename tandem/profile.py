@@ -76,7 +76,8 @@ def measure(
     changes every sweep: a slow spell of a shared machine then falls on every cell alike, not on
     the few measured during it, and the gate decides by the cells' ratios (a wide pass against
     a plain one). Between three profiles of one machine those ratios moved by 13 % (median; 46 %
-    at most) measured cell by cell, 5 passes each; in 11 sweeps, by 2.3 % (5.9 % at most)."""
+    at most) measured cell by cell, 5 passes each; in 11 sweeps, by 3.0 % (6.5 % at most:
+    ``bench/profile_spread.py``)."""
     g = torch.Generator(device=HOST).manual_seed(0)
     vocab = model.config.vocab_size
     long = min(LONG_CONTEXT, model.config.max_position - max(widths) - 1)
