@@ -113,14 +113,15 @@ def test_pushed_features_arrive_in_order_held_until_the_link(receiver_scenario) 
 
 def test_features_of_undrafted_rounds_wait_and_go_as_one_message(receiver_scenario) -> None:
     """Rows added with ``send=False`` (the gate left the next round undrafted) stay on the target
-    replica and go with the next rows sent, joined into one chunk per run of positions."""
+    replica, a link in between too, and go with the next rows sent, joined into one chunk per
+    run of positions."""
     prompt, rounds = torch.randn(6, 4), [torch.randn(n, 4) for n in (1, 2, 1)]
 
     async def scenario(receiver: Receiver, address: str, channel) -> None:
         with receiver.inboxes.hold("s") as inbox:
             push = FeaturePush("s", channel)
-            push.link(address)
-            push.add(prompt, 6, send=False)
+            push.add(prompt, 6, send=False)  # the gate leaves the first round undrafted
+            push.link(address)  # where the drafter is: what is held stays held
             push.add(rounds[0], 1, send=False)
             assert push._queue.empty() and len(push._waiting) == 2  # nothing written yet
             push.add(None, 3, send=False)  # a gap: the run restarts after it

@@ -59,9 +59,10 @@ class FeaturePush:
     stream. Rows that come before the first :meth:`link` wait for it; after ``link("")`` (the
     session has no drafter now) they are dropped. Rows added with ``send=False`` (the gate left
     the session's next round undrafted: nothing reads them yet) wait for the next rows sent and
-    go with them, so a session the gate keeps plain costs one message when it is drafted again,
-    not one a round. A failed stream (the draft replica died, or its session ended) drops what
-    follows too: the session goes on without that drafter."""
+    go with them, a link in between included, so a session the gate keeps plain costs one
+    message when it is drafted again, not one a round, and none while it never is. A failed
+    stream (the draft replica died, or its session ended) drops what follows too: the session
+    goes on without that drafter."""
 
     _writing: ClassVar[set[asyncio.Task]] = set()  # the streams still being written, out of the GC's reach
 
@@ -73,6 +74,7 @@ class FeaturePush:
         self._channel, self._chunk_bytes = channel, chunk_bytes or CHUNK_BYTES
         self._waiting: list[tuple[int, torch.Tensor]] = []  # rows not queued yet: (first position, rows)
         self._linked = False  # told where the drafter is, at least once
+        self._holding = False  # the last rows were added with send=False: nothing reads them yet
         self._queue: asyncio.Queue[worker_pb2.FeatureChunk | None] | None = None
         self._address: str | None = None
 
@@ -82,6 +84,7 @@ class FeaturePush:
         if rows is not None and len(rows) and (self._queue is not None or not self._linked):
             self._waiting.append((self.position, rows))
         self.position += count
+        self._holding = not send
         if send:
             self._send()
 
@@ -99,7 +102,8 @@ class FeaturePush:
         task = asyncio.create_task(self._write(address, queue))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
-        self._send()
+        if not self._holding:
+            self._send()
 
     def _send(self) -> None:
         """Queue the waiting rows: each run of consecutive positions in chunks under the cap."""
