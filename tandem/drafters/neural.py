@@ -299,12 +299,15 @@ class DraftModel(nn.Module):
         return (normed @ self.head.to(hidden.dtype).T).float()
 
     def use_exact_kernels(self, kernels: ExactKernels) -> None:
-        """Run the drafter's linears and draft LM head on the packed kernels (for speed: a bf16
-        block of γ tokens through oneDNN costs about γ one-token passes on this CPU). Inference
-        only: the kernels have no backward."""
+        """Run the drafter's linears, norms and draft LM head on the packed kernels (for speed: a
+        bf16 block of γ tokens through oneDNN costs about γ one-token passes on this CPU, and a
+        norm in torch ops costs five of their calls). Inference only: the kernels have no
+        backward."""
         for module in self.modules():
             if isinstance(module, Linear) and module is not self.lm_head:
                 module.pack(kernels)
+            elif isinstance(module, RMSNorm):
+                module.kernels = kernels
         self.kernels, self.packed_head = kernels, kernels.pack(self.head)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
