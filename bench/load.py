@@ -136,7 +136,8 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
                     with grpc.insecure_channel(config.address) as channel:
                         for drafter in ("none", served):  # warm both paths up
                             _cluster_chunk(channel, [warmup], params, drafter)
-                        summary = _cluster_run(channel, chunks, params, served)
+                        metrics = f"http://{config.http_address}/metrics"
+                        summary = _cluster_run(channel, chunks, params, served, metrics)
                 finally:
                     serve.shutdown()
                 run.setdefault("plain", summary["plain"])
@@ -144,18 +145,45 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
     return {batch: _median(repeats) for batch, repeats in runs.items()}
 
 
-def _cluster_run(channel: grpc.Channel, chunks: list, params: SamplingParams, method: str) -> dict:
-    """One pass over the chunks by plain decoding and ``method``, taking turns per chunk."""
+def _cluster_run(channel: grpc.Channel, chunks: list, params: SamplingParams, method: str, metrics: str) -> dict:
+    """One pass over the chunks by plain decoding and ``method``, taking turns per chunk; with
+    each method's rounds (drafted or not, from the router's ``metrics``) and the CPU seconds each
+    process used: on a shared machine, CPU per token tells costs apart that tok/s, moving by
+    several percent between passes, cannot."""
+    from serve import cpu_seconds, cpu_used
+
     totals = {m: defaultdict(float) for m in ("plain", method)}
     outputs: dict[str, list[list[int]]] = {"plain": [], method: []}
     order = ["plain", method]
     for chunk in tqdm(chunks, desc=f"{method}, {len(chunks[0])} streams", unit="chunk"):
         order = order[::-1]  # who goes first alternates
         for m in order:
+            cpu, rounds = cpu_seconds(), _rounds(metrics)
             tokens, *times = _cluster_chunk(channel, chunk, params, "none" if m == "plain" else method)
             _count(totals[m], chunk, tokens, *times)
             outputs[m] += tokens
+            for role, used in cpu_used(cpu).items():
+                totals[m][f"cpu:{role}"] += used
+            for name, count in _rounds(metrics).items():
+                totals[m][name] += count - rounds[name]
     return _summary(totals, outputs, dict.fromkeys(totals))
+
+
+def _rounds(metrics: str) -> dict[str, float]:
+    """The cluster's verification rounds so far, and of those the drafted ones (the drafter asked)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(urlopen(metrics, timeout=30).read().decode())
+        for s in family.samples
+    }
+    return {
+        "rounds": samples.get("tandem:spec_decode_num_rounds_total", 0.0),
+        "drafted_rounds": samples.get("tandem:round_draft_seconds_count", 0.0),
+    }
 
 
 def _cluster_chunk(
@@ -232,6 +260,13 @@ def _summary(totals: dict, outputs: dict, drafters: dict) -> dict:
         d = drafters[m]
         if d is not None:
             row["drafted_round_share"] = round(d.drafted_rounds / max(d.rounds, 1), 3)
+        if t.get("rounds"):  # through the cluster
+            row["drafted_round_share"] = round(t["drafted_rounds"] / t["rounds"], 3)
+            row |= {
+                f"cpu_ms_per_token_{k.removeprefix('cpu:')}": round(1000 * v / t["tokens"], 3)
+                for k, v in sorted(t.items())
+                if k.startswith("cpu:")
+            }
         if d is not None and d.gate is not None:
             row["draft_ms_per_sequence"] = round(d.gate.draft_cost(1) * 1000, 2)
         out[m] = row
@@ -283,6 +318,24 @@ def write(results: dict, meta: dict, out: Path) -> str:
                 f"{r['end_to_end_x_plain']:.2f}×) {r['equal_to_plain']}/{r['sequences']}"
             )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "cpu_ms_per_token_target" in results[batches[0]]["plain"]:
+        lines += [
+            "",
+            "Through the cluster: share of rounds drafted; CPU ms per token of the target replica, and of "
+            "every other process (router, draft replica, clients, Ray) together.",
+            "",
+            "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
+            "|---|" + "---|" * len(batches),
+        ]
+        for m in results[batches[0]]:
+            cells = []
+            for b in batches:
+                r = results[b][m]
+                prefix = "cpu_ms_per_token_"
+                cpu = {k.removeprefix(prefix): v for k, v in r.items() if k.startswith(prefix)}
+                target = cpu.pop("target")
+                cells.append(f"{r['drafted_round_share']:.1%}; {target:.2f}, {sum(cpu.values()):.2f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for d, best in thresholds.items():
         if best:
             cells = ", ".join(f"batch {b}: {x:.2f}×" for b, x in best["decode_x_plain"].items())

@@ -219,13 +219,18 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return used
 
 
-def cores(before: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
-    """Cores each role used on average since ``before`` (a :func:`cpu_seconds`), over ``seconds``:
-    on one machine, what the router, the clients and Ray take is what the target replica lacks."""
+def cpu_used(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role used since ``before`` (a :func:`cpu_seconds`)."""
     totals: dict[str, float] = {}
     for pid, (role, now) in cpu_seconds().items():
         totals[role] = totals.get(role, 0.0) + now - before.get(pid, (role, 0.0))[1]
-    return {f"cores_{role}": used / seconds for role, used in sorted(totals.items())}
+    return totals
+
+
+def cores(before: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
+    """Cores each role used on average since ``before`` (a :func:`cpu_seconds`), over ``seconds``:
+    on one machine, what the router, the clients and Ray take is what the target replica lacks."""
+    return {f"cores_{role}": used / seconds for role, used in sorted(cpu_used(before).items())}
 
 
 def pool_busy_seconds(config: ClusterConfig) -> dict[str, float]:
