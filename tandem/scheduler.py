@@ -265,8 +265,13 @@ class DraftGate:
             batch = len(keys)
             chosen = self._paying(keys, room, context)
             # Probes cost at most PROBE_BUDGET of a plain pass per round: each sequence is probed
-            # every `interval` rounds, a share of the batch at a time (longest idle first).
-            interval = self.draft_cost(1) * batch / (PROBE_BUDGET * self.cost(batch, 1, context))
+            # every `interval` rounds, a share of the batch at a time (longest idle first). A probe
+            # costs its drafting and, in a round that drafts nothing else, the pass it widens (to
+            # two tokens at least): for a drafter that costs next to nothing (the suffix tries),
+            # the widening is most of it, and without it every sequence was probed every round.
+            plain = self.cost(batch, 1, context)
+            widening = 0.0 if chosen else self.cost(batch, 2, context) - plain
+            interval = (self.draft_cost(1) + widening) * batch / (PROBE_BUDGET * plain)
             interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)))
             due = sorted((-self._idle.get(keys[i], 0), i) for i in open_ if i not in chosen)
             due = [i for idle, i in due if 1 - idle >= interval][: math.ceil(len(open_) / interval)]
@@ -326,7 +331,10 @@ class ScheduledDrafter(Drafter):
 
     A sequence left out keeps its new target features here; they go to the drafter with its
     next drafted round, which catches its state up in one step (the suffix drafter reads the
-    tokens it missed from the request), so leaving a sequence out costs the drafter nothing."""
+    tokens it missed from the request), so leaving a sequence out costs the drafter nothing.
+    Its prompt's features wait here too, and go to the drafter in a call of their own before
+    its first drafted round, outside that round's timing: the gate prices rounds, and a prompt
+    is taken in once."""
 
     def __init__(
         self,
@@ -345,6 +353,8 @@ class ScheduledDrafter(Drafter):
         self.rounds = self.drafted_rounds = 0  # rounds asked for, and rounds the drafter was called
         self._sent: dict[int, tuple[TokenTree, int]] = {}  # seq_id -> (tree verified, tokens known then)
         self._held: dict[int, list[torch.Tensor]] = {}  # seq_id -> target features the drafter has not seen
+        self._prompts: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> its first request's tokens, features
+        self._seen: set[int] = set()  # sequences asked for before
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[TokenTree]:
         greedy = [r.params.greedy for r in requests]
@@ -353,17 +363,18 @@ class ScheduledDrafter(Drafter):
                 sent = self._sent.pop(r.seq_id, None)
                 if sent is not None:
                     self.calibration.observe(r.seq_id, sent[0], r.token_ids[sent[1] :])
+        requests = [self._set_prompt_aside(r) for r in requests]
         chosen = self._choose(requests)
         trees = [chain(r.token_ids[-1], []) for r in requests]
         for i, r in enumerate(requests):
             if i not in chosen:
                 self._hold(r.seq_id, r.features)
         self.rounds += 1
+        asked = self._catch_up([requests[i] for i in chosen])
         if not chosen:
             return trees
         self.drafted_rounds += 1
         start = time.perf_counter()
-        asked = [self._with_held(requests[i]) for i in chosen]
         for i, r, tree in zip(chosen, asked, self.inner.propose(asked)):
             if self.calibration is not None:
                 tree = self.calibration.apply(r.seq_id, tree, greedy[i])
@@ -394,25 +405,48 @@ class ScheduledDrafter(Drafter):
         if features is not None:
             self._held.setdefault(seq_id, []).append(features)
 
-    def _with_held(self, request: DraftRequest) -> DraftRequest:
-        """``request`` with the features held back since the sequence was last drafted (joined
-        once, here, not every round)."""
-        held = self._held.pop(request.seq_id, [])
-        if not held:
+    def _set_prompt_aside(self, request: DraftRequest) -> DraftRequest:
+        """A sequence's first request without its features (the prompt's), which wait for its first
+        drafted round (:meth:`_catch_up`); later requests as they are."""
+        if request.seq_id in self._seen:
             return request
-        return replace(request, features=torch.cat([*held, *_present(request.features)]))
+        self._seen.add(request.seq_id)
+        if request.features is not None and len(request.features):
+            self._prompts[request.seq_id] = (len(request.token_ids), request.features)
+        return replace(request, features=None)
+
+    def _catch_up(self, requests: list[DraftRequest]) -> list[DraftRequest]:
+        """Give the drafter each sequence's prompt features (those of its first request) in one
+        call that drafts nothing (no nodes asked), and return the requests with the features held
+        since the sequence was last drafted joined to their own. Timed with a round, DSpark's
+        prompt (taken in on its first drafted round) cost about ten of its rounds, and the gate,
+        judging every round by it, found it too dear to draft at all; the held rows stay in the
+        round's time, as what drafting a sequence again after a pause costs."""
+        caught, prompts = [], []
+        for r in requests:
+            prompt = self._prompts.pop(r.seq_id, None)
+            if prompt is not None:  # the features of the first request's token_ids[:-1]
+                count, rows = prompt
+                prompts.append(replace(r, token_ids=r.token_ids[:count], features=rows, max_nodes=0))
+            held = [*self._held.pop(r.seq_id, []), *_present(r.features)]
+            caught.append(replace(r, features=torch.cat(held) if len(held) > 1 else (held or [None])[0]))
+        if prompts:
+            self.inner.propose(prompts)
+        return caught
 
     def release(self, seq_id: int) -> None:
         self.inner.release(seq_id)
         for kept in (self._sent, self._held):
             kept.pop(seq_id, None)
+        self._prompts.pop(seq_id, None)
+        self._seen.discard(seq_id)
         if self.gate is not None:
             self.gate.forget(seq_id)
         if self.calibration is not None:
             self.calibration.forget(seq_id)
 
     def held(self) -> int:
-        mine = max(len(self._sent), len(self._held), self.gate.held() if self.gate else 0)
+        mine = max(len(self._sent), len(self._held), len(self._seen), self.gate.held() if self.gate else 0)
         return max(self.inner.held(), mine, self.calibration.held() if self.calibration else 0)
 
 

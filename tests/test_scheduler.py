@@ -104,13 +104,27 @@ def test_the_gate_learns_from_one_sequence_then_judges_new_ones_by_the_mean_offe
     gate = DraftGate(_linear(0.0, 1.0))  # every token costs a pass: the mean offer pays nothing
     gate.choose(keys, [8] * 16, context=10)
     gate.offered(0, chain(5, [1, 2], survival=[0.9, 0.8]), greedy=True)
-    gate.draft_cost.observe(1, 0.5)  # probes are then due every 25 rounds (2 % of a plain pass)
+    gate.draft_cost.observe(1, 0.5)  # probes, at 2 % of a plain pass, are then far apart
     assert gate.choose(keys, [8] * 16, context=10) == set()
     gate = DraftGate(_linear(0.0, 1.0))  # trees without survival (n-gram) give nothing to judge by
     assert gate.first_round(0, keys, [8] * 16, context=10)  # nothing known yet: draft to learn
     gate.choose(keys, [8] * 16, context=10)
     gate.offered(0, chain(5, [1, 2]), greedy=True)
     assert gate.choose(keys, [8] * 16, context=10) == set(keys)
+
+
+def test_a_probe_is_priced_with_the_pass_it_widens():
+    """A drafter that costs nothing (the suffix tries) is still probed within the budget: a
+    probe in a round that drafts nothing else widens the whole batch's pass, so with a pass of
+    1.4 and a widened one of 1.8 (batch 4) each sequence is probed about every 57 rounds, not
+    every round (as when only drafting counted)."""
+    gate = DraftGate(_linear(1.0, 0.1, batches=(4,)))
+    keys = list(range(4))
+    gate.choose(keys, [8] * 4, context=10)
+    gate.offered(0, chain(5, [1], survival=[0.01]), greedy=True)  # an offer that never pays
+    gate.draft_cost.observe(1, 0.0)
+    probes = [len(gate.choose(keys, [8] * 4, context=10)) for _ in range(60)]
+    assert 1 <= sum(probes) <= 8, probes
 
 
 def test_a_new_sequences_first_round_is_gated_like_any_round():
@@ -283,3 +297,68 @@ def test_the_scheduler_stops_verifying_what_never_survives(tiny):
     # and in the first round, where the gate, knowing no offer yet, drafts one sequence)
     assert drafted[False] >= 3 * (sum(r.stats.rounds for r in runs[False]) - 2 * len(prompts) + 1)
     assert drafted[True] < drafted[False] / 3  # calibrated: the scheduler soon stops
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _Absorbing(Drafter):
+    """Takes a second of the fake clock per target feature row it is given; records its calls as
+    (sequence, tokens, nodes asked, feature rows)."""
+
+    name, feature_layers = "absorbing", (0,)
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock, self.calls = clock, []
+
+    def propose(self, requests):
+        rows = [0 if r.features is None else len(r.features) for r in requests]
+        self.calls.append([(r.seq_id, len(r.token_ids), r.max_nodes, n) for r, n in zip(requests, rows)])
+        self.clock.now += sum(rows)
+        return [chain(r.token_ids[-1], []) for r in requests]
+
+
+class _Chosen(ScheduledDrafter):
+    """Drafts the sequences the test names for each round (gate kept: its draft cost is read)."""
+
+    def __init__(self, inner: Drafter, rounds: list[set[int]]) -> None:
+        super().__init__(inner, _linear(1.0, 0.0), calibrate=False)
+        self.plan = rounds
+
+    def _choose(self, requests):
+        return {i for i, r in enumerate(requests) if r.seq_id in self.plan[self.rounds]}
+
+
+def test_a_prompt_is_taken_in_by_a_call_of_its_own_and_not_priced_as_a_round(monkeypatch):
+    """A sequence's prompt features (its first request's) go to the drafter before its first
+    drafted round, in a call asking for no nodes; the round's call brings the round's features
+    (with those held over rounds the sequence sat out), and only that call is a round's draft
+    cost. Priced with the prompt, a drafter's first round (DSpark's: about ten rounds' work)
+    made the gate find it too dear to draft at all."""
+    clock = _Clock()
+    monkeypatch.setattr("tandem.scheduler.time", clock)
+    inner = _Absorbing(clock)
+    drafter = _Chosen(inner, [{0}, {1}, {0, 1}, {0, 1}])
+    prompts = {0: list(range(50)), 1: list(range(30))}
+    tokens = {s: [*p, 7] for s, p in prompts.items()}
+    rows = {s: len(p) for s, p in prompts.items()}  # the first request's features: the prompt's
+    for _ in range(4):
+        drafter.propose([DraftRequest(s, list(t), 5, features=torch.zeros(rows[s], 4)) for s, t in tokens.items()])
+        for s in tokens:  # each round verifies two tokens
+            tokens[s] += [8, 9]
+            rows[s] = 2
+    assert inner.calls == [
+        [(0, 51, 0, 50)], [(0, 51, 5, 0)],  # round 1: seq 0's prompt, then its round; seq 1 waits
+        [(1, 31, 0, 30)], [(1, 33, 5, 2)],  # round 2: seq 1's prompt, then its round
+        [(0, 55, 5, 4), (1, 35, 5, 2)],  # round 3: seq 0's rows of round 2 (it sat out) and its own
+        [(0, 57, 5, 2), (1, 37, 5, 2)],  # round 4
+    ]  # fmt: skip
+    assert drafter.gate.draft_cost(1) <= 3.0  # rounds of 0, 2, 6 and 4 s, the last two for two sequences
+    for s in tokens:
+        drafter.release(s)
+    assert drafter.held() == 0

@@ -285,7 +285,9 @@ def test_the_target_worker_drafts_from_the_draft_worker_directly(tmp_path: Path,
     Each tree equals the one the same drafter drafts in process from the same features, and each
     verdict the in-process verification of that tree, also after the session resumes on a new
     target stream (which opens a new draft stream: the drafter starts again from every feature
-    of the prefix); the draft worker frees the session's inbox when all the streams end."""
+    of the prefix); a prefix's features go to the drafter in a call of their own, a catch-up
+    that the round's draft time leaves out; the draft worker frees the session's inbox when all
+    the streams end."""
     model = str(tiny_target(tmp_path / "tiny"))
     target = load_model(model, torch.float32)[0]
     cfg = DraftConfig.for_target("dspark", target, "tiny", draft_vocab=48, block_size=4)
@@ -320,11 +322,15 @@ def test_the_target_worker_drafts_from_the_draft_worker_directly(tmp_path: Path,
         async with _replica(TargetWorker, target_spec) as worker, _replica(DraftWorker, draft_spec) as drafts:
             assert drafts.drafter.model.kernels is not None  # its target is only embeddings: it packs its own
             trees = []  # every tree the draft worker sends, in order
+            catch_ups = []  # the feature rows of each call that drafts nothing (a catch-up)
             propose = drafts.batcher.run
 
             async def recorded(requests: list[DraftRequest]) -> list:
-                trees.extend(await propose(requests))
-                return trees[-len(requests) :]
+                out = await propose(requests)
+                for request, tree in zip(requests, out):
+                    trees.extend([tree] if request.max_nodes else [])
+                    catch_ups.extend([] if request.max_nodes else [len(request.features)])
+                return out
 
             drafts.batcher.run = recorded
             verify = worker_pb2_grpc.VerifyStub(grpc.aio.insecure_channel(worker.address)).Session()
@@ -344,6 +350,7 @@ def test_the_target_worker_drafts_from_the_draft_worker_directly(tmp_path: Path,
                 [local] = verifier.verify([row], [tree])
                 assert list(step.tokens) == local.tokens
                 tokens += step.tokens
+            assert catch_ups == [len(prompt)]  # the prompt's rows, apart from the first round's own
             # The target replica lost (as if just after its last verdict): the session resumes with
             # its tokens up to the anchor, and the drafter, on a new stream, drafts from all of them.
             verify.cancel()
@@ -360,6 +367,7 @@ def test_the_target_worker_drafts_from_the_draft_worker_directly(tmp_path: Path,
             assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
             [local] = verifier.verify([resumed], [tree])
             assert list(step.tokens) == local.tokens
+            assert catch_ups == [len(prompt), len(tokens) - 1]  # the new stream's prefix
             verify.cancel()
             for _ in range(100):
                 await asyncio.sleep(0.02)

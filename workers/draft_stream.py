@@ -37,14 +37,16 @@ class DraftStream:
         however long the gate leaves the session undrafted."""
         await self._guarded(self._call.write(worker_pb2.DraftIn(open=self._opening)))
 
-    async def propose(self, token_ids: list[int], max_nodes: int) -> tuple[TokenTree, float]:
+    async def propose(self, token_ids: list[int], max_nodes: int, catch_up_rows: int = 0) -> tuple[TokenTree, float]:
         """The drafter's tree for the anchor ``token_ids[-1]`` (every token before it verified),
-        and the seconds drafting it took."""
+        and the seconds drafting it took, less the catch-up's: the drafter taking in the first
+        ``catch_up_rows`` of the features it is sent (workers/draft_worker.py)."""
         started = time.perf_counter()
-        step = worker_pb2.DraftStep(new_token_ids=token_ids[self._sent :], max_nodes=max_nodes)
+        new = token_ids[self._sent :]
+        step = worker_pb2.DraftStep(new_token_ids=new, max_nodes=max_nodes, catch_up_rows=catch_up_rows)
         reply = await self._guarded(self._ask(worker_pb2.DraftIn(step=step)))
         self._sent = len(token_ids)
-        return tree_from_proto(reply.tree), time.perf_counter() - started
+        return tree_from_proto(reply.tree), time.perf_counter() - started - reply.catch_up_seconds
 
     def close(self) -> None:
         """End the stream: the draft replica frees the session's drafter state."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from tandem.drafters import make_drafter, trained_folder
 from tandem.drafters.base import Drafter, DraftRequest
 from tandem.models.catalog import resolve_model_path
 from tandem.models.loading import load_embeddings
+from tandem.sampling import SamplingParams
 from tandem.tree import TokenTree
 from tandem_proto.v1 import worker_pb2, worker_pb2_grpc
 from workers.batching import Batcher
@@ -112,11 +114,36 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
                     token_ids.extend(step.new_token_ids)
                     # every position before the anchor: pushed by the target replica that verified it
                     features = await inbox.take(len(token_ids) - 1) if self.reads_features else None
+                    features, catch_up_s = await self._catch_up(seq_id, token_ids, features, step, params, opening)
                     request = DraftRequest(seq_id, token_ids, step.max_nodes, params, features)
-                    yield worker_pb2.DraftOut(tree=tree_to_proto(await self.batcher.submit(request, opening.group)))
+                    tree = await self.batcher.submit(request, opening.group)
+                    yield worker_pb2.DraftOut(tree=tree_to_proto(tree), catch_up_seconds=catch_up_s)
             finally:
                 inbox.closed = True
                 self._thread.submit(self.drafter.release, seq_id)
+
+    async def _catch_up(
+        self,
+        seq_id: int,
+        token_ids: list[int],
+        features: torch.Tensor | None,
+        step: worker_pb2.DraftStep,
+        params: SamplingParams,
+        opening: worker_pb2.DraftOpen,
+    ) -> tuple[torch.Tensor | None, float]:
+        """The step's first ``step.catch_up_rows`` feature rows (the prefill's) taken in first, by
+        a call that drafts nothing; returns the rows left for the round and the seconds the
+        catch-up took, which the target replica's gate, pricing rounds, leaves out (as the
+        engine's does, tandem/scheduler.py)."""
+        backlog = 0 if features is None else min(step.catch_up_rows, len(features))
+        if backlog <= 0:
+            return features, 0.0
+        started = time.perf_counter()
+        # the rows are the features of token_ids[-1 - n : -1]: the catch-up's end where the round's begin
+        count = len(token_ids) - len(features) + backlog
+        await self.batcher.submit(DraftRequest(seq_id, token_ids[:count], 0, params, features[:backlog]), opening.group)
+        rest = features[backlog:]
+        return (rest if len(rest) else None), time.perf_counter() - started
 
     async def Features(  # noqa: N802 - the gRPC method name
         self, chunks: AsyncIterator[worker_pb2.FeatureChunk], context: grpc.aio.ServicerContext

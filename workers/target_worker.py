@@ -183,6 +183,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                 # may have died before it sent the last round's) and drops the rest.
                 features, skip_draft = step.features, not self._drafts_first(row)
                 verified = len(opening.prompt_ids)  # positions the pass added to the row
+                catch_up = verified  # rows the drafter takes in apart, its round not priced with them
                 tokens = [*opening.prompt_ids, *step.tokens]  # the row's tokens, then the anchor
                 emitted = opening.generated or len(step.tokens)  # the stream's output tokens so far
                 # The first round is always the router's: its anchor is not the prefill's token
@@ -208,7 +209,8 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                     budget = draft_budget(opening.max_draft_nodes, room, params.max_tokens, emitted)
                     if drafts is not None and len(tree) == 1 and not skip_draft and budget > 0:
                         try:
-                            tree, draft_s = await drafts.propose(tokens, budget)
+                            tree, draft_s = await drafts.propose(tokens, budget, catch_up)
+                            catch_up = 0
                         except DraftLost as exc:
                             log.warning("session %s: drafter lost (%s); going on plain", opening.session_id, exc)
                             drafts, lost = (await self._link(opening, "", push, drafts))[0], True
