@@ -1,0 +1,125 @@
+"""The most a trained drafter can speed up batch-1 decoding on this machine: its replayed τ at
+each tree budget B (``bench/tree_budget.py``'s JSON) over what a drafted round costs here, the
+plain step plus the wider pass (the machine's verification profile) plus the drafter's own round
+(measured now, as ``bench/draft_cost.py`` does):
+
+    bound(B) = τ(B) × step / (step + pass(B + 1) − pass(1) + draft)
+
+It is an upper bound on what the scheduler can reach: every round drafted at the best budget,
+with the τ of a tree grown for that budget, and no cost for the scheduler, the calibration or the
+tree's bookkeeping. It also gives the draft cost a round may have at most for ``--aim`` (draft ×
+step) at each budget, so an aim out of reach is shown by numbers, not guessed.
+
+    python bench/speedup_bound.py --drafters dspark eagle3 --out docs/results/speedup-bound
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from decode import load_prompts, machine_info
+from draft_cost import Timed, step_seconds
+
+from tandem.drafters import make_drafter
+from tandem.engine import Engine, Request
+from tandem.models.catalog import DEFAULT_MODEL
+from tandem.profile import load_or_measure
+from tandem.sampling import SamplingParams
+from tandem.target import load_target
+
+CODE = ("humaneval", "mbpp")
+TAUS = Path(__file__).parents[1] / "docs" / "results" / "tree-budget.json"
+
+
+def tau_key(results: dict, drafter: str) -> str:
+    """The tree-budget entry of the shipped ``drafter`` (its name, or its name with a note)."""
+    for key in results:
+        if key == drafter or (key.startswith(f"{drafter} (") and "shipped" in key):
+            return key
+    raise SystemExit(f"speedup_bound: {drafter!r} is not in the tree-budget results ({', '.join(results)})")
+
+
+def bound(tau: float, step: float, extra_pass: float, draft: float) -> float:
+    return tau * step / (step + extra_pass + draft)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drafters", nargs="+", default=["dspark", "eagle3"])
+    parser.add_argument("--taus", default=str(TAUS), help="bench/tree_budget.py's JSON")
+    parser.add_argument("--prompts", type=int, default=6, help="code prompts the step and draft cost are timed on")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--aim", type=float, default=1.15)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default="speedup-bound", help="writes <out>.json and <out>.md")
+    args = parser.parse_args(argv)
+    taus = json.loads(Path(args.taus).read_text())["results"]
+    target = load_target(args.model, args.dtype)
+    prompts = [p.ids for p in load_prompts(target, CODE, args.prompts)][: args.prompts]
+    context = round(statistics.mean(len(p) for p in prompts)) + args.max_tokens // 2
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    cost = load_or_measure(target.model, str(args.model))
+    plain = Engine(target.model, None, target.eos_token_ids)
+    step = statistics.median(step_seconds(plain, [p], params) for p in prompts)
+    results: dict[str, dict] = {}
+    for name in args.drafters:
+        timed = Timed(make_drafter(name, target.model, str(args.model)))
+        engine = Engine(target.model, timed, target.eos_token_ids)
+        for prompt in prompts:
+            list(engine.stream([Request(prompt, params)]))
+        draft = statistics.median(timed.seconds)
+        rows = {}
+        for budget, by_benchmark in taus[tau_key(taus, name)]["tree"].items():
+            extra = cost(1, int(budget) + 1, context) - cost(1, 1, context)
+            tau = statistics.mean(by_benchmark[b] for b in CODE)
+            rows[budget] = {
+                "tau_code": round(tau, 3),
+                "tau_all": by_benchmark["all"],
+                "pass_x_step": round((step + extra) / step, 3),
+                "bound_free_draft": round(bound(tau, step, extra, 0.0), 3),
+                "bound": round(bound(tau, step, extra, draft), 3),
+                "draft_for_aim_x_step": round((tau * step / args.aim - step - extra) / step, 3),
+            }
+        results[name] = {"draft_ms": round(draft * 1000, 2), "draft_x_step": round(draft / step, 3), "budgets": rows}
+    meta = {
+        **machine_info(torch.get_num_threads(), args.dtype),
+        "model": str(args.model),
+        "step_ms": round(step * 1000, 2),
+        "context": context,
+        "aim": args.aim,
+        "taus": args.taus,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    table = markdown(results, meta)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [
+        f"Batch 1, code prompts ({' + '.join(CODE)}), {meta['model']}, plain step {meta['step_ms']} ms. "
+        f"τ: replayed trees of B nodes; bounds: × plain; the last column: the draft cost a round may "
+        f"have at most for {meta['aim']}× (× step; negative: out of reach even with free drafting).",
+        "",
+        "| drafter (draft × step) | B | τ code | drafted pass × step | bound, free draft | bound | draft for aim |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        for budget, row in r["budgets"].items():
+            lines.append(
+                f"| {name} ({r['draft_x_step']}×) | {budget} | {row['tau_code']} | {row['pass_x_step']} | "
+                f"{row['bound_free_draft']}× | {row['bound']}× | {row['draft_for_aim_x_step']} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
