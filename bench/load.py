@@ -141,7 +141,8 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
                 finally:
                     serve.shutdown()
                 run.setdefault("plain", summary["plain"])
-                run[method] = summary[served]
+                cpu = {f"plain_{k}": v for k, v in summary["plain"].items() if k.startswith("cpu_ms_per_token_")}
+                run[method] = summary[served] | cpu  # with its own cluster's plain CPU, to compare
     return {batch: _median(repeats) for batch, repeats in runs.items()}
 
 
@@ -322,7 +323,8 @@ def write(results: dict, meta: dict, out: Path) -> str:
         lines += [
             "",
             "Through the cluster: share of rounds drafted; CPU ms per token of the target replica, and of "
-            "every other process (router, draft replica, clients, Ray) together.",
+            "every other process (router, draft replica, clients, Ray) together; [the same for plain "
+            "decoding in the method's own cluster].",
             "",
             "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
             "|---|" + "---|" * len(batches),
@@ -331,10 +333,10 @@ def write(results: dict, meta: dict, out: Path) -> str:
             cells = []
             for b in batches:
                 r = results[b][m]
-                prefix = "cpu_ms_per_token_"
-                cpu = {k.removeprefix(prefix): v for k, v in r.items() if k.startswith(prefix)}
-                target = cpu.pop("target")
-                cells.append(f"{r['drafted_round_share']:.1%}; {target:.2f}, {sum(cpu.values()):.2f}")
+                cell = f"{r['drafted_round_share']:.1%}; " + _cpu_cell(r, "cpu_ms_per_token_")
+                if "plain_cpu_ms_per_token_target" in r:
+                    cell += f" [{_cpu_cell(r, 'plain_cpu_ms_per_token_')}]"
+                cells.append(cell)
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for d, best in thresholds.items():
         if best:
@@ -345,6 +347,12 @@ def write(results: dict, meta: dict, out: Path) -> str:
     out.with_suffix(".md").write_text(table)
     _plot(results, out.with_suffix(".png"))
     return table
+
+
+def _cpu_cell(row: dict, prefix: str) -> str:
+    """CPU ms per token: the target replica's, then every other process's together."""
+    cpu = {k.removeprefix(prefix): v for k, v in row.items() if k.startswith(prefix)}
+    return f"{cpu.pop('target'):.2f}, {sum(cpu.values()):.2f}"
 
 
 def _plot(results: dict, path: Path) -> None:
