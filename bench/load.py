@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -300,25 +301,26 @@ def write(results: dict, meta: dict, out: Path) -> str:
     record = {"meta": meta, "results": results, "best_fixed_threshold": thresholds}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     batches = list(results)
+
+    def decode(r: dict) -> str:
+        low, high = r["decode_x_plain_range"]
+        return (
+            f"{r['decode_tok_s']:.1f} ({r['decode_x_plain']:.2f}× [{low:.2f}–{high:.2f}]; "
+            f"{r['end_to_end_x_plain']:.2f}×) {r['equal_to_plain']}/{r['sequences']}"
+        )
+
+    def cpu(r: dict) -> str:
+        cell = f"{r['drafted_round_share']:.1%}; " + _cpu_cell(r, "cpu_ms_per_token_")
+        return cell + (f" [{_cpu_cell(r, 'plain_cpu_ms_per_token_')}]" if "plain_cpu_ms_per_token_target" in r else "")
+
     lines = [
         f"Greedy, {meta['through']}, {meta['model']}, {meta['dtype']}, {meta['threads']} threads, "
         f"{meta['prompts']} prompts, "
         f"{meta['max_tokens']} tokens, median of {meta['repeats']} runs. Decode tok/s (× plain [range over runs]; "
         "end-to-end × plain), outputs equal to plain.",
         "",
-        "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|" + "---|" * len(batches),
+        *_table(results, decode),
     ]
-    for m in results[batches[0]]:
-        cells = []
-        for b in batches:
-            r = results[b][m]
-            low, high = r["decode_x_plain_range"]
-            cells.append(
-                f"{r['decode_tok_s']:.1f} ({r['decode_x_plain']:.2f}× [{low:.2f}–{high:.2f}]; "
-                f"{r['end_to_end_x_plain']:.2f}×) {r['equal_to_plain']}/{r['sequences']}"
-            )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if "cpu_ms_per_token_target" in results[batches[0]]["plain"]:
         lines += [
             "",
@@ -326,18 +328,8 @@ def write(results: dict, meta: dict, out: Path) -> str:
             "every other process (router, draft replica, clients, Ray) together; [the same for plain "
             "decoding in the method's own cluster].",
             "",
-            "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
-            "|---|" + "---|" * len(batches),
+            *_table(results, cpu),
         ]
-        for m in results[batches[0]]:
-            cells = []
-            for b in batches:
-                r = results[b][m]
-                cell = f"{r['drafted_round_share']:.1%}; " + _cpu_cell(r, "cpu_ms_per_token_")
-                if "plain_cpu_ms_per_token_target" in r:
-                    cell += f" [{_cpu_cell(r, 'plain_cpu_ms_per_token_')}]"
-                cells.append(cell)
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for d, best in thresholds.items():
         if best:
             cells = ", ".join(f"batch {b}: {x:.2f}×" for b, x in best["decode_x_plain"].items())
@@ -347,6 +339,13 @@ def write(results: dict, meta: dict, out: Path) -> str:
     out.with_suffix(".md").write_text(table)
     _plot(results, out.with_suffix(".png"))
     return table
+
+
+def _table(results: dict, cell: Callable[[dict], str]) -> list[str]:
+    """A markdown table, a row per method and a column per batch size, of ``cell(figures)``."""
+    batches = list(results)
+    lines = ["| method | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    return lines + [f"| {m} | " + " | ".join(cell(results[b][m]) for b in batches) + " |" for m in results[batches[0]]]
 
 
 def _cpu_cell(row: dict, prefix: str) -> str:
