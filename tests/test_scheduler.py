@@ -104,13 +104,30 @@ def test_the_gate_learns_from_one_sequence_then_judges_new_ones_by_the_mean_offe
     gate = DraftGate(_linear(0.0, 1.0))  # every token costs a pass: the mean offer pays nothing
     gate.choose(keys, [8] * 16, context=10)
     gate.offered(0, chain(5, [1, 2], survival=[0.9, 0.8]), greedy=True)
-    gate.draft_cost.observe(1, 0.5)  # probes are then due every 25 rounds (2 % of a plain pass)
+    gate.draft_cost.observe(1, 0.5)  # probes, at 2 % of a plain pass, are then far apart
     assert gate.choose(keys, [8] * 16, context=10) == set()
     gate = DraftGate(_linear(0.0, 1.0))  # trees without survival (n-gram) give nothing to judge by
     assert gate.first_round(0, keys, [8] * 16, context=10)  # nothing known yet: draft to learn
     gate.choose(keys, [8] * 16, context=10)
     gate.offered(0, chain(5, [1, 2]), greedy=True)
     assert gate.choose(keys, [8] * 16, context=10) == set(keys)
+
+
+def test_a_probe_in_a_batch_is_priced_with_the_pass_it_widens():
+    """A drafter that costs nothing (the suffix tries) is still probed within the budget in a
+    batch: a probe in a round that drafts nothing else widens every row's pass, so with a pass of
+    1.4 and a widened one of 1.8 (batch 4) each sequence is probed about every 57 rounds, not
+    every round (as when only drafting counted). Alone (batch 1) the widened pass is the probe's
+    own, and it is probed every round."""
+    keys = list(range(4))
+    probes = {}
+    for batch in (1, 4):
+        gate = DraftGate(_linear(1.0, 0.1, batches=(1, 4)))
+        gate.choose(keys[:batch], [8] * batch, context=10)
+        gate.offered(0, chain(5, [1], survival=[0.01]), greedy=True)  # an offer that never pays
+        gate.draft_cost.observe(1, 0.0)
+        probes[batch] = sum(len(gate.choose(keys[:batch], [8] * batch, context=10)) for _ in range(60))
+    assert 1 <= probes[4] <= 8 and probes[1] == 60, probes
 
 
 def test_a_new_sequences_first_round_is_gated_like_any_round():
