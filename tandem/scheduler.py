@@ -419,21 +419,27 @@ class ScheduledDrafter(Drafter):
     def _catch_up(self, requests: list[DraftRequest]) -> list[DraftRequest]:
         """Give the drafter each sequence's prompt features (those of its first request) in one
         call that drafts nothing (no nodes asked), and return the requests with the features held
-        since the sequence was last drafted joined to their own. Timed with a round, DSpark's
+        since the sequence was last drafted (:meth:`_with_held`). Timed with a round, DSpark's
         prompt (taken in on its first drafted round) cost about ten of its rounds, and the gate,
         judging every round by it, found it too dear to draft at all; the held rows stay in the
         round's time, as what drafting a sequence again after a pause costs."""
-        caught, prompts = [], []
+        prompts = []
         for r in requests:
             prompt = self._prompts.pop(r.seq_id, None)
             if prompt is not None:  # the features of the first request's token_ids[:-1]
                 count, rows = prompt
                 prompts.append(replace(r, token_ids=r.token_ids[:count], features=rows, max_nodes=0))
-            held = [*self._held.pop(r.seq_id, []), *_present(r.features)]
-            caught.append(replace(r, features=torch.cat(held) if len(held) > 1 else (held or [None])[0]))
         if prompts:
             self.inner.propose(prompts)
-        return caught
+        return [self._with_held(r) for r in requests]
+
+    def _with_held(self, request: DraftRequest) -> DraftRequest:
+        """``request`` with the features held back since the sequence was last drafted (joined
+        once, here, not every round)."""
+        held = self._held.pop(request.seq_id, [])
+        if not held:
+            return request
+        return replace(request, features=torch.cat([*held, *_present(request.features)]))
 
     def release(self, seq_id: int) -> None:
         self.inner.release(seq_id)
