@@ -15,7 +15,8 @@ what drafting it would add, and where no set of sequences pays for its drafting 
 pass (a large batch on a compute-bound machine, or a drafter that guesses badly here), the
 drafter is not called and the round is plain decoding. A sequence left out is drafted again when
 its turn to probe comes (so its offer stays current), at a rate whose cost stays within
-:data:`PROBE_BUDGET` of a plain pass. It decides before the target sees the tokens, and stays
+:data:`PROBE_BUDGET` of a plain pass, and less (down to 1/:data:`MAX_PROBE_BACKOFF` of it) while
+probes keep finding nothing that pays. It decides before the target sees the tokens, and stays
 lossless:
 
 - whether a sequence is drafted reads earlier rounds only (offers, acceptance counts, timings);
@@ -48,6 +49,12 @@ from tandem.tree import TokenTree, chain
 
 PROBE_BUDGET = 0.02  # what probing left-out sequences may cost, as a share of a plain pass
 MAX_PROBE_INTERVAL = 256  # rounds a sequence goes undrafted at most
+# Probes that keep finding nothing that pays are spaced out, doubling up to this factor, and no
+# further than their drafting costs eighths of a plain pass: EAGLE-3 (a pass a round at batch 1 on
+# this CPU, never paying) lost 4 % to probes within the budget, which prices the drafting but not
+# the prompt a first probe takes in; hybrid's cheap probes catch the short stretches where text
+# repeats, and spaced 8 times further apart they lost it 6 % at batch 1.
+MAX_PROBE_BACKOFF = 8
 PRIOR_WEIGHT = 0.1  # of each new offer in the running mean that new sequences are judged by
 # What drafting must promise over plain decoding, in tokens per second, before a round is drafted:
 # the profile prices a pass within about 8 %, and a drafted round costs work neither it nor the
@@ -249,6 +256,8 @@ class DraftGate:
         self._idle: dict[Hashable, int] = {}  # rounds since it was last drafted
         self._prior: list[float] | None = None  # the offers' running mean: a new sequence's offer
         self._unscored = False  # the drafter's trees carry no survival (n-gram): nothing to judge by
+        self._probed: set[Hashable] = set()  # the last round's probes, judged by their new offers
+        self._backoff = 1  # how many times further apart than the budget allows probes are spaced
 
     def choose(self, keys: Sequence[Hashable], room: Sequence[int], context: int) -> set[int]:
         """Indices into ``keys`` (the batch: every sequence in the pass) to draft this round;
@@ -264,6 +273,7 @@ class DraftGate:
         else:
             batch = len(keys)
             chosen = self._paying(keys, room, context)
+            self._judge_probes(keys, chosen)
             # Probes cost at most PROBE_BUDGET of a plain pass per round: each sequence is probed
             # every `interval` rounds, a share of the batch at a time (longest idle first). A probe
             # costs its drafting and, in a batch whose round drafts nothing else, the pass it widens
@@ -273,13 +283,25 @@ class DraftGate:
             plain = self.cost(batch, 1, context)
             widening = 0.0 if chosen or batch == 1 else self.cost(batch, 2, context) - plain
             interval = (self.draft_cost(1) + widening) * batch / (PROBE_BUDGET * plain)
-            interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)))
+            backoff = min(self._backoff, max(1, round(MAX_PROBE_BACKOFF * self.draft_cost(1) / plain)))
+            interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)) * backoff)
             due = sorted((-self._idle.get(keys[i], 0), i) for i in open_ if i not in chosen)
             due = [i for idle, i in due if 1 - idle >= interval][: math.ceil(len(open_) / interval)]
+            self._probed = {keys[i] for i in due}
             chosen.update(due)
         for i, key in enumerate(keys):
             self._idle[key] = 0 if i in chosen else self._idle.get(key, 0) + 1
         return chosen
+
+    def _judge_probes(self, keys: Sequence[Hashable], paying: set[int]) -> None:
+        """Space probes out twice as far (see :data:`MAX_PROBE_BACKOFF`) when none of the last
+        round's probes that are still in the batch now pays on its new offer; back to the budget's
+        spacing as soon as one does."""
+        judged = [i in paying for i, key in enumerate(keys) if key in self._probed]
+        if any(judged):
+            self._backoff = 1
+        elif judged:
+            self._backoff = min(MAX_PROBE_BACKOFF, 2 * self._backoff)
 
     def first_round(self, key: Hashable, keys: Sequence[Hashable], room: Sequence[int], context: int) -> bool:
         """Whether a sequence just prefilled (``key``, one of the batch ``keys`` it joins) is worth

@@ -16,6 +16,7 @@ from tandem.engine import Engine, Request
 from tandem.models.loading import load_model
 from tandem.sampling import SamplingParams
 from tandem.scheduler import (
+    MAX_PROBE_INTERVAL,
     DraftCost,
     DraftGate,
     PassCost,
@@ -128,6 +129,32 @@ def test_a_probe_in_a_batch_is_priced_with_the_pass_it_widens():
         gate.draft_cost.observe(1, 0.0)
         probes[batch] = sum(len(gate.choose(keys[:batch], [8] * batch, context=10)) for _ in range(60))
     assert 1 <= probes[4] <= 8 and probes[1] == 60, probes
+
+
+def test_dear_probes_that_find_nothing_paying_back_off_until_one_does():
+    """A drafter whose probes keep showing offers that do not pay is probed ever further apart,
+    by up to as many times as its drafting costs eighths of a plain pass (EAGLE-3, a pass a round
+    at batch 1, lost 4 % to probes within the budget), and never when drafting is free (hybrid's
+    cheap probes catch the short stretches where text repeats); the first probe whose new offer
+    pays brings back the budget's spacing."""
+    gaps = {}
+    for draft in (0.0, 0.55, 1.1):  # free, half a plain pass (1.1 at batch 1), a whole one
+        gate = DraftGate(_linear(1.0, 0.1, batches=(1, 4)))
+        gate.choose([0], [8], context=10)
+        gate.offered(0, chain(5, [1], survival=[0.01]), greedy=True)  # an offer that never pays
+        gate.draft_cost.observe(1, draft)
+        probed = [r for r in range(1200) if gate.choose([0], [8], context=10)]
+        gaps[draft] = [b - a for a, b in zip(probed, probed[1:])]
+    assert set(gaps[0.0]) == {1}, gaps
+    assert gaps[0.55][:4] == [50, 100, 100, 100], gaps  # every 25 rounds by the budget, then 4 times that
+    assert gaps[1.1][:4] == [100, 200, MAX_PROBE_INTERVAL, MAX_PROBE_INTERVAL], gaps  # 50, then 8 times
+    while not gate.choose([0], [8], context=10):  # up to the next probe
+        pass
+    gate.offered(0, chain(5, [1, 2], survival=[0.99, 0.98]), greedy=True)  # it finds that drafting pays
+    assert gate.choose([0], [8], context=10) == {0}
+    gate.offered(0, chain(5, [1], survival=[0.01]), greedy=True)  # and then no longer
+    probed = [r for r in range(200) if gate.choose([0], [8], context=10)]
+    assert probed == [49, 149], probed  # the budget's 50 rounds again, then backing off
 
 
 def test_a_new_sequences_first_round_is_gated_like_any_round():
