@@ -37,6 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -130,15 +131,19 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
         config = local_config(argparse.Namespace(**{**vars(args), "drafter": served}), max(args.batch), False)
         for batch in args.batch:
             chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-            for run in runs[str(batch)]:
+            for index, run in enumerate(runs[str(batch)]):
                 print(f"starting a cluster with {method} ...", file=sys.stderr)
                 start(config)
                 try:
                     with grpc.insecure_channel(config.address) as channel:
                         for drafter in ("none", served):  # warm both paths up
                             _cluster_chunk(channel, [warmup], params, drafter)
+                        # and the KV pool's pages: the first pass at a batch's full width on a fresh
+                        # replica was 4-7 % slower (its first writes to the pool), which with one
+                        # chunk fell on the same method every time
+                        _cluster_chunk(channel, chunks[0], replace(params, max_tokens=8), "none")
                         metrics = f"http://{config.http_address}/metrics"
-                        summary = _cluster_run(channel, chunks, params, served, metrics)
+                        summary = _cluster_run(channel, chunks, params, served, metrics, plain_first=index % 2 == 1)
                 finally:
                     serve.shutdown()
                 run.setdefault("plain", summary["plain"])
@@ -147,8 +152,11 @@ def _run_clusters(args: argparse.Namespace, target: Target, prompts: list, param
     return {batch: _median(repeats) for batch, repeats in runs.items()}
 
 
-def _cluster_run(channel: grpc.Channel, chunks: list, params: SamplingParams, method: str, metrics: str) -> dict:
-    """One pass over the chunks by plain decoding and ``method``, taking turns per chunk; with
+def _cluster_run(
+    channel: grpc.Channel, chunks: list, params: SamplingParams, method: str, metrics: str, plain_first: bool
+) -> dict:
+    """One pass over the chunks by plain decoding and ``method``, taking turns per chunk (who goes
+    first alternates from ``plain_first``, which repeats alternate too); with
     each method's rounds (drafted or not, from the router's ``metrics``) and the CPU seconds each
     process used: on a shared machine, CPU per token tells costs apart that tok/s, moving by
     several percent between passes, cannot."""
@@ -156,7 +164,7 @@ def _cluster_run(channel: grpc.Channel, chunks: list, params: SamplingParams, me
 
     totals = {m: defaultdict(float) for m in ("plain", method)}
     outputs: dict[str, list[list[int]]] = {"plain": [], method: []}
-    order = ["plain", method]
+    order = [method, "plain"] if plain_first else ["plain", method]
     for chunk in tqdm(chunks, desc=f"{method}, {len(chunks[0])} streams", unit="chunk"):
         order = order[::-1]  # who goes first alternates
         for m in order:

@@ -11,7 +11,7 @@ prefill pass and the engine's verification passes (tested to agree on a tiny mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,18 @@ def replay(drafter: Drafter, cases: Sequence[ReplayCase], max_draft: int = 16) -
     """τ (accepted drafts + 1 per round) per benchmark and over ``all``, greedy, batch 1."""
     emitted: dict[str, int] = {}
     rounds: dict[str, int] = {}
+    for benchmark, _, step in replay_rounds(drafter, cases, max_draft):
+        emitted[benchmark] = emitted.get(benchmark, 0) + step
+        rounds[benchmark] = rounds.get(benchmark, 0) + 1
+    tau = {b: round(emitted[b] / rounds[b], 4) for b in rounds}
+    tau["all"] = round(sum(emitted.values()) / max(1, sum(rounds.values())), 4)
+    return tau
+
+
+@torch.inference_mode()
+def replay_rounds(drafter: Drafter, cases: Sequence[ReplayCase], max_draft: int = 16) -> Iterator[tuple[str, int, int]]:
+    """Every greedy round of the cases in turn: its benchmark, the draft tokens accepted, and the
+    tokens it emitted (one more, but never past the continuation's end)."""
     params = SamplingParams(max_tokens=1 << 30)
     for seq_id, case in enumerate(cases):
         tokens, end = case.tokens.tolist(), len(case.tokens)
@@ -93,10 +105,6 @@ def replay(drafter: Drafter, cases: Sequence[ReplayCase], max_draft: int = 16) -
             fed = known - 1
             accepted = len(matched_path(drafter.propose([request])[0], tokens[known:]))
             step = min(accepted + 1, end - known)
-            emitted[case.benchmark] = emitted.get(case.benchmark, 0) + step
-            rounds[case.benchmark] = rounds.get(case.benchmark, 0) + 1
+            yield case.benchmark, accepted, step
             known += step
         drafter.release(seq_id)
-    tau = {b: round(emitted[b] / rounds[b], 4) for b in rounds}
-    tau["all"] = round(sum(emitted.values()) / max(1, sum(rounds.values())), 4)
-    return tau
