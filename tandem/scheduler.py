@@ -282,8 +282,9 @@ class DraftGate:
             # the rounds and cost 3-5 %.
             plain = self.cost(batch, 1, context)
             widening = 0.0 if chosen or batch == 1 else self.cost(batch, 2, context) - plain
-            interval = (self.draft_cost(1) + widening) * batch / (PROBE_BUDGET * plain)
-            backoff = min(self._backoff, max(1, round(MAX_PROBE_BACKOFF * self.draft_cost(1) / plain)))
+            draft = self.draft_cost(1)
+            interval = (draft + widening) * batch / (PROBE_BUDGET * plain)
+            backoff = min(self._backoff, max(1, round(MAX_PROBE_BACKOFF * draft / plain)))
             interval = min(MAX_PROBE_INTERVAL, max(1, math.ceil(interval)) * backoff)
             due = sorted((-self._idle.get(keys[i], 0), i) for i in open_ if i not in chosen)
             due = [i for idle, i in due if 1 - idle >= interval][: math.ceil(len(open_) / interval)]
