@@ -60,6 +60,12 @@ PRIOR_WEIGHT = 0.1  # of each new offer in the running mean that new sequences a
 # the profile prices a pass within about 8 %, and a drafted round costs work neither it nor the
 # drafter's timing sees (the tree's mask, acceptance), so a round predicted to break even loses.
 DRAFT_MARGIN = 0.05
+# Draft nodes a round asks for at least, and how many times what the last drafted round kept: a
+# drafter's work grows with its tree (DSpark's LM head runs a row per depth, EAGLE-3 a pass), and
+# the scheduler cuts what does not pay, so asking for far more than it keeps is waste; asking for
+# twice as much lets the width the scheduler keeps double from one round to the next.
+MIN_ASK = 4
+ASK_GROWTH = 2
 
 
 @dataclass(frozen=True)
@@ -121,13 +127,20 @@ class PassCost:
 class DraftCost:
     """Seconds a drafter takes to draft ``k`` sequences, ``a + b k``, fitted online to decaying
     sums of the rounds it drafted (this machine, this drafter, these contexts and shapes); 0
-    until it has drafted once, so an unknown drafter gets tried."""
+    until it has drafted twice, so an unknown drafter gets tried. Its first round is not a
+    sample: it pays the drafter's one-time set-up (lazy packing, first calls into the kernels:
+    DSpark's took 18 ms against 3-5 ms rounds, and priced at that the gate, probing rarely,
+    stopped drafting it at all)."""
 
     def __init__(self, decay: float = 0.97) -> None:
         self.decay = decay
         self._sums = [0.0] * 5  # weight, Σk, Σk², Σt, Σkt
+        self._warm = False
 
     def observe(self, k: int, seconds: float) -> None:
+        if not self._warm:
+            self._warm = True
+            return
         self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, k, k * k, seconds, k * seconds))]
 
     def __call__(self, k: int) -> float:
@@ -258,6 +271,7 @@ class DraftGate:
         self._unscored = False  # the drafter's trees carry no survival (n-gram): nothing to judge by
         self._probed: set[Hashable] = set()  # the last round's probes, judged by their new offers
         self._backoff = 1  # how many times further apart than the budget allows probes are spaced
+        self._kept: int | None = None  # draft nodes the last drafted round's widest cut tree kept
 
     def choose(self, keys: Sequence[Hashable], room: Sequence[int], context: int) -> set[int]:
         """Indices into ``keys`` (the batch: every sequence in the pass) to draft this round;
@@ -336,6 +350,17 @@ class DraftGate:
         prior, offer = (c + c[-1:] * (n - len(c)) for c in (prior, offer))  # a tree gains no more past its end
         self._prior = [(1 - PRIOR_WEIGHT) * a + PRIOR_WEIGHT * b for a, b in zip(prior, offer)]
 
+    def ask(self, room: int) -> int:
+        """Draft nodes to ask the drafter for, of the ``room`` a sequence has: :data:`ASK_GROWTH`
+        times what the last drafted round kept (:meth:`kept`), :data:`MIN_ASK` at least; all of
+        it before any round was drafted. Reads earlier rounds only, so it stays lossless."""
+        return room if self._kept is None else min(room, max(MIN_ASK, ASK_GROWTH * self._kept))
+
+    def kept(self, trees: Sequence[TokenTree]) -> None:
+        """Record the drafted trees of a round as the scheduler cut them (:meth:`ask`)."""
+        if trees:
+            self._kept = max(len(tree) - 1 for tree in trees)
+
     def forget(self, key: Hashable) -> None:
         self._offers.pop(key, None)
         self._idle.pop(key, None)
@@ -353,12 +378,12 @@ class ScheduledDrafter(Drafter):
     predictions are first calibrated online (:mod:`tandem.calibration`) from what the tokens of
     each sequence's next request show was accepted.
 
-    A sequence left out keeps its new target features here; they go to the drafter with its
-    next drafted round, which catches its state up in one step (the suffix drafter reads the
-    tokens it missed from the request), so leaving a sequence out costs the drafter nothing.
-    Its prompt's features wait here too, and go to the drafter in a call of their own before
-    its first drafted round, outside that round's timing: the gate prices rounds, and a prompt
-    is taken in once."""
+    A sequence left out keeps its new target features here; before its next drafted round they
+    go to the drafter in a call of their own, which catches its state up in one step (the suffix
+    drafter reads the tokens it missed from the request), so leaving a sequence out costs the
+    drafter nothing. Its prompt's features wait here too and go with that call, outside the
+    round's timing (:meth:`_catch_up`). The drafter is asked for no more nodes than the gate
+    expects the scheduler to keep (:meth:`DraftGate.ask`)."""
 
     def __init__(
         self,
@@ -394,7 +419,8 @@ class ScheduledDrafter(Drafter):
             if i not in chosen:
                 self._hold(r.seq_id, r.features)
         self.rounds += 1
-        asked = self._catch_up([requests[i] for i in chosen])
+        asked = [self._asking(requests[i]) for i in chosen]
+        self._catch_up(asked)
         if not chosen:
             return trees
         self.drafted_rounds += 1
@@ -410,6 +436,8 @@ class ScheduledDrafter(Drafter):
             self.gate.draft_cost.observe(len(chosen), seconds)
         context = max(len(r.token_ids) for r in requests)
         trees = schedule(trees, greedy, self.cost, seconds, context)
+        if self.gate is not None:
+            self.gate.kept([trees[i] for i in chosen])
         if self.calibration is not None:
             self._sent.update((requests[i].seq_id, (trees[i], len(requests[i].token_ids))) for i in chosen)
         return trees
@@ -425,6 +453,12 @@ class ScheduledDrafter(Drafter):
             return set()
         return {i for i, nodes in enumerate(room) if nodes > 0}
 
+    def _asking(self, request: DraftRequest) -> DraftRequest:
+        """``request`` with no more draft nodes than the gate asks for (:meth:`DraftGate.ask`)."""
+        if self.gate is None:
+            return request
+        return replace(request, max_nodes=self.gate.ask(request.max_nodes))
+
     def _hold(self, seq_id: int, features: torch.Tensor | None) -> None:
         if features is not None:
             self._held.setdefault(seq_id, []).append(features)
@@ -439,30 +473,26 @@ class ScheduledDrafter(Drafter):
             self._prompts[request.seq_id] = (len(request.token_ids), request.features)
         return replace(request, features=None)
 
-    def _catch_up(self, requests: list[DraftRequest]) -> list[DraftRequest]:
-        """Give the drafter each sequence's prompt features (those of its first request) in one
-        call that drafts nothing (no nodes asked), and return the requests with the features held
-        since the sequence was last drafted (:meth:`_with_held`). Timed with a round, DSpark's
-        prompt (taken in on its first drafted round) cost about ten of its rounds, and the gate,
-        judging every round by it, found it too dear to draft at all; the held rows stay in the
-        round's time, as what drafting a sequence again after a pause costs."""
-        prompts = []
+    def _catch_up(self, requests: list[DraftRequest]) -> None:
+        """Give the drafter, in one call that drafts nothing (no nodes asked), the features each
+        sequence's round does not bring itself: its prompt's (those of its first request) and
+        those held since it was last drafted. Outside the round's timing: the gate prices a
+        round as what drafting a sequence round after round costs. Timed with its round,
+        DSpark's prompt cost about ten of its rounds, and the rows a probe catches up on (one a
+        round sat out, some 40 us each here, a fraction of a percent of the plain steps they
+        came with) priced every probe at several rounds: the gate, finding drafting dearer,
+        probed less often, so each probe caught up on more, until it stopped drafting at all."""
+        behind = []
         for r in requests:
             prompt = self._prompts.pop(r.seq_id, None)
-            if prompt is not None:  # the features of the first request's token_ids[:-1]
-                count, rows = prompt
-                prompts.append(replace(r, token_ids=r.token_ids[:count], features=rows, max_nodes=0))
-        if prompts:
-            self.inner.propose(prompts)
-        return [self._with_held(r) for r in requests]
-
-    def _with_held(self, request: DraftRequest) -> DraftRequest:
-        """``request`` with the features held back since the sequence was last drafted (joined
-        once, here, not every round)."""
-        held = self._held.pop(request.seq_id, [])
-        if not held:
-            return request
-        return replace(request, features=torch.cat([*held, *_present(request.features)]))
+            rows = [prompt[1]] if prompt is not None else []
+            rows += self._held.pop(r.seq_id, [])
+            if rows:  # the rows of token_ids[: -1 - present], present: the rows the request brings
+                present = len(r.features) if r.features is not None else 0
+                ids = r.token_ids[: len(r.token_ids) - present]
+                behind.append(replace(r, token_ids=ids, features=torch.cat(rows), max_nodes=0))
+        if behind:
+            self.inner.propose(behind)
 
     def release(self, seq_id: int) -> None:
         self.inner.release(seq_id)
@@ -478,7 +508,3 @@ class ScheduledDrafter(Drafter):
     def held(self) -> int:
         mine = max(len(self._sent), len(self._held), len(self._seen), self.gate.held() if self.gate else 0)
         return max(self.inner.held(), mine, self.calibration.held() if self.calibration else 0)
-
-
-def _present(features: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    return () if features is None else (features,)

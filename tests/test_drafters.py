@@ -190,6 +190,38 @@ def test_the_native_tree_search_grows_the_python_searchs_trees(trained, target, 
         assert a.survival == pytest.approx(b.survival, rel=close, abs=1e-7)
 
 
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("algo", ["dflash", "dspark"])
+def test_shallow_drafts_read_the_lm_head_for_their_depth_only_and_are_the_same(
+    trained, target, target_folder, algo, tree
+):
+    """A block drafter asked for a few nodes runs its LM head (the largest matmul of its round)
+    on as many block positions as its draft can be deep, not on the whole block: the same
+    trees and chains, bit for bit, as from the logits of every position."""
+    exact = load_model(target_folder, torch.bfloat16)[0]
+    apply_exact(exact, True)
+    shape = TreeShape(3, 4, 8) if tree else None
+    shallow, whole = (load_drafter(trained[algo][2], exact, shape) for _ in range(2))
+    rows: list[int] = []
+    every_position = type(whole).blocks
+
+    def blocks(states, anchors, positions=None):
+        base, hidden = every_position(whole, states, anchors)
+        rows.append(base.shape[1])
+        return base, hidden
+
+    whole.blocks = blocks
+    layers = trained[algo][0].config.feature_layers
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=5)):
+        requests = [
+            replace(r, max_nodes=m) for r, m in zip(_requests(target, _prompts(3, seed=59), params, layers), (2, 1, 3))
+        ]
+        for a, b in zip(shallow.propose(requests), whole.propose(requests)):
+            assert (a.tokens, a.parents, a.survival) == (b.tokens, b.parents, b.survival)
+            assert (a.draft_probs is None and b.draft_probs is None) or torch.equal(a.draft_probs, b.draft_probs)
+    assert rows and min(rows) > 3  # the comparison read every position
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("algo", ["dflash", "dspark"])
 def test_the_block_backbone_in_one_call_is_its_modules_bit_for_bit(trained, target, target_folder, algo, dtype):

@@ -62,9 +62,18 @@ def test_pass_cost_prices_attention_past_its_base_context():
     assert PassCost.from_json(old).per_key == 0.0  # a profile written before the context term
 
 
+def _priced(gate: DraftGate, seconds: float) -> None:
+    """The gate's drafter warmed up (its first round is no sample), then seen drafting one
+    sequence in ``seconds``."""
+    gate.draft_cost.observe(1, 1.0)
+    gate.draft_cost.observe(1, seconds)
+
+
 def test_draft_cost_is_fitted_to_what_drafting_took():
     cost = DraftCost()
     assert cost(3) == 0.0  # never drafted: unknown, so it gets tried
+    cost.observe(2, 5.0)  # the first round pays the drafter's set-up: not a sample
+    assert cost(3) == 0.0
     for _ in range(3):
         cost.observe(2, 0.02)
     assert cost(4) == pytest.approx(0.04)  # one batch size seen: proportional to it
@@ -105,7 +114,7 @@ def test_the_gate_learns_from_one_sequence_then_judges_new_ones_by_the_mean_offe
     gate = DraftGate(_linear(0.0, 1.0))  # every token costs a pass: the mean offer pays nothing
     gate.choose(keys, [8] * 16, context=10)
     gate.offered(0, chain(5, [1, 2], survival=[0.9, 0.8]), greedy=True)
-    gate.draft_cost.observe(1, 0.5)  # probes, at 2 % of a plain pass, are then far apart
+    _priced(gate, 0.5)  # probes, at 2 % of a plain pass, are then far apart
     assert gate.choose(keys, [8] * 16, context=10) == set()
     gate = DraftGate(_linear(0.0, 1.0))  # trees without survival (n-gram) give nothing to judge by
     assert gate.first_round(0, keys, [8] * 16, context=10)  # nothing known yet: draft to learn
@@ -126,7 +135,7 @@ def test_a_probe_in_a_batch_is_priced_with_the_pass_it_widens():
         gate = DraftGate(_linear(1.0, 0.1, batches=(1, 4)))
         gate.choose(keys[:batch], [8] * batch, context=10)
         gate.offered(0, chain(5, [1], survival=[0.01]), greedy=True)  # an offer that never pays
-        gate.draft_cost.observe(1, 0.0)
+        _priced(gate, 0.0)
         probes[batch] = sum(len(gate.choose(keys[:batch], [8] * batch, context=10)) for _ in range(60))
     assert 1 <= probes[4] <= 8 and probes[1] == 60, probes
 
@@ -142,7 +151,7 @@ def test_dear_probes_that_find_nothing_paying_back_off_until_one_does():
         gate = DraftGate(_linear(1.0, 0.1, batches=(1, 4)))
         gate.choose([0], [8], context=10)
         gate.offered(0, chain(5, [1], survival=[0.01]), greedy=True)  # an offer that never pays
-        gate.draft_cost.observe(1, draft)
+        _priced(gate, draft)
         probed = [r for r in range(1200) if gate.choose([0], [8], context=10)]
         gaps[draft] = [b - a for a, b in zip(probed, probed[1:])]
     assert set(gaps[0.0]) == {1}, gaps
@@ -364,12 +373,14 @@ class _Chosen(ScheduledDrafter):
         return {i for i, r in enumerate(requests) if r.seq_id in self.plan[self.rounds]}
 
 
-def test_a_prompt_is_taken_in_by_a_call_of_its_own_and_not_priced_as_a_round(monkeypatch):
-    """A sequence's prompt features (its first request's) go to the drafter before its first
-    drafted round, in a call asking for no nodes; the round's call brings the round's features
-    (with those held over rounds the sequence sat out), and only that call is a round's draft
-    cost. Priced with the prompt, a drafter's first round (DSpark's: about ten rounds' work)
-    made the gate find it too dear to draft at all."""
+def test_a_prompt_and_the_rows_of_rounds_sat_out_are_taken_in_apart_and_not_priced_as_a_round(monkeypatch):
+    """A sequence's prompt features (its first request's), and the rows of the rounds it sat out,
+    go to the drafter before its next drafted round, in a call asking for no nodes; the round's
+    call brings the round's own features, and only that call is a round's draft cost. Priced with
+    the prompt, a drafter's first round (DSpark's: about ten rounds' work) made the gate find it
+    too dear to draft at all; priced with the rows a probe catches up on, probes grew dearer the
+    rarer they were, until DSpark was not drafted at all. The drafter is asked for twice the
+    nodes the last round kept, 4 at least (DraftGate.ask)."""
     clock = _Clock()
     monkeypatch.setattr("tandem.scheduler.time", clock)
     inner = _Absorbing(clock)
@@ -378,17 +389,33 @@ def test_a_prompt_is_taken_in_by_a_call_of_its_own_and_not_priced_as_a_round(mon
     tokens = {s: [*p, 7] for s, p in prompts.items()}
     rows = {s: len(p) for s, p in prompts.items()}  # the first request's features: the prompt's
     for _ in range(4):
-        drafter.propose([DraftRequest(s, list(t), 5, features=torch.zeros(rows[s], 4)) for s, t in tokens.items()])
+        drafter.propose([DraftRequest(s, list(t), 9, features=torch.zeros(rows[s], 4)) for s, t in tokens.items()])
         for s in tokens:  # each round verifies two tokens
             tokens[s] += [8, 9]
             rows[s] = 2
     assert inner.calls == [
-        [(0, 51, 0, 50)], [(0, 51, 5, 0)],  # round 1: seq 0's prompt, then its round; seq 1 waits
-        [(1, 31, 0, 30)], [(1, 33, 5, 2)],  # round 2: seq 1's prompt, then its round
-        [(0, 55, 5, 4), (1, 35, 5, 2)],  # round 3: seq 0's rows of round 2 (it sat out) and its own
-        [(0, 57, 5, 2), (1, 37, 5, 2)],  # round 4
+        [(0, 51, 0, 50)], [(0, 51, 9, 0)],  # round 1: seq 0's prompt, then its round; seq 1 waits
+        [(1, 31, 0, 30)], [(1, 33, 4, 2)],  # round 2: seq 1's prompt, then its round (round 1 kept no node)
+        [(0, 53, 0, 2)], [(0, 55, 4, 2), (1, 35, 4, 2)],  # round 3: seq 0's rows of round 2 (it sat out)
+        [(0, 57, 4, 2), (1, 37, 4, 2)],  # round 4
     ]  # fmt: skip
-    assert drafter.gate.draft_cost(1) <= 3.0  # rounds of 0, 2, 6 and 4 s, the last two for two sequences
+    # rounds of 0 s (the first: no sample), 2 s for one sequence, 4 s and 4 s for two
+    assert drafter.gate.draft_cost(1) == pytest.approx(2.0, rel=0.05)
     for s in tokens:
         drafter.release(s)
     assert drafter.held() == 0
+
+
+def test_the_gate_asks_for_twice_the_nodes_the_last_drafted_round_kept():
+    """Before any round is drafted a sequence's whole room is asked for; then twice what the
+    scheduler kept of the last drafted round's widest tree, 4 nodes at least, never past the room:
+    the width it keeps can double each round, and a drafter whose work grows with its tree (DSpark's
+    LM head rows, EAGLE-3's passes) is not asked for nodes that would be cut."""
+    gate = DraftGate(_linear(1.0, 0.1))
+    assert gate.ask(40) == 40
+    gate.kept([chain(5, [1, 2, 3]), chain(5, [1])])
+    assert (gate.ask(40), gate.ask(5)) == (6, 5)
+    gate.kept([])  # a round that drafted nothing says nothing
+    assert gate.ask(40) == 6
+    gate.kept([chain(5, [])])
+    assert gate.ask(40) == 4

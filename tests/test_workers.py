@@ -151,6 +151,8 @@ def test_target_worker_schedules_the_trees_it_batches(tmp_path: Path, monkeypatc
             assert list(step.tokens) == greedy[:1]
             assert not step.skip_draft  # nothing known yet: draft
             tree = chain(greedy[0], greedy[1:3], survival=[0.5, 0.25])
+            if schedule:  # an earlier round paid the drafter's set-up (its first is no sample)
+                worker.gate.draft_cost.observe(1, 5.0)
             await call.write(worker_pb2.VerifyIn(tree=tree_to_proto(tree), draft_seconds=0.5))
             reply = await call.read()
             # The gate: that offer, drafted in half a pass, never pays for itself here, so the

@@ -131,10 +131,10 @@ class DraftWorker(WorkerServer, worker_pb2_grpc.DraftServicer):
         params: SamplingParams,
         opening: worker_pb2.DraftOpen,
     ) -> tuple[torch.Tensor | None, float]:
-        """The step's first ``step.catch_up_rows`` feature rows (the prefill's) taken in first, by
-        a call that drafts nothing; returns the rows left for the round and the seconds the
-        catch-up took, which the target replica's gate, pricing rounds, leaves out (as the
-        engine's does, tandem/scheduler.py)."""
+        """The step's first ``step.catch_up_rows`` feature rows (the prefill's, and those of the
+        rounds not drafted since) taken in first, by a call that drafts nothing; returns the rows
+        left for the round and the seconds the catch-up took, which the target replica's gate,
+        pricing rounds, leaves out (as the engine's does, tandem/scheduler.py)."""
         backlog = 0 if features is None else min(step.catch_up_rows, len(features))
         if backlog <= 0:
             return features, 0.0

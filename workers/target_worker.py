@@ -134,6 +134,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
         context = self._longest_prefix(rows)
         # drafting ran elsewhere: only the pass's own cost counts
         trees = schedule(trees, greedy, self.cost, context=context)
+        self.gate.kept([tree for tree, (*_, seconds) in zip(trees, jobs) if seconds is not None])
         results = await self.ranks.call("verify", rows, trees)
         for row, tree, (step, _) in zip(rows, trees, results):
             self.calibration.observe(row, tree, step.tokens)
@@ -183,7 +184,9 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                 # may have died before it sent the last round's) and drops the rest.
                 features, skip_draft = step.features, not self._drafts_first(row)
                 verified = len(opening.prompt_ids)  # positions the pass added to the row
-                catch_up = verified  # rows the drafter takes in apart, its round not priced with them
+                # rows the drafter takes in apart, its round not priced with them: the prompt's,
+                # and those of rounds not drafted since (tandem/scheduler.py, ScheduledDrafter._catch_up)
+                catch_up = verified
                 tokens = [*opening.prompt_ids, *step.tokens]  # the row's tokens, then the anchor
                 emitted = opening.generated or len(step.tokens)  # the stream's output tokens so far
                 # The first round is always the router's: its anchor is not the prefill's token
@@ -207,6 +210,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                         draft_s = message.draft_seconds if message.HasField("draft_seconds") else None
                         tokens[-1] = tree.tokens[0]
                     budget = draft_budget(opening.max_draft_nodes, room, params.max_tokens, emitted)
+                    budget = budget if self.gate is None else self.gate.ask(budget)
                     if drafts is not None and len(tree) == 1 and not skip_draft and budget > 0:
                         try:
                             tree, draft_s = await drafts.propose(tokens, budget, catch_up)
@@ -218,6 +222,7 @@ class TargetWorker(WorkerServer, worker_pb2_grpc.VerifyServicer):
                     job: Job = (row, tree, params.greedy, draft_s)
                     step, room, draft = await self.verifies.submit(job, opening.group)
                     features, skip_draft, verified = step.features, not draft, len(step.tokens)
+                    catch_up += verified if skip_draft else 0
                     tokens += step.tokens
                     emitted += verified
                     # Every round goes on here, not through the router, while the sequence has room

@@ -135,20 +135,28 @@ class DFlashDrafter(NeuralDrafter):
             self.backbone.close(state.extra["row"])
         super().release(seq_id)
 
-    def blocks(self, states: list[DraftState], anchors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base logits ``U`` ``[B, drafts, V_draft]`` and hidden states ``[B, drafts, d]`` of each
-        sequence's block after its anchor, every layer of every sequence in one backbone pass
-        (on batch-invariant kernels, the same numbers as one sequence alone)."""
+    def blocks(
+        self, states: list[DraftState], anchors: list[int], positions: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base logits ``U`` ``[B, P, V_draft]`` and hidden states ``[B, P, d]`` of the first ``P``
+        (``positions``, default all ``drafts``) drafting positions of each sequence's block after
+        its anchor, every layer of every sequence in one backbone pass (on batch-invariant
+        kernels, the same numbers as one sequence alone). The backbone runs the whole block (its
+        attention is bidirectional), but a draft no deeper than ``P`` needs the LM head, the
+        largest matmul of a round, for ``P`` rows only."""
+        cfg = self.model.config
         before = torch.cat([state.extra["before"] for state in states])
         x = self.model.block_inputs(self.tokens(anchors), before)
         rows, offsets = [state.extra["row"] for state in states], [state.offset for state in states]
-        hidden = self.backbone.run(x, rows, offsets)[:, self.model.config.block_size - self.model.config.drafts :]
+        first = cfg.block_size - cfg.drafts
+        last = first + (cfg.drafts if positions is None else positions)
+        hidden = self.backbone.run(x, rows, offsets)[:, first:last]
         return self.model.draft_logits(hidden), hidden
 
     def chains(
         self, states: list[DraftState], anchors: list[int], depths: list[int], params: list[SamplingParams]
     ) -> list[TokenTree]:
-        logits, _ = self.blocks(states, anchors)
+        logits, _ = self.blocks(states, anchors, max(depths))
         steps = [self.pick_rows(logits[:, k], params, states, [d > k for d in depths])[0] for k in range(max(depths))]
         return [self.chain_of(a, [step[b] for step in steps[:d]]) for b, (a, d) in enumerate(zip(anchors, depths))]
 
@@ -157,12 +165,12 @@ class DFlashDrafter(NeuralDrafter):
         in one call of ``tree_cpu.c``, which grows the trees :meth:`greedy_trees` grows."""
         if not (greedy and self.model.kernels is not None and self.device.type == "cpu"):
             return super().grow(states, requests, greedy)
-        anchors = [r.token_ids[-1] for r in requests]
-        base, hidden = self.blocks(states, anchors)
-        shape, heads = self.tree, self.tree_heads(hidden)
+        anchors, shape = [r.token_ids[-1] for r in requests], self.tree
         budgets = [min(shape.budget, r.max_nodes) for r in requests]
+        depth = min(shape.depth, max(budgets))  # a tree of n nodes is at most n deep
+        base, hidden = self.blocks(states, anchors, depth)
         found = self.model.kernels.greedy_trees(
-            base, anchors, budgets, shape.topk, shape.depth, self.model.vocab_map, heads
+            base, anchors, budgets, shape.topk, depth, self.model.vocab_map, self.tree_heads(hidden)
         )
         return [
             TokenTree(tuple(tokens[:n]), tuple(parents[:n]), None, tuple(survival[:n]))

@@ -77,7 +77,7 @@ class DSparkDrafter(DFlashDrafter):
         """The Markov head steps every sequence's chain at once, all positions on the device, then
         one transfer per chain; a chain is cut where its running survival (which reads only
         tokens before each position) drops below the threshold."""
-        base, hidden = self.blocks(states, anchors)
+        base, hidden = self.blocks(states, anchors, max(depths))
         picks: list[list[Pick]] = [[] for _ in states]
         confidences: list[torch.Tensor] = []
         previous = self.tokens(anchors)
