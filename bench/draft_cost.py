@@ -4,11 +4,18 @@ measured in the engine on benchmark prompts with every sequence drafted every ro
 
     python bench/draft_cost.py                           # dspark eagle3 dflash hybrid suffix at batch 1 and 16
     python bench/draft_cost.py --drafters dspark --batch 1 --prompts 4
+    python bench/draft_cost.py --drafters dspark eagle3 --max-nodes 16 4   # the full tree, then 4 nodes
+
+``--max-nodes N ...`` measures each drafter asked for at most N nodes a round (the engine's
+``max_draft_nodes``), as the scheduler's gate asks for twice what it kept last round, 4 at least
+(``DraftGate.ask``); a drafter's work falls with the nodes it is asked for where its tree's depth
+does (the block drafters' LM head rows, EAGLE-3's passes).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--max-nodes", type=int, nargs="+", default=[16], help="draft nodes asked for a round")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     target = load_target(args.model, args.dtype)
@@ -76,18 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         plain = Engine(target.model, None, target.eos_token_ids)
         step = statistics.median(step_seconds(plain, c, params) for c in chunks)
         row = {"target_step_ms": round(step * 1000, 2)}
-        for name in args.drafters:
+        for name, nodes in itertools.product(args.drafters, args.max_nodes):
             timed = Timed(make_drafter(name, target.model, str(args.model)))
-            engine = Engine(target.model, timed, target.eos_token_ids)
+            engine = Engine(target.model, timed, target.eos_token_ids, max_draft_nodes=nodes)
             for chunk in chunks:
                 engine.generate([Request(p, params) for p in chunk])
             per_round = statistics.median(timed.seconds[1:])
-            row[name] = {
+            key = name if args.max_nodes == [16] else f"{name}@{nodes}"
+            row[key] = {
                 "draft_ms_per_round": round(per_round * 1000, 2),
                 "x_target_step": round(per_round / step, 3),
             }
             print(
-                f"batch {batch} {name}: {per_round * 1000:.2f} ms a round, {per_round / step:.2f}x a step",
+                f"batch {batch} {key}: {per_round * 1000:.2f} ms a round, {per_round / step:.2f}x a step",
                 file=sys.stderr,
             )
         results[str(batch)] = row
