@@ -12,9 +12,11 @@ of them over the whole time. Every method's output is compared with plain decodi
 
 A method is a drafter behind the draft scheduler and its gate (``tandem generate``'s default);
 ``NAME:always`` is the scheduler without the gate (it drafts every sequence every round, as before
-the gate). Fixed batch-size thresholds (vLLM's ``disable_by_batch_size``: draft every sequence
-while the batch is smaller than N, none from N on) give, at each batch size, either the
-``:always`` figure or the plain one, so the best such threshold is read off those two.
+the gate); ``NAME:never`` the control that never calls the drafter (the fixed threshold at batch
+1: the engine still captures its features), which tells a drafter's cost from the noise. Fixed
+batch-size thresholds (vLLM's ``disable_by_batch_size``: draft every sequence while the batch is
+smaller than N, none from N on) give, at each batch size, either the ``:always`` figure or the
+plain one, so the best such threshold is read off those two.
 
 ``--cluster`` runs the same through a local cluster (router, draft pool, target pool on Ray,
 bench/serve.py's layout: the target replica gets the engine's threads): a batch of N is N
@@ -70,7 +72,10 @@ def build(method: str, target: Target, model_name: str) -> ScheduledDrafter | No
     name, _, how = method.partition(":")
     name = drafter_name(name, model_name)
     cost = load_or_measure(target.model, model_name, progress=lambda line: print(line, file=sys.stderr))
-    return ScheduledDrafter(make_drafter(name, target.model, model_name), cost, gate=how != "always")
+    drafter = make_drafter(name, target.model, model_name)
+    if how == "never":  # the control: the drafter held and fed its features, never called
+        return ScheduledDrafter(drafter, cost, max_batch=1)
+    return ScheduledDrafter(drafter, cost, gate=how != "always")
 
 
 def run(args: argparse.Namespace) -> dict:
