@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             for chunk in chunks:
                 engine.generate([Request(p, params) for p in chunk])
             per_round = statistics.median(timed.seconds[1:])
-            key = name if args.max_nodes == [16] else f"{name}@{nodes}"
+            key = name if len(args.max_nodes) == 1 else f"{name}@{nodes}"
             row[key] = {
                 "draft_ms_per_round": round(per_round * 1000, 2),
                 "x_target_step": round(per_round / step, 3),
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             **machine_info(torch.get_num_threads(), args.dtype),
             "model": str(args.model),
             "prompts": len(prompts),
+            "max_nodes": args.max_nodes,
         },
         "results": results,
     }

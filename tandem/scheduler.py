@@ -419,10 +419,10 @@ class ScheduledDrafter(Drafter):
             if i not in chosen:
                 self._hold(r.seq_id, r.features)
         self.rounds += 1
-        asked = [self._asking(requests[i]) for i in chosen]
-        self._catch_up(asked)
         if not chosen:
             return trees
+        asked = [self._asking(requests[i]) for i in chosen]
+        self._catch_up(asked)
         self.drafted_rounds += 1
         start = time.perf_counter()
         for i, r, tree in zip(chosen, asked, self.inner.propose(asked)):
